@@ -1,0 +1,488 @@
+"""Model I/O that keeps the model's contract.
+
+Loading never pulls external weights into memory: tensors keep their external references and are read
+one at a time, only when a pass asks for values. Saving streams external tensors from their source file
+into the output's data file, and writes both atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from .errors import BadInputError
+
+__all__ = [
+    "LoadedModel",
+    "ModelContract",
+    "load_model",
+    "save_model",
+    "check_model",
+    "iter_graph_protos",
+    "iter_tensor_protos",
+    "tensor_nbytes",
+    "import_graph",
+    "export_graph",
+    "PROTOBUF_LIMIT",
+]
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay well below it.
+PROTOBUF_LIMIT = 2**31 - 2**26
+_COPY_CHUNK = 16 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------- walking
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies) under it, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graph_protos(g)
+
+
+def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    yield from iter_graph_protos(model.graph)
+
+
+def iter_tensor_protos(model: onnx.ModelProto, *, constants: bool = True) -> Iterator[TensorProto]:
+    """Every stored tensor: initializers of all graphs and, optionally, Constant-node / attribute tensors."""
+    for g in _all_graphs(model):
+        yield from g.initializer
+        if constants:
+            for node in g.node:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        yield attr.t
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if constants and attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def _is_external(t: TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def _external_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def tensor_nbytes(t: TensorProto) -> int:
+    """Bytes of a tensor's payload, computed from dims and dtype (no data is read)."""
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if t.data_type in (TensorProto.STRING,):
+        return sum(len(s) for s in t.string_data)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # exotic types (float8, int4): count one byte per element
+        itemsize = 1
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * itemsize
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def _value_info_key(vi: onnx.ValueInfoProto) -> dict:
+    t = vi.type
+    if t.HasField("tensor_type"):
+        dims = []
+        if t.tensor_type.HasField("shape"):
+            for d in t.tensor_type.shape.dim:
+                dims.append(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None))
+        else:
+            dims = None
+        return {"name": vi.name, "elem_type": int(t.tensor_type.elem_type), "shape": dims}
+    return {"name": vi.name, "type": t.WhichOneof("value")}
+
+
+@dataclass
+class ModelContract:
+    """What a user of the model relies on: I/O names, dtypes, dim params, IR version, opsets, metadata."""
+
+    inputs: list[onnx.ValueInfoProto]
+    outputs: list[onnx.ValueInfoProto]
+    ir_version: int
+    opset_import: list[onnx.OperatorSetIdProto]
+    producer_name: str
+    producer_version: str
+    domain: str
+    model_version: int
+    doc_string: str
+    graph_name: str
+    graph_doc_string: str
+    metadata_props: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "ModelContract":
+        inits = {t.name for t in model.graph.initializer}
+        return cls(
+            # IR < 4 lists initializers among inputs; they are not part of the caller's contract.
+            inputs=[copy.deepcopy(i) for i in model.graph.input if i.name not in inits],
+            outputs=[copy.deepcopy(o) for o in model.graph.output],
+            ir_version=model.ir_version,
+            opset_import=[copy.deepcopy(o) for o in model.opset_import],
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=model.model_version,
+            doc_string=model.doc_string,
+            graph_name=model.graph.name,
+            graph_doc_string=model.graph.doc_string,
+            metadata_props=[(p.key, p.value) for p in model.metadata_props],
+        )
+
+    def describe(self) -> dict:
+        return {
+            "inputs": [_value_info_key(v) for v in self.inputs],
+            "outputs": [_value_info_key(v) for v in self.outputs],
+            "ir_version": self.ir_version,
+            "opset_import": {o.domain or "ai.onnx": o.version for o in self.opset_import},
+            "producer": [self.producer_name, self.producer_version],
+            "metadata_props": dict(self.metadata_props),
+        }
+
+    def restore(self, model: onnx.ModelProto, *, keep_opsets_added: bool = False) -> None:
+        """Write the contract back onto an exported model: metadata, opsets, and I/O types.
+
+        I/O types are restored exactly (dim names included) for every input/output that still exists
+        under the same name; shape inference may have made them more concrete or renamed dims.
+        """
+        model.ir_version = self.ir_version
+        model.producer_name = self.producer_name
+        model.producer_version = self.producer_version
+        model.domain = self.domain
+        model.model_version = self.model_version
+        model.doc_string = self.doc_string
+        model.graph.name = self.graph_name
+        model.graph.doc_string = self.graph_doc_string
+        del model.metadata_props[:]
+        for k, v in self.metadata_props:
+            model.metadata_props.add(key=k, value=v)
+        used = {o.domain: o.version for o in model.opset_import}
+        original = {o.domain: o.version for o in self.opset_import}
+        del model.opset_import[:]
+        for o in self.opset_import:
+            model.opset_import.append(copy.deepcopy(o))
+        if keep_opsets_added:
+            for dom, ver in used.items():
+                if dom not in original:
+                    model.opset_import.add(domain=dom, version=ver)
+        by_name = {v.name: v for v in self.inputs + self.outputs}
+        for vi in list(model.graph.input) + list(model.graph.output):
+            if vi.name in by_name and by_name[vi.name].type.WhichOneof("value"):
+                vi.type.CopyFrom(by_name[vi.name].type)
+                if by_name[vi.name].doc_string:
+                    vi.doc_string = by_name[vi.name].doc_string
+
+    def differences(self, model: onnx.ModelProto) -> list[str]:
+        """Ways the model breaks this contract (empty when kept)."""
+        other = ModelContract.of(model)
+        problems = []
+        mine, theirs = self.describe(), other.describe()
+        for key in ("inputs", "outputs", "ir_version", "opset_import", "producer", "metadata_props"):
+            if mine[key] != theirs[key]:
+                problems.append(f"{key}: {mine[key]!r} -> {theirs[key]!r}")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A model proto with external tensors left on disk, plus where they live."""
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    base_dir: Path | None = None
+    file_size: int = 0
+    has_external_data: bool = False
+    external_files: list[str] = field(default_factory=list)
+
+    @property
+    def contract(self) -> ModelContract:
+        return ModelContract.of(self.proto)
+
+
+def _fix_hint_for_decode(path: Path, size: int) -> str:
+    if size == 0:
+        return f"{path} is empty; re-export or re-copy the model"
+    return (
+        f"{path} is not a readable ONNX model (corrupt or truncated protobuf, {size} bytes); "
+        "re-export it or copy it again, and check that it is an .onnx file and not e.g. a .pt or an LFS pointer"
+    )
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, copy_proto: bool = True) -> LoadedModel:
+    """Load a model without reading external data; validate that every external file is present.
+
+    A ModelProto is deep-copied unless ``copy_proto=False``, so the caller's object is never mutated.
+    """
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        proto = copy.deepcopy(source) if copy_proto else source
+        ext = any(_is_external(t) for t in iter_tensor_protos(proto))
+        return LoadedModel(proto=proto, has_external_data=ext, file_size=0)
+    if not isinstance(source, (str, os.PathLike)):
+        raise BadInputError(f"expected a path or an onnx.ModelProto, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise BadInputError(f"model file not found: {path}; check the path")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; pass the .onnx file inside it")
+    size = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise BadInputError(_fix_hint_for_decode(path, size)) from e
+    if size == 0 or (not proto.graph.node and not proto.graph.output and not proto.opset_import):
+        raise BadInputError(_fix_hint_for_decode(path, size))
+    base = path.resolve().parent
+    files = _check_external_files(proto, base, path)
+    return LoadedModel(proto=proto, path=path, base_dir=base, file_size=size,
+                       has_external_data=bool(files), external_files=sorted(files))
+
+
+def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set[str]:
+    files: dict[str, int] = {}
+    for t in iter_tensor_protos(proto):
+        if not _is_external(t):
+            continue
+        info = _external_info(t)
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise BadInputError(
+                f"tensor '{t.name}' in {path} points to external data at an unsafe location {loc!r}; "
+                "re-save the model with its data file next to it"
+            )
+        end = int(info.get("offset", 0)) + int(info.get("length", tensor_nbytes(t)))
+        files[loc] = max(files.get(loc, 0), end)
+    for loc, end in files.items():
+        f = base / loc
+        if not f.exists():
+            raise BadInputError(
+                f"external data file '{loc}' referenced by {path.name} is missing (looked in {base}); "
+                "copy it next to the model"
+            )
+        if f.stat().st_size < end:
+            raise BadInputError(
+                f"external data file '{loc}' is truncated ({f.stat().st_size} bytes, tensors need {end}); "
+                "copy it again from the source"
+            )
+    return set(files)
+
+
+def read_external(t: TensorProto, base_dir: Path | None) -> bytes:
+    info = _external_info(t)
+    if base_dir is None:
+        raise BadInputError(f"tensor '{t.name}' has external data but the model's folder is unknown; load it from a path")
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else tensor_nbytes(t)
+    with open(base_dir / info["location"], "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise BadInputError(f"external data for tensor '{t.name}' is truncated; copy the data file again")
+    return data
+
+
+def tensor_to_array(t: TensorProto, base_dir: Path | None) -> np.ndarray:
+    """Values of one tensor, reading its external bytes (only this tensor's) when needed."""
+    if not _is_external(t):
+        return onnx.numpy_helper.to_array(t)
+    tmp = TensorProto()
+    tmp.CopyFrom(t)
+    tmp.ClearField("external_data")
+    tmp.data_location = TensorProto.DEFAULT
+    tmp.raw_data = read_external(t, base_dir)
+    return onnx.numpy_helper.to_array(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- graphsurgeon
+class ExternalLazyValues(LazyValues):
+    """gs lazy values that know which folder the external data lives in."""
+
+    def __init__(self, tensor: TensorProto, base_dir: Path | None):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self):
+        return np.array(tensor_to_array(self.tensor, self.base_dir))
+
+
+def import_graph(loaded: LoadedModel) -> gs.Graph:
+    """The model as a graphsurgeon graph; external constants stay lazy and bound to their folder."""
+    graph = gs.import_onnx(loaded.proto)
+    if loaded.has_external_data:
+        for g in [graph, *graph.functions]:
+            for sub in _iter_gs_graphs(g):
+                for t in sub.tensors().values():
+                    if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and _is_external(t._values.tensor):
+                        t._values = ExternalLazyValues(t._values.tensor, loaded.base_dir)
+    return graph
+
+
+def _iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from _iter_gs_graphs(attr)
+            elif isinstance(attr, (list, tuple)):
+                for a in attr:
+                    if isinstance(a, gs.Graph):
+                        yield from _iter_gs_graphs(a)
+
+
+def export_graph(graph: gs.Graph, contract: ModelContract) -> onnx.ModelProto:
+    """Export and put the model's contract back (opsets, IR version, metadata, exact I/O types)."""
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=[copy.deepcopy(o) for o in contract.opset_import])
+    contract.restore(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _serialized_size_estimate(model: onnx.ModelProto, *, include_external: bool = False) -> int:
+    tensors = iter_tensor_protos(model)
+    return sum(tensor_nbytes(t) for t in tensors if include_external or not _is_external(t)) + 2**20
+
+
+def _atomic_target(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp-onnxslim", dir=str(path.parent))
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    source_dir: Path | None = None,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+    location: str | None = None,
+) -> Path:
+    """Write a model atomically. Returns the path written.
+
+    external_data: True writes every tensor of ``size_threshold`` bytes or more to ``location`` (default
+    ``<name>.data`` next to the output); None (auto) does so when the model has external tensors already
+    or would not fit in one protobuf; False keeps everything inline (fails above 2 GB with a clear error).
+    Tensors already external are streamed from ``source_dir`` without loading them whole.
+    The model proto is restored to its original state before returning.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise BadInputError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if not path.parent.exists():
+        raise BadInputError(f"output folder {path.parent} does not exist; create it first")
+    has_ext = any(_is_external(t) for t in iter_tensor_protos(model))
+    too_big = _serialized_size_estimate(model, include_external=True) >= PROTOBUF_LIMIT
+    if external_data is None:
+        external_data = has_ext or too_big
+    if not external_data and too_big:
+        raise BadInputError(
+            f"the model's weights exceed protobuf's 2 GB limit; save with external data (--external-data) to {path}"
+        )
+    location = location or f"{path.name}.data"
+    undo: list[tuple[TensorProto, TensorProto]] = []
+    tmp_model = _atomic_target(path)
+    tmp_data: Path | None = None
+    try:
+        if external_data:
+            tmp_data = _atomic_target(path.parent / location)
+            _write_external(model, tmp_data, location, source_dir, size_threshold, undo)
+        elif has_ext:
+            for t in iter_tensor_protos(model):
+                if _is_external(t):
+                    undo.append((t, _snapshot(t)))
+                    raw = read_external(t, source_dir)
+                    t.ClearField("external_data")
+                    t.data_location = TensorProto.DEFAULT
+                    t.raw_data = raw
+        with open(tmp_model, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        if tmp_data is not None:
+            os.replace(tmp_data, path.parent / location)
+            tmp_data = None
+        os.replace(tmp_model, path)
+    finally:
+        for t, snap in reversed(undo):
+            t.CopyFrom(snap)
+        for leftover in (tmp_model, tmp_data):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
+    return path
+
+
+def _snapshot(t: TensorProto) -> TensorProto:
+    snap = TensorProto()
+    snap.CopyFrom(t)
+    return snap
+
+
+def _write_external(model, data_path: Path, location: str, source_dir, threshold: int, undo) -> None:
+    offset = 0
+    with open(data_path, "wb") as out:
+        for t in iter_tensor_protos(model, constants=False):
+            ext = _is_external(t)
+            if not ext and (tensor_nbytes(t) < threshold or t.data_type == TensorProto.STRING):
+                continue
+            undo.append((t, _snapshot(t)))
+            pad = (-offset) % 4096  # page-aligned so runtimes can mmap
+            out.write(b"\0" * pad)
+            offset += pad
+            start = offset
+            if ext:
+                info = _external_info(t)
+                if source_dir is None:
+                    raise BadInputError(f"tensor '{t.name}' is external but its source folder is unknown")
+                length = int(info["length"]) if "length" in info else tensor_nbytes(t)
+                with open(source_dir / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    left = length
+                    while left:
+                        chunk = src.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise BadInputError(f"external data for '{t.name}' is truncated; copy the data file again")
+                        out.write(chunk)
+                        left -= len(chunk)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                out.write(raw)
+                length = len(raw)
+                for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "raw_data"):
+                    t.ClearField(fld)
+            offset += length
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(start)), ("length", str(length))):
+                t.external_data.add(key=k, value=v)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- checking
+def check_model(path_or_model: str | os.PathLike | onnx.ModelProto, *, full: bool = True) -> None:
+    """onnx.checker on a saved file (handles external data and > 2 GB) or a small in-memory model."""
+    target = str(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    onnx.checker.check_model(target, full_check=full)

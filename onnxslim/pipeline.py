@@ -1,0 +1,302 @@
+"""The pipeline: load once, run passes in the order given, check after each, time it, save atomically.
+
+The pipeline owns every cross-cutting concern so passes hold only their rewrite: it never mutates the
+caller's model, validates the graph after each pass (a failing pass is rolled back and recorded, or
+raised with ``on_pass_error="raise"``), checks pass order against ``requires``, runs exact pipelines to a
+fixed point, exports once, puts the model's contract back and runs onnx.checker on the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, NamedTuple, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .data import FeedData, load_feeds
+from .errors import BadInputError, OnnxSlimError, PassError, UsageError
+from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, import_graph,
+                    load_model, save_model, tensor_nbytes, iter_tensor_protos)
+from .pass_base import Pass, PassContext, PassResult, iter_graphs
+from .registry import get_pass
+from .report import PassRecord, Report
+from .summary import summarize
+
+__all__ = ["PassSpec", "OptimizeResult", "optimize", "resolve_passes", "DEFAULT_PASSES", "validate_graph"]
+
+log = logging.getLogger(__name__)
+
+# The default lossless pipeline, run to a fixed point. Order matters: cheap cleanups first.
+DEFAULT_PASSES: tuple[str, ...] = ("eliminate_dead_nodes",)
+
+
+@dataclass
+class PassSpec:
+    """A pass by name with its options: what the CLI and config files produce, and what ``optimize`` takes."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "PassSpec":
+        """``name`` or ``name:key=value,key=value`` (values with commas: use ``|`` between list items)."""
+        name, _, rest = text.partition(":")
+        name = name.strip()
+        if not name:
+            raise UsageError(f"empty pass name in {text!r}; write name or name:key=value,...")
+        options: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise UsageError(f"option {item!r} of pass '{name}' has no value; write {item}=VALUE")
+            options[key.strip().replace("-", "_")] = value.strip()
+        return cls(name, options)
+
+
+class OptimizeResult(NamedTuple):
+    model: onnx.ModelProto
+    report: Report
+
+
+PassLike = str | PassSpec | Pass | type[Pass] | tuple[str, dict] | dict
+
+
+def resolve_passes(passes: Iterable[PassLike] | None) -> list[Pass]:
+    """Pass instances from names, specs, classes, (name, options) pairs, dicts or instances."""
+    if passes is None:
+        passes = DEFAULT_PASSES
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, type) and issubclass(p, Pass):
+            out.append(p())
+        elif isinstance(p, PassSpec):
+            out.append(get_pass(p.name)(**p.options))
+        elif isinstance(p, str):
+            spec = PassSpec.parse(p)
+            out.append(get_pass(spec.name)(**spec.options))
+        elif isinstance(p, tuple) and len(p) == 2:
+            out.append(get_pass(p[0])(**dict(p[1])))
+        elif isinstance(p, dict) and "name" in p:
+            opts = {k: v for k, v in p.items() if k != "name"}
+            opts.update(p.get("options", {}) if isinstance(p.get("options"), dict) else {})
+            opts.pop("options", None)
+            out.append(get_pass(p["name"])(**opts))
+        else:
+            raise UsageError(f"cannot use {p!r} as a pass; give a name, PassSpec, Pass class or instance")
+    _check_order(out)
+    return out
+
+
+def _check_order(passes: Sequence[Pass]) -> None:
+    seen: set[str] = set()
+    for p in passes:
+        for req in p.requires:
+            if req not in seen:
+                order = " -> ".join(q.name for q in passes)
+                raise UsageError(
+                    f"pass '{p.name}' requires '{req}' to run before it, but the order given is {order}; "
+                    f"put '{req}' earlier"
+                )
+        seen.add(p.name)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def validate_graph(graph: gs.Graph) -> None:
+    """Cheap structural check run after every pass: no duplicate names, no cycles, no dangling inputs."""
+    try:
+        graph.toposort(recurse_subgraphs=True, recurse_functions=False)
+    except Exception as e:
+        raise ValueError(f"graph is not a DAG: {e}") from e
+    _check_scope(graph, set())
+
+
+def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
+    names: dict[str, Any] = {}
+    available = set(outer)
+    available.update(t.name for t in graph.inputs)
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and not isinstance(t, gs.Constant) and t.name not in available:
+                raise ValueError(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces")
+        for attr in node.attrs.values():
+            for sub in attr if isinstance(attr, (list, tuple)) else [attr]:
+                if isinstance(sub, gs.Graph):
+                    _check_scope(sub, available)
+        for t in node.outputs:
+            if t.name in names and names[t.name] is not node:
+                raise ValueError(f"tensor '{t.name}' is produced by two nodes ('{names[t.name].name}', '{node.name}')")
+            names[t.name] = node
+            available.add(t.name)
+    for t in graph.outputs:
+        if t.name not in available and not isinstance(t, gs.Constant):
+            raise ValueError(f"graph output '{t.name}' is not produced by any node")
+
+
+# --------------------------------------------------------------------------------------------- running
+def _run_pass(p: Pass, ctx: PassContext, before: list[str], iteration: int,
+              on_error: str) -> tuple[PassRecord, gs.Graph]:
+    record = PassRecord(p.name, p.options_dict(), p.exact, iteration=iteration)
+    snapshot = ctx.graph.copy() if on_error == "rollback" else None
+    t0 = time.perf_counter()
+    try:
+        result = p.run(ctx)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"run() returned {type(result).__name__}; return a PassResult")
+        validate_graph(ctx.graph)
+    except OnnxSlimError:
+        raise
+    except Exception as e:
+        record.seconds = time.perf_counter() - t0
+        err = PassError(p.name, f"{type(e).__name__}: {e}", before=before)
+        if snapshot is None:
+            raise err from e
+        log.warning("%s; its changes were rolled back", err)
+        log.debug("traceback", exc_info=True)
+        record.error = f"{type(e).__name__}: {e}"
+        return record, snapshot
+    record.seconds = time.perf_counter() - t0
+    record.modified = bool(result.modified)
+    record.stats = dict(result.stats)
+    record.skipped = [s.to_dict() for s in result.skipped]
+    record.notes = list(result.notes)
+    log.info("%s: modified=%s %s (%.3fs)", p.name, record.modified, record.stats, record.seconds)
+    return record, ctx.graph
+
+
+def _file_size(path: Path | None, loaded: LoadedModel | None = None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    size = path.stat().st_size
+    files = loaded.external_files if loaded is not None else []
+    for f in files:
+        p = path.parent / f
+        if p.exists():
+            size += p.stat().st_size
+    return size
+
+
+def _input_check_level(loaded: LoadedModel) -> str:
+    """The strictest onnx.checker level the input passes; the output is held to the same level."""
+    for full in (True, False):
+        try:
+            if loaded.path is not None and (loaded.has_external_data or loaded.file_size >= PROTOBUF_LIMIT):
+                check_model(loaded.path, full=full)
+            else:
+                check_model(loaded.proto, full=full)
+            return "full" if full else "basic"
+        except Exception as e:  # noqa: BLE001 - the checker raises several types
+            last = e
+    log.warning("the input model fails onnx.checker (%s); the output is not checked", str(last).splitlines()[0])
+    return "none"
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    passes: Iterable[PassLike] | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    calibration: Any = None,
+    fixed_point: bool | None = None,
+    max_iterations: int = 10,
+    check: Literal["auto", "full", "basic", "none"] = "auto",
+    on_pass_error: Literal["rollback", "raise"] = "rollback",
+    external_data: bool | None = None,
+    overwrite_input: bool = False,
+    seed: int = 0,
+) -> OptimizeResult:
+    """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
+
+    passes: names (``"fold_constants"``, ``"prune_by_magnitude:sparsity=0.5"``), PassSpec, Pass classes or
+    instances; None runs the default lossless pipeline. calibration: anything ``load_feeds`` accepts.
+    fixed_point: repeat the list until no pass modifies the graph (default: when every pass is exact).
+    check: onnx.checker level for the result; "auto" uses the strictest level the input passes.
+    """
+    t_start = time.perf_counter()
+    pass_list = resolve_passes(passes)
+    in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    out_path = Path(output) if output is not None else None
+    if in_path is not None and out_path is not None and out_path.exists() and in_path.exists() \
+            and os.path.samefile(in_path, out_path) and not overwrite_input:
+        raise UsageError(f"the output {out_path} is the input model; choose another output path or pass "
+                         "overwrite_input=True (--overwrite-input) to replace it")
+    feeds: FeedData | None = None
+    needing = [p.name for p in pass_list if p.needs_calibration]
+    loaded = load_model(model)
+    if calibration is not None:
+        feeds = load_feeds(calibration).bind(loaded.proto)
+    elif needing:
+        raise UsageError(f"pass(es) {', '.join(needing)} need calibration data; give --calib DIR (or calibration=...)")
+
+    report = Report(input=str(in_path) if in_path else None, output=str(out_path) if out_path else None,
+                    seed=seed, calibration=feeds.description if feeds else None, versions=_versions())
+    report.before = summarize(loaded.proto, _file_size(in_path, loaded))
+    contract = ModelContract.of(loaded.proto)
+    level = _input_check_level(loaded) if check == "auto" else check
+
+    graph = import_graph(loaded)
+    opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed)
+    if fixed_point is None:
+        fixed_point = all(p.exact for p in pass_list)
+    ran: list[str] = []
+    for iteration in range(max_iterations if fixed_point else 1):
+        changed = False
+        for p in pass_list:
+            if iteration > 0 and not p.exact:
+                continue
+            record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error)
+            report.passes.append(record)
+            ran.append(p.name)
+            changed = changed or record.modified
+            if record.error:
+                report.warnings.append(f"pass '{p.name}' failed and was rolled back: {record.error}")
+        if not changed:
+            break
+
+    ctx.graph.toposort(recurse_subgraphs=True)
+    out = export_graph(ctx.graph, contract)
+    problems = contract.differences(out)
+    if problems:
+        raise PassError(ran[-1] if ran else "export", "the model's contract changed: " + "; ".join(problems), before=ran)
+    big = sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) >= PROTOBUF_LIMIT
+    if level != "none" and not (big or loaded.has_external_data):
+        _check_output(out, level, ran)
+    if out_path is not None:
+        save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data)
+        if level != "none" and (big or loaded.has_external_data):
+            _check_output(out_path, level, ran)
+        report.after = summarize(out, _file_size(out_path, LoadedModel(out, external_files=[f"{out_path.name}.data"])))
+    else:
+        report.after = summarize(out)
+    report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
+    report.seconds = time.perf_counter() - t_start
+    return OptimizeResult(out, report)
+
+
+def _check_output(target, level: str, ran: list[str]) -> None:
+    try:
+        check_model(target, full=level == "full")
+    except Exception as e:  # noqa: BLE001
+        raise PassError(ran[-1] if ran else "export", f"the result fails onnx.checker ({level}): {str(e).splitlines()[0]}",
+                        before=ran) from e
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    from . import __version__
+
+    out = {"onnxslim": __version__, "onnx": onnx.__version__, "onnx_graphsurgeon": gs.__version__, "numpy": numpy.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out

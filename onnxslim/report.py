@@ -1,0 +1,182 @@
+"""One report: before/after summary, one record per pass, parity results. Rendered as text or JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .summary import ModelSummary
+
+__all__ = ["PassRecord", "Report", "write_json_atomic"]
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    exact: bool
+    modified: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    iteration: int = 0
+    error: str | None = None  # set when the pass failed and its changes were rolled back
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    input: str | None = None
+    output: str | None = None
+    before: ModelSummary | None = None
+    after: ModelSummary | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    parity: dict[str, Any] | None = None
+    checker: str = ""
+    seconds: float = 0.0
+    seed: int = 0
+    calibration: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    # -------------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["report_version"] = REPORT_VERSION
+        return d
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        d = dict(d)
+        d.pop("report_version", None)
+        for key in ("before", "after"):
+            if d.get(key) is not None:
+                d[key] = ModelSummary.from_dict(d[key])
+        d["passes"] = [PassRecord(**p) for p in d.get("passes", [])]
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        return cls.from_dict(json.loads(text))
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_json())
+
+    # -------------------------------------------------------------------------------------- text
+    def render_text(self, width: int = 100) -> str:
+        """A human-readable summary (rich tables rendered to plain text)."""
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        for renderable in self.renderables():
+            console.print(renderable)
+        return buf.getvalue()
+
+    def renderables(self) -> list:
+        from rich.table import Table
+
+        out: list = []
+        if self.before is not None:
+            t = Table(title=f"onnxslim: {self.input or 'model'} -> {self.output or '(not saved)'}", title_justify="left")
+            t.add_column("")
+            t.add_column("before", justify="right")
+            t.add_column("after", justify="right")
+            t.add_column("change", justify="right")
+            after = self.after or self.before
+            rows = [
+                ("nodes", self.before.nodes, after.nodes, _int),
+                ("params", self.before.params, after.params, _int),
+                ("initializer bytes", self.before.initializer_bytes, after.initializer_bytes, _bytes),
+                ("file size", self.before.file_size, after.file_size, _bytes),
+            ]
+            for label, b, a, fmt in rows:
+                t.add_row(label, fmt(b), fmt(a), _delta(b, a))
+            ops = sorted(set(self.before.op_types) | set(after.op_types),
+                         key=lambda k: (-self.before.op_types.get(k, 0), k))
+            for op in ops:
+                b, a = self.before.op_types.get(op, 0), after.op_types.get(op, 0)
+                t.add_row(f"  {op}", str(b), str(a), _delta(b, a) if a != b else "")
+            out.append(t)
+        if self.passes:
+            t = Table(title="passes", title_justify="left")
+            for col in ("#", "pass", "kind", "modified", "stats", "skipped", "s"):
+                t.add_column(col)
+            for i, p in enumerate(self.passes, 1):
+                stats = ", ".join(f"{k}={_num(v)}" for k, v in p.stats.items() if v) or "-"
+                if p.error:
+                    stats = f"FAILED, rolled back: {p.error}"
+                t.add_row(str(i), p.name, "exact" if p.exact else "lossy", "yes" if p.modified else "no",
+                          stats, str(len(p.skipped)) if p.skipped else "", f"{p.seconds:.3f}")
+            out.append(t)
+        if self.parity:
+            out.extend(_parity_renderables(self.parity))
+        for w in self.warnings:
+            out.append(f"warning: {w}")
+        if self.checker:
+            out.append(f"checker: {self.checker}   total {self.seconds:.2f}s")
+        return out
+
+
+def _parity_renderables(parity: dict) -> list:
+    # Parity sections render themselves when they bring a ``table`` key; otherwise a verdict line.
+    verdict = parity.get("verdict") or ("pass" if parity.get("passed") else "FAIL")
+    return [f"parity: {verdict}"]
+
+
+def write_json_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-onnxslim")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(o: Any):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _int(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def _num(v) -> str:
+    return f"{v:,}" if isinstance(v, int) or (isinstance(v, float) and v.is_integer()) else f"{v:.4g}"
+
+
+def _bytes(v) -> str:
+    if v is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(v) < 1024 or unit == "GiB":
+            return f"{v:,.0f} {unit}" if unit == "B" else f"{v:,.2f} {unit}"
+        v /= 1024
+    return str(v)
+
+
+def _delta(b, a) -> str:
+    if b is None or a is None:
+        return ""
+    if b == 0:
+        return "" if a == 0 else f"+{a}"
+    pct = 100.0 * (a - b) / b
+    return f"{pct:+.1f}%"

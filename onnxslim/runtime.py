@@ -1,0 +1,113 @@
+"""onnxruntime sessions: provider names, which provider really ran, reference (unoptimized) runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from .errors import BadInputError, UsageError
+
+__all__ = ["normalize_provider", "available_providers", "make_session", "SessionInfo", "run_session", "PROVIDER_ALIASES"]
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "ov": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "acl": "ACLExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+
+def normalize_provider(name: str) -> str:
+    """'cuda', 'CUDA', 'CUDAExecutionProvider' -> 'CUDAExecutionProvider' (case-insensitive)."""
+    key = name.strip().lower()
+    if key in PROVIDER_ALIASES:
+        return PROVIDER_ALIASES[key]
+    full = {v.lower(): v for v in PROVIDER_ALIASES.values()}
+    if key in full:
+        return full[key]
+    if key.endswith("executionprovider"):
+        return name.strip()
+    try:
+        import onnxruntime as ort
+
+        for p in ort.get_all_providers():
+            if p.lower() in (key, key + "executionprovider"):
+                return p
+    except ImportError:
+        pass
+    raise UsageError(f"unknown execution provider '{name}'; use e.g. cpu, cuda, tensorrt, openvino")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+@dataclass
+class SessionInfo:
+    session: object
+    requested: str
+    used: list[str] = field(default_factory=list)
+
+    @property
+    def really_on_requested(self) -> bool:
+        return bool(self.used) and self.used[0] == self.requested
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    provider: str = "cpu",
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    seed: int = 0,
+) -> SessionInfo:
+    """A session on one provider. ``optimize=False`` disables ORT graph rewrites (reference runs)."""
+    import onnxruntime as ort
+
+    full = normalize_provider(provider)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    try:
+        sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+    except Exception as e:
+        raise BadInputError(f"onnxruntime could not load the model on {full}: {str(e).splitlines()[0]}") from e
+    return SessionInfo(sess, full, list(sess.get_providers()))
+
+
+def run_session(info: SessionInfo, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    sess = info.session
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    values = sess.run(names, feeds)
+    return dict(zip(names, values))
