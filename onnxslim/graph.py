@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -35,6 +35,7 @@ __all__ = [
     "tensor_nbytes",
     "import_graph",
     "export_graph",
+    "value_types",
     "PROTOBUF_LIMIT",
 ]
 
@@ -328,9 +329,64 @@ class ExternalLazyValues(LazyValues):
         return np.array(tensor_to_array(self.tensor, self.base_dir))
 
 
+def quiet_graphsurgeon():
+    """graphsurgeon prints its warnings to stdout; silence it while we work (errors still raise)."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    return G_LOGGER.suppress(G_LOGGER.CRITICAL)
+
+
+_RAW_ATTR_TYPES = {onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS,
+                   onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS}
+
+
+@dataclass
+class RawAttribute:
+    """An attribute graphsurgeon cannot represent (type protos, sparse tensors), carried through untouched."""
+
+    proto: onnx.AttributeProto
+
+
+def _attach_raw_attributes(gproto: onnx.GraphProto, graph: gs.Graph) -> None:
+    for pnode, node in zip(gproto.node, graph.nodes):
+        for attr in pnode.attribute:
+            if attr.type in _RAW_ATTR_TYPES:
+                node.attrs[attr.name] = RawAttribute(copy.deepcopy(attr))
+            elif attr.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs.get(attr.name), gs.Graph):
+                _attach_raw_attributes(attr.g, node.attrs[attr.name])
+
+
+def _detach_raw_attributes(graph: gs.Graph) -> list:
+    """Pop RawAttributes (graphsurgeon can't export them); returns what to put back, in node order."""
+    out = []
+    for node in graph.nodes:
+        raw = [(k, v) for k, v in node.attrs.items() if isinstance(v, RawAttribute)]
+        for k, _ in raw:
+            del node.attrs[k]
+        subs = {k: _detach_raw_attributes(v) for k, v in node.attrs.items() if isinstance(v, gs.Graph)}
+        out.append((node, raw, subs))
+    return out
+
+
+def _reattach_raw_attributes(detached: list, gproto: onnx.GraphProto | None) -> None:
+    for i, (node, raw, subs) in enumerate(detached):
+        pnode = gproto.node[i] if gproto is not None else None
+        for k, v in raw:
+            node.attrs[k] = v
+            if pnode is not None:
+                pnode.attribute.append(copy.deepcopy(v.proto))
+        for name, sub in subs.items():
+            psub = None
+            if pnode is not None:
+                psub = next((a.g for a in pnode.attribute if a.name == name and a.type == onnx.AttributeProto.GRAPH), None)
+            _reattach_raw_attributes(sub, psub)
+
+
 def import_graph(loaded: LoadedModel) -> gs.Graph:
     """The model as a graphsurgeon graph; external constants stay lazy and bound to their folder."""
-    graph = gs.import_onnx(loaded.proto)
+    with quiet_graphsurgeon():
+        graph = gs.import_onnx(loaded.proto)
+    _attach_raw_attributes(loaded.proto.graph, graph)
     if loaded.has_external_data:
         for g in [graph, *graph.functions]:
             for sub in _iter_gs_graphs(g):
@@ -352,9 +408,47 @@ def _iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                         yield from _iter_gs_graphs(a)
 
 
-def export_graph(graph: gs.Graph, contract: ModelContract) -> onnx.ModelProto:
-    """Export and put the model's contract back (opsets, IR version, metadata, exact I/O types)."""
-    model = gs.export_onnx(graph, do_type_check=False, opset_imports=[copy.deepcopy(o) for o in contract.opset_import])
+_GS_EXPORTABLE = {"tensor_type", "sequence_type", "sparse_tensor_type"}
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Declared types of every named value (graph I/O and value_info, subgraphs included)."""
+    types: dict[str, onnx.TypeProto] = {}
+    for g in iter_graph_protos(model.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.WhichOneof("value") and vi.name not in types:
+                types[vi.name] = vi.type
+    return types
+
+
+def export_graph(graph: gs.Graph, contract: ModelContract,
+                 types: dict[str, onnx.TypeProto] | None = None) -> onnx.ModelProto:
+    """Export and put the model's contract back (opsets, IR version, metadata, exact I/O types).
+
+    graphsurgeon cannot write optional or map types; such values are exported untyped and get their
+    declared type back from ``types`` (the source model's value types, by name).
+    """
+    hidden: list[tuple[gs.Variable, Any]] = []
+    for g in _iter_gs_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE:
+                hidden.append((t, t.dtype))
+                t.dtype = None
+    detached = _detach_raw_attributes(graph)
+    model = None
+    try:
+        with quiet_graphsurgeon():
+            model = gs.export_onnx(graph, do_type_check=False,
+                                   opset_imports=[copy.deepcopy(o) for o in contract.opset_import])
+    finally:
+        for t, dtype in hidden:
+            t.dtype = dtype
+        _reattach_raw_attributes(detached, model.graph if model is not None else None)
+    if types:
+        for g in iter_graph_protos(model.graph):
+            for vi in list(g.input) + list(g.output) + list(g.value_info):
+                if not vi.type.WhichOneof("value") and vi.name in types:
+                    vi.type.CopyFrom(types[vi.name])
     contract.restore(model)
     return model
 

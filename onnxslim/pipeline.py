@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from .data import FeedData, load_feeds
 from .errors import BadInputError, OnnxSlimError, PassError, UsageError
 from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, import_graph,
-                    load_model, save_model, tensor_nbytes, iter_tensor_protos)
+                    load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
 from .pass_base import Pass, PassContext, PassResult, iter_graphs
 from .registry import get_pass
 from .report import PassRecord, Report
@@ -251,7 +251,8 @@ def optimize(
         for p in pass_list:
             if iteration > 0 and not p.exact:
                 continue
-            record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error)
+            with quiet_graphsurgeon():
+                record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error)
             report.passes.append(record)
             ran.append(p.name)
             changed = changed or record.modified
@@ -260,8 +261,9 @@ def optimize(
         if not changed:
             break
 
-    ctx.graph.toposort(recurse_subgraphs=True)
-    out = export_graph(ctx.graph, contract)
+    with quiet_graphsurgeon():
+        ctx.graph.toposort(recurse_subgraphs=True)
+    out = export_graph(ctx.graph, contract, value_types(loaded.proto))
     problems = contract.differences(out)
     if problems:
         raise PassError(ran[-1] if ran else "export", "the model's contract changed: " + "; ".join(problems), before=ran)

@@ -1,0 +1,98 @@
+"""Helpers to check that a pass keeps its contract — for built-in and third-party passes alike.
+
+``check_pass_contract(pass_, model, feeds)`` runs the pass through the real pipeline and asserts:
+the result passes onnx.checker; the model's contract (I/O names, dtypes, dim params, opsets, metadata)
+is kept; ``modified`` tells the truth (an unmodified graph exports the same nodes); outputs match the
+original under onnxruntime with its graph optimizations disabled (bitwise-close for exact passes, within
+the given tolerance for lossy ones); and a second run changes nothing when the pass claims idempotence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from .data import load_feeds
+from .graph import ModelContract, check_model
+from .pass_base import Pass
+from .pipeline import optimize
+from .runtime import make_session
+
+__all__ = ["run_model", "assert_outputs_close", "check_pass_contract", "outputs_close"]
+
+
+def run_model(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], provider: str = "cpu") -> list[Any]:
+    """Outputs of one run in onnxruntime with graph optimizations disabled (the reference runner)."""
+    info = make_session(model, provider, optimize=False)
+    return info.session.run(None, dict(feeds))
+
+
+def outputs_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
+    """Recursive comparison of ORT outputs (tensors, sequences, maps); NaNs compare equal."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind in "fc" and (rtol or atol):
+            return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(outputs_close(x, y, rtol, atol) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(outputs_close(a[k], b[k], rtol, atol) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (np.isnan(a) and np.isnan(b)) or abs(a - b) <= atol + rtol * abs(b)
+    return a == b
+
+
+def assert_outputs_close(expected: list[Any], actual: list[Any], names: list[str] | None = None,
+                         rtol: float = 0.0, atol: float = 0.0) -> None:
+    assert len(expected) == len(actual), f"{len(expected)} outputs expected, got {len(actual)}"
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        if not outputs_close(e, a, rtol, atol):
+            label = names[i] if names else f"#{i}"
+            detail = ""
+            if isinstance(e, np.ndarray) and isinstance(a, np.ndarray) and e.shape == a.shape and e.dtype.kind in "fc":
+                detail = f": max abs diff {float(np.nanmax(np.abs(e.astype(np.float64) - a))):.3g}"
+            raise AssertionError(f"output {label} differs (rtol={rtol}, atol={atol}){detail}")
+
+
+def check_pass_contract(
+    pass_: Pass,
+    model: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]] | Any,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    calibration: Any = None,
+    expect_modified: bool | None = None,
+) -> onnx.ModelProto:
+    """Run ``pass_`` on ``model`` alone and assert it keeps its contract. Returns the optimized model.
+
+    rtol/atol bound exact passes (float reassociation); lossy passes are held to the same numbers, so give
+    the tolerance their declared floor allows.
+    """
+    check_model(model, full=True)
+    out, report = optimize(model, [pass_], calibration=calibration, on_pass_error="raise", fixed_point=False)
+    check_model(out, full=True)
+    problems = ModelContract.of(model).differences(out)
+    assert not problems, f"{pass_.name} broke the model's contract: {problems}"
+    record = report.passes[0]
+    if expect_modified is not None:
+        assert record.modified == expect_modified, f"{pass_.name}: modified={record.modified}, expected {expect_modified}"
+    if not record.modified:
+        before = sorted(n.op_type for n in model.graph.node)
+        after = sorted(n.op_type for n in out.graph.node)
+        assert before == after, f"{pass_.name} reported modified=False but changed the nodes: {before} -> {after}"
+    names = [o.name for o in model.graph.output]
+    for feed in load_feeds(feeds):
+        assert_outputs_close(run_model(model, feed), run_model(out, feed), names, rtol, atol)
+    if pass_.idempotent:
+        again, rep2 = optimize(out, [type(pass_)(**pass_.options_dict())], calibration=calibration,
+                               on_pass_error="raise", fixed_point=False)
+        assert not rep2.passes[0].modified, f"{pass_.name} claims idempotence but modified its own output again"
+    return out
