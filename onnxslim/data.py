@@ -77,6 +77,14 @@ class FeedData:
         """The same data, checked against this model's input names, dtypes and ranks."""
         return FeedData(self._make_iter, self.description, self.count, input_specs(model))
 
+    def check_first(self) -> "FeedData":
+        """Validate the first feed now, so bad data fails before any long work starts."""
+        for _ in self.samples():
+            break
+        else:
+            raise BadInputError(f"{self.description} holds no feed dicts; give at least one")
+        return self
+
     def samples(self) -> Iterator[Sample]:
         for raw, origin in self._make_iter():
             if not isinstance(raw, dict):

@@ -39,11 +39,14 @@ class PassError(OnnxSlimError):
 
     exit_code = 3
 
-    def __init__(self, pass_name: str, message: str, *, before: list[str] | None = None):
+    def __init__(self, pass_name: str | None, message: str, *, before: list[str] | None = None):
         self.pass_name = pass_name
         self.before = list(before or [])
-        ran = f" (after: {', '.join(self.before)})" if self.before else ""
-        super().__init__(f"pass '{pass_name}' failed{ran}: {message}")
+        ran = ", ".join(dict.fromkeys(self.before))
+        if pass_name is None:  # found after all passes ran (export, contract, checker)
+            super().__init__(f"the optimized model is invalid (passes run: {ran or 'none'}): {message}")
+        else:
+            super().__init__(f"pass '{pass_name}' failed{f' (after: {ran})' if ran else ''}: {message}")
 
 
 class GateFailedError(OnnxSlimError):

@@ -449,8 +449,45 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
             for vi in list(g.input) + list(g.output) + list(g.value_info):
                 if not vi.type.WhichOneof("value") and vi.name in types:
                     vi.type.CopyFrom(types[vi.name])
+    _drop_outer_scope_copies(model.graph, {})
     contract.restore(model)
+    if model.ir_version < 4:
+        # IR 3 requires every initializer to be declared as a graph input too.
+        declared = {i.name for i in model.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in declared:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return model
+
+
+def _drop_outer_scope_copies(graph: onnx.GraphProto, outer: dict[str, TensorProto]) -> None:
+    """Remove subgraph initializers that copy an outer-scope initializer of the same name.
+
+    graphsurgeon exports every constant a subgraph reads as an initializer of that subgraph, even when the
+    same constant is an initializer of an enclosing graph; ONNX resolves the name from the outer scope, so
+    the copy only makes the model bigger.
+    """
+    keep = []
+    for t in graph.initializer:
+        if t.name in outer and outer[t.name] == t:
+            continue
+        keep.append(t)
+    if outer and len(keep) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
+        kept_vi = [v for v in graph.value_info if v.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.value_info[:]
+        graph.value_info.extend(kept_vi)
+    scope = dict(outer)
+    scope.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _drop_outer_scope_copies(attr.g, scope)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _drop_outer_scope_copies(g, scope)
 
 
 # ---------------------------------------------------------------------------------------------- saving

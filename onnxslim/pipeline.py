@@ -230,7 +230,7 @@ def optimize(
     needing = [p.name for p in pass_list if p.needs_calibration]
     loaded = load_model(model)
     if calibration is not None:
-        feeds = load_feeds(calibration).bind(loaded.proto)
+        feeds = load_feeds(calibration).bind(loaded.proto).check_first()
     elif needing:
         raise UsageError(f"pass(es) {', '.join(needing)} need calibration data; give --calib DIR (or calibration=...)")
 
@@ -266,7 +266,7 @@ def optimize(
     out = export_graph(ctx.graph, contract, value_types(loaded.proto))
     problems = contract.differences(out)
     if problems:
-        raise PassError(ran[-1] if ran else "export", "the model's contract changed: " + "; ".join(problems), before=ran)
+        raise PassError(None, "the model's contract changed: " + "; ".join(problems), before=ran)
     big = sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) >= PROTOBUF_LIMIT
     if level != "none" and not (big or loaded.has_external_data):
         _check_output(out, level, ran)
@@ -286,8 +286,7 @@ def _check_output(target, level: str, ran: list[str]) -> None:
     try:
         check_model(target, full=level == "full")
     except Exception as e:  # noqa: BLE001
-        raise PassError(ran[-1] if ran else "export", f"the result fails onnx.checker ({level}): {str(e).splitlines()[0]}",
-                        before=ran) from e
+        raise PassError(None, f"it fails onnx.checker ({level}): {str(e).splitlines()[0]}", before=ran) from e
 
 
 def _versions() -> dict[str, str]:
