@@ -36,6 +36,7 @@ __all__ = [
     "import_graph",
     "export_graph",
     "value_types",
+    "peek_values",
     "PROTOBUF_LIMIT",
 ]
 
@@ -380,6 +381,19 @@ def _reattach_raw_attributes(detached: list, gproto: onnx.GraphProto | None) -> 
             if pnode is not None:
                 psub = next((a.g for a in pnode.attribute if a.name == name and a.type == onnx.AttributeProto.GRAPH), None)
             _reattach_raw_attributes(sub, psub)
+
+
+def peek_values(const: gs.Constant) -> np.ndarray:
+    """A constant's values WITHOUT caching them on the tensor (``const.values`` keeps them loaded).
+
+    Passes that scan many weights (hashing, statistics) use this so memory holds one tensor at a time.
+    """
+    values = const._values
+    if isinstance(values, ExternalLazyValues):
+        return values.load()
+    if isinstance(values, LazyValues):
+        return np.asarray(onnx.numpy_helper.to_array(values.tensor))
+    return np.asarray(values)
 
 
 def import_graph(loaded: LoadedModel) -> gs.Graph:
