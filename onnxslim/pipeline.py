@@ -274,7 +274,10 @@ def optimize(
         save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data)
         if level != "none" and (big or loaded.has_external_data):
             _check_output(out_path, level, ran)
-        report.after = summarize(out, _file_size(out_path, LoadedModel(out, external_files=[f"{out_path.name}.data"])))
+        after = summarize(out)
+        written = LoadedModel(out, external_files=[f"{out_path.name}.data"] if after.external_data or external_data else [])
+        after.file_size = _file_size(out_path, written)
+        report.after = after
     else:
         report.after = summarize(out)
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
