@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from .data import FeedData, load_feeds
 from .errors import BadInputError, GateFailedError, OnnxSlimError, PassError, PluginError, UsageError
 from .graph import LoadedModel, ModelContract, load_model, save_model
+from .parity import ParityResult, check
 from .pass_base import Pass, PassContext, PassResult, SkippedNode, iter_graphs
 from .pipeline import DEFAULT_PASSES, OptimizeResult, PassSpec, optimize
 from .registry import available_passes, get_pass, register_pass
@@ -16,6 +17,8 @@ from .summary import ModelSummary, summarize
 __all__ = [
     "__version__",
     "optimize",
+    "check",
+    "ParityResult",
     "Pass",
     "PassResult",
     "PassContext",

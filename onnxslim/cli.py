@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .config import OptimizeSettings, load_config, settings_from_mapping
-from .errors import BadInputError, OnnxSlimError
+from .errors import BadInputError, OnnxSlimError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -68,6 +68,11 @@ class Optimize:
         p.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
         p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+        g = p.add_argument_group("parity gate (runs after optimizing when --check-data is given)")
+        g.add_argument("--check-data", metavar="DATA",
+                       help="eval data (same formats as --calib): check the output against the input model on it; "
+                            "exit 1 if the gate fails")
+        _add_parity_arguments(g)
 
     @staticmethod
     def settings(args: argparse.Namespace) -> OptimizeSettings:
@@ -85,11 +90,163 @@ class Optimize:
         settings = Optimize.settings(args)
         _, report = optimize(args.model, output=args.output, overwrite_input=args.overwrite_input,
                              **settings.api_kwargs())
+        rc = 0
+        if args.check_data:
+            from .parity_metrics import merge_floors
+            from .registry import get_pass
+
+            lossy = [p for p in report.passes if not p.exact and p.modified]
+            floors = [dict(get_pass(p.name).metric_floors) for p in lossy]
+            result = _run_check(args, args.model, args.output, args.check_data, mode="lossy" if lossy else "exact",
+                                metric_floors=merge_floors(floors) if floors else None, seed=settings.seed)
+            report.parity = result.to_dict()
+            rc = 0 if result.passed else 1
         if args.report:
             report.write_json(args.report)
-        if not args.quiet:
+        if not args.quiet or rc:
             _out(report.to_json() if args.json else report.render_text())
-        return 0
+        return rc
+
+
+# ------------------------------------------------------------------------------------------ check
+@command("check", "check that CANDIDATE gives ORIGINAL's answers on data, per execution provider")
+class Check:
+    """Exit 0 when every gate holds, 1 when one fails (including a provider that --require-providers
+    names but that did not really run: the check could not be done, so it did not pass), 2 on bad input."""
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("original", help="the reference .onnx model")
+        p.add_argument("candidate", help="the .onnx model to check against it")
+        p.add_argument("--data", metavar="DATA", help="feeds: a folder of .npz, one .npz, or script.py:function "
+                       "(keys '__label__' give labels for accuracy); default: seeded synthetic inputs")
+        p.add_argument("--shapes", metavar="NAME:DxD,...", help="dims for synthetic inputs, e.g. input:1x3x224x224")
+        p.add_argument("--samples", type=int, default=4, help="number of synthetic feeds (default 4)")
+        p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
+        p.add_argument("--mode", choices=["exact", "lossy"], default="exact",
+                       help="exact: tolerances from the model's noise floor (default); lossy: metric floors")
+        p.add_argument("--floor", action="append", metavar="METRIC=VALUE", default=[],
+                       help="lossy floor, e.g. cosine=0.995, channel_cosine=0.98, accuracy_drop=0.01 (repeatable)")
+        p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+        p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the check passes")
+        _add_parity_arguments(p)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        floors = {}
+        for item in args.floor:
+            key, eq, value = item.partition("=")
+            try:
+                floors[key.strip()] = float(value)
+            except ValueError:
+                raise UsageError(f"--floor {item!r}: write METRIC=NUMBER, e.g. cosine=0.995") from None
+            if not eq:
+                raise UsageError(f"--floor {item!r}: write METRIC=NUMBER, e.g. cosine=0.995")
+        if floors and args.mode != "lossy":
+            raise UsageError("--floor applies to --mode lossy; add --mode lossy or use --atol/--rtol")
+        result = _run_check(args, args.original, args.candidate, args.data, mode=args.mode,
+                            metric_floors=floors or None, seed=args.seed, shapes=args.shapes,
+                            synthetic_count=args.samples)
+        if args.report:
+            from .report import write_json_atomic
+
+            write_json_atomic(args.report, json.dumps(result.to_dict(), indent=2))
+        if not args.quiet or not result.passed:
+            if args.json:
+                _out(json.dumps(result.to_dict(), indent=2))
+            else:
+                from .report import Report
+
+                _out(Report(parity=result.to_dict()).render_text(width=140))
+        return 0 if result.passed else 1
+
+
+_THRESHOLD_FLAGS = {"atol": "atol", "rtol": "rtol", "statistic": "statistic", "quantile": "quantile",
+                    "cosine_min": "cosine", "channel_cosine_min": "channel_cosine",
+                    "sample_cosine_min": "sample_cosine", "snr_min": "snr_db", "accuracy_drop_max": "accuracy_drop"}
+
+
+def _add_parity_arguments(p) -> None:
+    p.add_argument("--providers", default="cpu", metavar="LIST",
+                   help="execution providers, comma-separated, case-insensitive: cpu,cuda,tensorrt,openvino,... "
+                        "(default cpu); one that is not available is reported as skipped")
+    p.add_argument("--require-providers", action="store_true",
+                   help="fail the gate (exit 1) when a requested provider does not really run")
+    p.add_argument("--atol", type=float, help="absolute tolerance for every output (overrides the noise floor)")
+    p.add_argument("--rtol", type=float, help="relative tolerance for every output")
+    p.add_argument("--statistic", choices=["max", "mean", "quantile"],
+                   help="how atol/rtol apply: every element (max, default), the mean, or a quantile")
+    p.add_argument("--quantile", type=float, help="quantile for --statistic quantile (default 0.999)")
+    p.add_argument("--cosine-min", type=float, help="cosine similarity floor for every output")
+    p.add_argument("--channel-cosine-min", type=float, help="floor for the worst channel's cosine")
+    p.add_argument("--sample-cosine-min", type=float, help="floor for the worst sample's cosine")
+    p.add_argument("--snr-min", type=float, help="SNR floor in dB")
+    p.add_argument("--accuracy-drop-max", type=float, help="largest allowed accuracy drop (needs __label__ data)")
+    p.add_argument("--threshold", action="append", default=[], metavar="OUTPUT:KEY=V,...",
+                   help="per-output thresholds, e.g. logits:atol=1e-4,rtol=0,statistic=quantile (repeatable)")
+    p.add_argument("--explain", action="store_true",
+                   help="find the first intermediate tensor where the models diverge and the worst layers")
+    p.add_argument("--label-output", metavar="OUTPUT", help="output compared with __label__ for accuracy")
+    p.add_argument("--metric", metavar="SCRIPT.py:FUNCTION",
+                   help="user metric fn(reference_outputs, candidate_outputs, samples) -> float or dict")
+    p.add_argument("--max-samples", type=int, help="use at most this many feeds")
+    p.add_argument("--noise-factor", type=float, default=10.0,
+                   help="exact mode: atol = this x the model's own noise floor (default 10)")
+
+
+def _thresholds_from_args(args: argparse.Namespace) -> dict:
+    out: dict[str, dict] = {}
+    every = {key: getattr(args, flag) for flag, key in _THRESHOLD_FLAGS.items() if getattr(args, flag) is not None}
+    if every:
+        out["*"] = every
+    for item in args.threshold:
+        name, sep, rest = item.partition(":")
+        if not sep or not name or not rest:
+            raise UsageError(f"--threshold {item!r}: write OUTPUT:key=value,... e.g. logits:atol=1e-4")
+        d = out.setdefault(name, {})
+        for kv in filter(None, (x.strip() for x in rest.split(","))):
+            key, eq, value = kv.partition("=")
+            if not eq:
+                raise UsageError(f"--threshold {item!r}: {kv!r} has no value; write key=value")
+            d[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _run_check(args: argparse.Namespace, original, candidate, data, **kwargs):
+    from .parity import check
+
+    with _progress() as progress:
+        return check(original, candidate, data, providers=args.providers, require_providers=args.require_providers,
+                     thresholds=_thresholds_from_args(args) or None, label_output=args.label_output,
+                     metric=args.metric, max_samples=args.max_samples, noise_factor=args.noise_factor,
+                     explain=args.explain, progress=progress, **kwargs)
+
+
+class _progress:
+    """A rich progress bar on stderr (drawn only when stderr is a terminal), one task per stage."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import Progress
+
+        console = Console(stderr=True)
+        self._bar = Progress(console=console, transient=True) if console.is_terminal else None
+        self._tasks: dict[str, int] = {}
+        if self._bar is None:  # logs and pipes get no progress noise
+            return None
+        self._bar.__enter__()
+        return self._update
+
+    def _update(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bar.add_task(stage, total=total)
+        self._bar.update(self._tasks[stage], completed=done)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
 
 
 # ------------------------------------------------------------------------------------------ info

@@ -131,9 +131,76 @@ class Report:
 
 
 def _parity_renderables(parity: dict) -> list:
-    # Parity sections render themselves when they bring a ``table`` key; otherwise a verdict line.
+    """Per provider and output: the worst-case metrics, the checks and the verdict; then explain."""
+    from rich.table import Table
+
     verdict = parity.get("verdict") or ("pass" if parity.get("passed") else "FAIL")
-    return [f"parity: {verdict}"]
+    out: list = []
+    data = parity.get("data") or {}
+    provs = parity.get("providers") or {}
+    head = f"parity ({parity.get('mode', '?')}): {verdict}"
+    if data:
+        head += f"   data: {data.get('source')} [{data.get('samples')} feeds]" + (" SYNTHETIC" if data.get("synthetic") else "")
+    out.append(head)
+    runs = parity.get("runs") or []
+    if runs:
+        t = Table(title="parity per provider and output (candidate vs original)", title_justify="left")
+        drifts = any(r.get("provider_drift") for r in runs)
+        cols = ["EP", "output", "max|d|", "mean|d|", "max rel", "cos", "SNR dB", "worst ch cos", "worst smp cos",
+                "top1/eq"] + (["EP drift max|d|"] if drifts else []) + ["result"]
+        for col in cols:
+            t.add_column(col, overflow="fold")
+        for r in runs:
+            tag = r["provider"].replace("ExecutionProvider", "")
+            for name, o in r.get("outputs", {}).items():
+                m = o.get("metrics", {})
+                drift = (r.get("provider_drift") or {}).get(name, {})
+                bad = [c["check"] for c in o.get("checks", []) if not c.get("passed")]
+                agree = m.get("top1_agreement", m.get("fraction_equal"))
+                t.add_row(tag, name, _g(m.get("max_abs")), _g(m.get("mean_abs")), _g(m.get("max_rel")),
+                          _g(m.get("cosine"), 6), _g(m.get("snr_db"), 4), _g(m.get("worst_channel_cosine"), 6),
+                          _g(m.get("worst_sample_cosine"), 6), _g(agree, 4),
+                          *([_g(drift.get("max_abs")) if drift else ""] if drifts else []),
+                          "pass" if o.get("passed") else "FAIL " + ",".join(bad))
+            task = r.get("task")
+            if task:
+                out_line = (f"{tag}: {task['metric']} on '{task['output']}': original {task['original']:.4f}, "
+                            f"candidate {task['candidate']:.4f} (drop {task['drop']:+.4f})")
+                if "limit_drop" in task:
+                    out_line += f", limit {task['limit_drop']:g}: " + ("pass" if task.get("passed") else "FAIL")
+                runs_lines = out_line
+            else:
+                runs_lines = ""
+            if runs_lines:
+                t.caption = ((t.caption + "\n") if t.caption else "") + runs_lines
+        out.append(t)
+    for s in provs.get("skipped") or []:
+        out.append(f"provider skipped: {s['provider']}: {s['reason']}")
+    ex = parity.get("explain")
+    if ex:
+        first = ex.get("first_divergent")
+        if first:
+            out.append(f"explain: first divergent tensor '{first['tensor']}' from {first['op_type']} node "
+                       f"'{first['node']}' (SNR {first['snr_db']:.1f} dB, {ex.get('criterion')})")
+        else:
+            out.append(f"explain: no intermediate tensor diverges ({ex.get('compared', 0)} compared, "
+                       f"{ex.get('criterion', '')})")
+        if ex.get("worst"):
+            out.append("explain: worst by SNR: " + ", ".join(
+                f"{w['node']} ({w['snr_db']:.1f} dB)" for w in ex["worst"]))
+    for n in parity.get("notes") or []:
+        out.append(f"note: {n}")
+    for f in parity.get("failures") or []:
+        out.append(f"failed: {f}")
+    return out
+
+
+def _g(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
 
 
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:

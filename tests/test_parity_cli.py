@@ -1,0 +1,97 @@
+"""`onnxslim check` and `onnxslim optimize --check-data`: exit codes, reports, explain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from onnxslim.cli import main
+from onnxslim.parity import ParityResult
+from onnxslim.report import Report
+
+from test_parity import CNN, CNN_EVAL, PLANTED_NODE, ROOT, planted_cnn
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    return planted_cnn(tmp_path_factory.mktemp("planted_cli"))
+
+
+def test_check_identical_exits_0_and_writes_a_round_tripping_report(tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    assert main(["check", str(CNN), str(CNN), "--data", str(CNN_EVAL), "--max-samples", "2",
+                 "--providers", "CPU,cuda", "--report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "parity (exact): pass" in out and "logits" in out
+    d = json.loads(rep.read_text())
+    assert d["verdict"] == "pass" and d["data"]["samples"] == 2
+    assert ParityResult.from_dict(d).to_dict() == d
+
+
+def test_check_planted_change_exits_1_and_explain_names_the_layer(planted, tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    assert main(["check", str(CNN), str(planted), "--data", str(CNN_EVAL), "--max-samples", "2", "--explain",
+                 "--report", str(rep)]) == 1
+    out = capsys.readouterr().out
+    assert f"first divergent tensor '{PLANTED_NODE}_output_0'" in out
+    assert json.loads(rep.read_text())["explain"]["first_divergent"]["node"] == PLANTED_NODE
+    # Loosen the gate per output: the same run passes.
+    assert main(["check", str(CNN), str(planted), "--data", str(CNN_EVAL), "--max-samples", "1", "-q",
+                 "--threshold", "logits:atol=100"]) == 0
+
+
+def test_required_provider_missing_exits_1(capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA in onnxruntime")
+    args = ["check", str(CNN), str(CNN), "--data", str(CNN_EVAL), "--max-samples", "1", "--providers", "cpu,cuda"]
+    assert main(args) == 0
+    assert "provider skipped: CUDAExecutionProvider" in capsys.readouterr().out
+    assert main(args + ["--require-providers"]) == 1
+    assert "required provider CUDAExecutionProvider did not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [
+    ["--data", "/nonexistent/eval.npz"],
+    ["--providers", "warpdrive"],
+    ["--shapes", "input:1x2"],
+    ["--threshold", "logits"],
+    ["--floor", "cosine=0.9"],  # floors need --mode lossy
+])
+def test_bad_input_exits_2(extra, capsys):
+    assert main(["check", str(CNN), str(CNN), *extra]) == 2
+    assert "onnxslim: error:" in capsys.readouterr().err
+
+
+def test_missing_model_exits_2(tmp_path, capsys):
+    assert main(["check", str(CNN), str(tmp_path / "nope.onnx")]) == 2
+
+
+def test_synthetic_check_says_so(capsys):
+    assert main(["check", str(ROOT / "transformer_text" / "model.onnx"), str(ROOT / "transformer_text" / "model.onnx"),
+                 "--shapes", "input_ids:1x6,attention_mask:1x6", "--samples", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["data"]["synthetic"] is True and "SYNTHETIC" in d["notes"][0]
+    assert d["data"]["plan"]["input_ids"]["shape"] == [1, 6]
+
+
+def test_optimize_with_check_data_puts_parity_in_the_report(tmp_path, capsys):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(CNN), "-o", str(out), "--check-data", str(CNN_EVAL), "--max-samples", "2",
+                 "--report", str(rep), "-q"]) == 0
+    report = Report.from_json(rep.read_text())
+    assert report.parity["verdict"] == "pass" and report.parity["mode"] == "exact"
+    assert report.parity["candidate"] == str(out)
+    assert Report.from_json(report.to_json()).to_dict() == report.to_dict()
+
+
+def test_optimize_check_data_fails_gate_with_exit_1(tmp_path, capsys):
+    # A cosine floor above 1 cannot be met: the gate fails and optimize exits 1 after writing the model.
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(CNN), "-o", str(out), "--check-data", str(CNN_EVAL), "--max-samples", "1",
+                 "--cosine-min", "1.5"]) == 1
+    assert "parity (exact): FAIL" in capsys.readouterr().out
+    assert out.exists()
