@@ -31,7 +31,7 @@ from .data import LABEL_KEY, Sample, load_feeds
 from .errors import BadInputError, OnnxSlimError, UsageError
 from .graph import load_model
 from .parity_metrics import Threshold, compare_output, merge_floors
-from .runtime import available_providers, make_session, normalize_provider, run_session
+from .runtime import available_providers, make_session, node_placement, normalize_provider, run_session
 from .synthetic import synthetic_feeds
 
 __all__ = ["check", "ParityResult", "Threshold", "DEFAULT_LOSSY_FLOORS"]
@@ -375,6 +375,12 @@ def check(
                     run["passed"] = False
                     failures.append(f"{tag}: accuracy dropped {acc_o - acc_c:.4f} > {drop:g}")
             run["task"] = task
+        if prov != CPU and samples:
+            run["node_placement"] = _placement(src_c, prov, samples[0].feeds)
+            cpu_nodes = run["node_placement"].get(CPU, 0)
+            if cpu_nodes:
+                notes.append(f"{tag}: {cpu_nodes} node(s) of the candidate were handed back to the CPU "
+                             f"(placement: {run['node_placement']})")
         if metric_fn is not None:
             run["user_metric"] = _user_metric(metric_fn, o_out, c_out, samples)
         runs.append(run)
@@ -393,6 +399,13 @@ def check(
         providers={"requested": wanted, "used": used, "skipped": skipped, "required": require_providers,
                    "label_output": lab},
         versions=_versions(), runs=runs, failures=failures, notes=notes, explain=explained)
+
+
+def _placement(src: Any, prov: str, feeds: dict[str, np.ndarray]) -> dict[str, int] | str:
+    try:
+        return node_placement(src, prov, feeds)
+    except Exception as e:  # placement is diagnostic: never fail the check over it
+        return f"unknown ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
 
 
 def _fmt(v: Any) -> str:

@@ -13,7 +13,7 @@ import onnx
 
 from .errors import BadInputError, UsageError
 
-__all__ = ["normalize_provider", "available_providers", "make_session", "SessionInfo", "run_session", "PROVIDER_ALIASES"]
+__all__ = ["node_placement", "normalize_provider", "available_providers", "make_session", "SessionInfo", "run_session", "PROVIDER_ALIASES"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,32 @@ def run_session(info: SessionInfo, feeds: dict[str, np.ndarray], outputs: Iterab
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     values = sess.run(names, feeds)
     return dict(zip(names, values))
+
+
+def node_placement(model: onnx.ModelProto | str | os.PathLike, provider: str,
+                   feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many executed nodes each provider ran, from one profiled run (fallbacks show up as CPU)."""
+    import json
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    full = normalize_provider(provider)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "placement")
+        opts.log_severity_level = 3
+        src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+        sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+        sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    counts: Counter[str] = Counter()
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and "provider" in args:
+            counts[args["provider"]] += 1
+    return dict(counts)
