@@ -1,0 +1,75 @@
+"""fuse_bias_add_into_conv: fold ``Add(Conv(x), c)`` into the Conv's bias when c is per output channel.
+
+Conv(x, W, b) + c = Conv(x, W, b + c) whenever c broadcasts as a per-output-channel vector against the
+[N, C, spatial...] output without growing it: a scalar, [1], [C], [C, 1, ..] or [1, C, 1, ..]. Also for
+ConvTranspose. The sum is computed in float64 and cast to the weight dtype.
+
+Preconditions: the Conv output is read by the Add alone (and is not a graph output); W, b (if any) and c
+are float constants of the weight's dtype; the model must not grow (a scalar Add on a bias-less Conv, or a
+constant shared with other readers, would add a [C] bias). New biases are fresh constants, never shared
+ones edited in place. Exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.pass_base import PassContext, PassResult
+
+from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_channels, conv_weights,
+                              take_output)
+
+__all__ = ["FuseBiasAddIntoConv"]
+
+_CONVS = ("Conv", "ConvTranspose")
+
+
+class FuseBiasAddIntoConv(FusionPass):
+    """Fold a constant per-channel Add after a Conv into the Conv's bias."""
+
+    name = "fuse_bias_add_into_conv"
+
+    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for add in [n for n in graph.nodes if n.op == "Add" and not n.domain and len(n.inputs) == 2]:
+            for i in (0, 1):
+                t, other = add.inputs[i], add.inputs[1 - i]
+                if not t.inputs or t.inputs[0].op not in _CONVS or t.inputs[0].domain:
+                    continue
+                conv = t.inputs[0]
+                reason = self._fuse(graph, conv, add, other)
+                if reason:
+                    result.skip(add, f"not fused into {conv.op} '{conv.name}': {reason}", graph)
+                    break
+                self.remove_node(graph, add)
+                result.count(f"fused_into_{conv.op.lower()}")
+                result.modified = True
+                break
+        return result
+
+    def _fuse(self, graph: gs.Graph, conv: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
+        if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not add:
+            return "the Conv output has other readers"
+        c = const_value(other)
+        if c is None:
+            return "the other Add input is not a constant"
+        got = conv_weights(conv, scales_weight=False)
+        if isinstance(got, str):
+            return got
+        w, b = got
+        if c.dtype != w.dtype:
+            return f"Add constant dtype {c.dtype} differs from weight dtype {w.dtype}"
+        group = int(conv.attrs.get("group", 1))
+        cout = conv_out_channels(conv.op, w, group)
+        vec = channel_vector(c, cout, w.ndim)
+        if vec is None:
+            return f"Add constant of shape {list(c.shape)} is not a per-output-channel bias"
+        b64 = np.zeros(cout) if b is None else b.astype(np.float64).reshape(cout)
+        new_b = (b64 + vec.astype(np.float64)).astype(w.dtype)
+        gain = self.grows([new_b], [conv.inputs[2] if len(conv.inputs) > 2 else None, other])
+        if gain > 0:
+            return f"the model would grow by {gain} bytes (a shared or scalar constant becomes a [C] bias)"
+        self.set_conv_weights(graph, conv, None, new_b)
+        take_output(conv, add)
+        return None

@@ -1,0 +1,84 @@
+"""fuse_scale_into_conv: fold ``Mul(Conv(x), s)`` / ``Div(Conv(x), d)`` into the Conv's weights and bias.
+
+Conv(x, W, b) * s = Conv(x, W * s, b * s) for s per output channel (a scalar, [1], [C], [C, 1, ..] or
+[1, C, 1, ..] against the [N, C, spatial...] output); Div by d uses s = 1 / d. ConvTranspose weights are
+[C_in, C_out/group, ...], scaled along axis 1 per group. Computed in float64, cast to the weight dtype.
+
+Preconditions: the Conv output is read by the Mul/Div alone (not a graph output); W, b and s are float
+constants of one dtype; W read by this Conv alone and the model not growing (a scaled copy beside a shared
+original would); s finite and d non-zero (an inf/NaN scale turns 0 * inf in the weights into NaN where the
+original gave inf). New weights are fresh constants. Exact up to float rounding (x / d becomes
+x * (1 / d)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.pass_base import PassContext, PassResult
+
+from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_channels, conv_weights,
+                              scale_out_channels, take_output)
+
+__all__ = ["FuseScaleIntoConv"]
+
+_CONVS = ("Conv", "ConvTranspose")
+
+
+class FuseScaleIntoConv(FusionPass):
+    """Fold a constant per-channel Mul or Div after a Conv into its weights and bias."""
+
+    name = "fuse_scale_into_conv"
+
+    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in [n for n in graph.nodes if n.op in ("Mul", "Div") and not n.domain and len(n.inputs) == 2]:
+            # Div only divides the Conv output (d / Conv(x) is not affine).
+            for i in ((0, 1) if node.op == "Mul" else (0,)):
+                t, other = node.inputs[i], node.inputs[1 - i]
+                if not t.inputs or t.inputs[0].op not in _CONVS or t.inputs[0].domain:
+                    continue
+                conv = t.inputs[0]
+                reason = self._fuse(graph, conv, node, other)
+                if reason:
+                    result.skip(node, f"not fused into {conv.op} '{conv.name}': {reason}", graph)
+                    break
+                self.remove_node(graph, node)
+                result.count(f"{node.op.lower()}_fused_into_{conv.op.lower()}")
+                result.modified = True
+                break
+        return result
+
+    def _fuse(self, graph: gs.Graph, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
+        if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not node:
+            return "the Conv output has other readers"
+        c = const_value(other)
+        if c is None:
+            return f"the other {node.op} input is not a constant"
+        got = conv_weights(conv)
+        if isinstance(got, str):
+            return got
+        w, b = got
+        if c.dtype != w.dtype:
+            return f"{node.op} constant dtype {c.dtype} differs from weight dtype {w.dtype}"
+        group = int(conv.attrs.get("group", 1))
+        cout = conv_out_channels(conv.op, w, group)
+        vec = channel_vector(c, cout, w.ndim)
+        if vec is None:
+            return f"{node.op} constant of shape {list(c.shape)} is not per output channel"
+        s = vec.astype(np.float64)
+        if node.op == "Div":
+            if np.any(s == 0):
+                return "division by zero"
+            s = 1.0 / s
+        if not np.all(np.isfinite(s)):
+            return "non-finite scale"
+        new_w = scale_out_channels(conv.op, w, s, group).astype(w.dtype)
+        new_b = None if b is None else (b.astype(np.float64).reshape(cout) * s).astype(w.dtype)
+        gain = self.grows([new_w, new_b], [*conv.inputs[1:3], other])
+        if gain > 0:
+            return f"the model would grow by {gain} bytes (shared constants)"
+        self.set_conv_weights(graph, conv, new_w, new_b)
+        take_output(conv, node)
+        return None
