@@ -36,6 +36,7 @@ __all__ = [
     "import_graph",
     "export_graph",
     "value_types",
+    "graph_signature",
     "peek_values",
     "PROTOBUF_LIMIT",
 ]
@@ -407,6 +408,9 @@ def import_graph(loaded: LoadedModel) -> gs.Graph:
                 for t in sub.tensors().values():
                     if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and _is_external(t._values.tensor):
                         t._values = ExternalLazyValues(t._values.tensor, loaded.base_dir)
+                        # gs would stamp EXTERNAL on the export of values a pass has loaded (inline bytes,
+                        # no location) and save_model then fails; lazy values export their own proto anyway.
+                        t.data_location = None
     return graph
 
 
@@ -463,6 +467,7 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
             for vi in list(g.input) + list(g.output) + list(g.value_info):
                 if not vi.type.WhichOneof("value") and vi.name in types:
                     vi.type.CopyFrom(types[vi.name])
+    _hoist_sibling_copies(model.graph)
     _drop_outer_scope_copies(model.graph, {})
     contract.restore(model)
     if model.ir_version < 4:
@@ -472,6 +477,50 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
             if t.name not in declared:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return model
+
+
+def _hoist_sibling_copies(root: onnx.GraphProto) -> None:
+    """Store once, in the closest enclosing graph, an initializer that graphsurgeon copied into sibling subgraphs.
+
+    A constant read only inside subgraphs (e.g. both If branches) is exported into each of them; the source
+    model held it once in an enclosing graph. Equal copies of one name go back to the closest graph that
+    encloses them all (when the name is free there); ``_drop_outer_scope_copies`` then drops the copies.
+    """
+    parent: dict[int, onnx.GraphProto | None] = {}
+    order: list[onnx.GraphProto] = []
+
+    def walk(g: onnx.GraphProto, p: onnx.GraphProto | None) -> None:
+        parent[id(g)] = p
+        order.append(g)
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                    walk(sub, g)
+
+    def chain(g: onnx.GraphProto | None) -> list[onnx.GraphProto]:
+        out = []
+        while g is not None:
+            out.append(g)
+            g = parent[id(g)]
+        return out
+
+    walk(root, None)
+    copies: dict[str, list[tuple[onnx.GraphProto, TensorProto]]] = {}
+    for g in order:
+        for t in g.initializer:
+            copies.setdefault(t.name, []).append((g, t))
+    for name, found in copies.items():
+        if len(found) < 2 or any(t != found[0][1] for _, t in found[1:]):
+            continue
+        chains = [chain(g) for g, _ in found]
+        lca = next((c for c in chains[0] if all(any(c is x for x in ch) for ch in chains[1:])), None)
+        if lca is None or any(g is lca for g, _ in found):
+            continue
+        taken = any(name in {i.name for i in g.input} | {o for n in g.node for o in n.output}
+                    | {t.name for t in g.initializer} for g in chain(lca))
+        if not taken:
+            lca.initializer.append(copy.deepcopy(found[0][1]))
 
 
 def _drop_outer_scope_copies(graph: onnx.GraphProto, outer: dict[str, TensorProto]) -> None:
@@ -502,6 +551,28 @@ def _drop_outer_scope_copies(graph: onnx.GraphProto, outer: dict[str, TensorProt
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     _drop_outer_scope_copies(g, scope)
+
+
+def graph_signature(model: onnx.ModelProto) -> tuple:
+    """The computation a model describes (nodes, attributes, initializer names/types/shapes, I/O names),
+    without value_info or weight bytes: equal signatures mean no pass changed the graph's structure."""
+
+    def attr_sig(a: onnx.AttributeProto):
+        if a.type == onnx.AttributeProto.GRAPH:
+            return a.name, graph_sig(a.g)
+        if a.type == onnx.AttributeProto.GRAPHS:
+            return a.name, tuple(graph_sig(g) for g in a.graphs)
+        if a.type == onnx.AttributeProto.TENSOR:
+            return a.name, (a.t.data_type, tuple(a.t.dims), a.t.raw_data or a.t.SerializeToString())
+        return a.name, a.SerializeToString()
+
+    def graph_sig(g: onnx.GraphProto):
+        nodes = tuple((n.domain, n.op_type, tuple(n.input), tuple(n.output),
+                       tuple(sorted((attr_sig(a) for a in n.attribute), key=lambda x: x[0]))) for n in g.node)
+        inits = tuple(sorted((t.name, t.data_type, tuple(t.dims)) for t in g.initializer))
+        return nodes, inits, tuple(i.name for i in g.input), tuple(o.name for o in g.output)
+
+    return graph_sig(model.graph)
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from .data import FeedData, load_feeds
 from .errors import BadInputError, OnnxSlimError, PassError, UsageError
 from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, import_graph,
-                    load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
+                    graph_signature, load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
 from .pass_base import Pass, PassContext, PassResult, iter_graphs
 from .registry import get_pass
 from .report import PassRecord, Report
@@ -264,6 +264,8 @@ def optimize(
     with quiet_graphsurgeon():
         ctx.graph.toposort(recurse_subgraphs=True)
     out = export_graph(ctx.graph, contract, value_types(loaded.proto))
+    if not any(r.modified for r in report.passes) and graph_signature(out) == graph_signature(loaded.proto):
+        out = loaded.proto  # nothing changed: hand back the model exactly as it was, byte for byte
     problems = contract.differences(out)
     if problems:
         raise PassError(None, "the model's contract changed: " + "; ".join(problems), before=ran)
