@@ -64,6 +64,9 @@ class Optimize:
                          help="write weights to OUTPUT.data next to the model")
         ext.add_argument("--no-external-data", dest="external_data", action="store_false",
                          help="keep all weights inside the .onnx file")
+        p.add_argument("--shape-annotations", choices=["keep", "all"],
+                       help="keep: annotate only tensors the input annotated (default; never grows the file); "
+                            "all: write every inferred shape")
         p.add_argument("--seed", type=int, help="seed for anything random (default 0)")
         p.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
         p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
@@ -78,7 +81,7 @@ class Optimize:
     def settings(args: argparse.Namespace) -> OptimizeSettings:
         base = load_config(args.config) if args.config else OptimizeSettings()
         given = {k: getattr(args, k) for k in ("passes", "calibration", "fixed_point", "max_iterations", "check",
-                                               "external_data", "seed") if getattr(args, k) is not None}
+                                               "external_data", "shape_annotations", "seed") if getattr(args, k) is not None}
         if args.strict:
             given["on_pass_error"] = "raise"
         return settings_from_mapping(given, where="command line", base=base)

@@ -35,6 +35,7 @@ class OptimizeSettings:
     check: str = "auto"
     on_pass_error: str = "rollback"
     external_data: bool | None = None
+    shape_annotations: str = "keep"
     seed: int = 0
 
     def api_kwargs(self) -> dict[str, Any]:

@@ -531,8 +531,9 @@ def _drop_outer_scope_copies(graph: onnx.GraphProto, outer: dict[str, TensorProt
     the copy only makes the model bigger.
     """
     keep = []
+    outputs = {o.name for o in graph.output}  # a subgraph output must be defined inside the subgraph
     for t in graph.initializer:
-        if t.name in outer and outer[t.name] == t:
+        if t.name in outer and outer[t.name] == t and t.name not in outputs:
             continue
         keep.append(t)
     if outer and len(keep) != len(graph.initializer):

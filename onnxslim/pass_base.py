@@ -50,7 +50,7 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
     def count(self, key: str, n: float = 1) -> None:
-        """Add ``n`` to stat ``key``; a positive count marks the graph modified unless told otherwise."""
+        """Add ``n`` to stat ``key``. Set ``modified`` yourself: a count alone does not mark a change."""
         self.stats[key] = self.stats.get(key, 0) + n
 
     def skip(self, node: gs.Node, reason: str, graph: gs.Graph | None = None) -> None:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from .data import FeedData, load_feeds
 from .errors import BadInputError, OnnxSlimError, PassError, UsageError
 from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, import_graph,
-                    graph_signature, load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
+                    graph_signature, iter_graph_protos, load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
 from .pass_base import Pass, PassContext, PassResult, iter_graphs
 from .registry import get_pass
 from .report import PassRecord, Report
@@ -31,8 +31,24 @@ __all__ = ["PassSpec", "OptimizeResult", "optimize", "resolve_passes", "DEFAULT_
 
 log = logging.getLogger(__name__)
 
-# The default lossless pipeline, run to a fixed point. Order matters: cheap cleanups first.
-DEFAULT_PASSES: tuple[str, ...] = ("eliminate_dead_nodes",)
+# The default lossless pipeline, run to a fixed point. Shapes first (later passes read them), then folding,
+# no-op removal, fusions, sharing and CSE (sharing first, so CSE sees equal constants as one), dead code last.
+DEFAULT_PASSES: tuple[str, ...] = (
+    "infer_shapes",
+    "fold_constants",
+    "inline_constant_if",
+    "fold_shape_computations",
+    "eliminate_identity_ops",
+    "fuse_pad_into_conv",
+    "fuse_batchnorm_into_conv",
+    "fuse_bias_add_into_conv",
+    "fuse_scale_into_conv",
+    "fuse_matmul_add_into_gemm",
+    "collapse_reshape_chains",
+    "share_identical_weights",
+    "eliminate_common_subexpressions",
+    "eliminate_dead_nodes",
+)
 
 
 @dataclass
@@ -141,7 +157,7 @@ def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
 
 # --------------------------------------------------------------------------------------------- running
 def _run_pass(p: Pass, ctx: PassContext, before: list[str], iteration: int,
-              on_error: str) -> tuple[PassRecord, gs.Graph]:
+              on_error: str, verify=None) -> tuple[PassRecord, gs.Graph]:
     record = PassRecord(p.name, p.options_dict(), p.exact, iteration=iteration)
     snapshot = ctx.graph.copy() if on_error == "rollback" else None
     t0 = time.perf_counter()
@@ -150,6 +166,8 @@ def _run_pass(p: Pass, ctx: PassContext, before: list[str], iteration: int,
         if not isinstance(result, PassResult):
             raise TypeError(f"run() returned {type(result).__name__}; return a PassResult")
         validate_graph(ctx.graph)
+        if verify is not None and result.modified:
+            verify(ctx.graph)
     except OnnxSlimError:
         raise
     except Exception as e:
@@ -209,6 +227,7 @@ def optimize(
     on_pass_error: Literal["rollback", "raise"] = "rollback",
     external_data: bool | None = None,
     overwrite_input: bool = False,
+    shape_annotations: Literal["keep", "all"] = "keep",
     seed: int = 0,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
@@ -217,6 +236,8 @@ def optimize(
     instances; None runs the default lossless pipeline. calibration: anything ``load_feeds`` accepts.
     fixed_point: repeat the list until no pass modifies the graph (default: when every pass is exact).
     check: onnx.checker level for the result; "auto" uses the strictest level the input passes.
+    shape_annotations: "keep" writes value_info only for tensors the input annotated (shapes inferred on the
+    way help the passes but would make the file bigger); "all" writes every inferred annotation.
     """
     t_start = time.perf_counter()
     pass_list = resolve_passes(passes)
@@ -240,41 +261,37 @@ def optimize(
     contract = ModelContract.of(loaded.proto)
     level = _input_check_level(loaded) if check == "auto" else check
 
-    graph = import_graph(loaded)
-    opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed)
     if fixed_point is None:
         fixed_point = all(p.exact for p in pass_list)
-    ran: list[str] = []
-    for iteration in range(max_iterations if fixed_point else 1):
-        changed = False
-        for p in pass_list:
-            if iteration > 0 and not p.exact:
-                continue
-            with quiet_graphsurgeon():
-                record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error)
-            report.passes.append(record)
-            ran.append(p.name)
-            changed = changed or record.modified
-            if record.error:
-                report.warnings.append(f"pass '{p.name}' failed and was rolled back: {record.error}")
-        if not changed:
-            break
-
-    with quiet_graphsurgeon():
-        ctx.graph.toposort(recurse_subgraphs=True)
-    out = export_graph(ctx.graph, contract, value_types(loaded.proto))
-    if not any(r.modified for r in report.passes) and graph_signature(out) == graph_signature(loaded.proto):
-        out = loaded.proto  # nothing changed: hand back the model exactly as it was, byte for byte
+    run = dict(loaded=loaded, pass_list=pass_list, feeds=feeds, seed=seed, fixed_point=fixed_point,
+               max_iterations=max_iterations, on_pass_error=on_pass_error)
+    records, ran, graph = _run_passes(**run)
+    out = _export(graph, loaded, contract, records, shape_annotations)
     problems = contract.differences(out)
     if problems:
         raise PassError(None, "the model's contract changed: " + "; ".join(problems), before=ran)
-    big = sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) >= PROTOBUF_LIMIT
-    if level != "none" and not (big or loaded.has_external_data):
+    small = not loaded.has_external_data and \
+        sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) < PROTOBUF_LIMIT
+    checked = False
+    if level != "none" and small and on_pass_error == "rollback":
+        try:
+            _check_output(out, level, ran)
+            checked = True
+        except PassError as first:
+            # Find the pass that broke the model: run again, checking after every pass, and roll back
+            # exactly the changes that fail the checker. Costs time only when this happens.
+            log.warning("%s; rerunning with a check after every pass", first)
+            records, ran, graph = _run_passes(**run, verify=lambda g: _verify(g, contract, loaded, level))
+            out = _export(graph, loaded, contract, records, shape_annotations)
+            report.warnings.append(f"the first run failed onnx.checker ({level}); passes were rerun with a check "
+                                   "after each, and the failing changes rolled back")
+    report.passes = records
+    report.warnings.extend(f"pass '{r.name}' failed and was rolled back: {r.error}" for r in records if r.error)
+    if level != "none" and small and not checked:
         _check_output(out, level, ran)
     if out_path is not None:
         save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data)
-        if level != "none" and (big or loaded.has_external_data):
+        if level != "none" and not small:
             _check_output(out_path, level, ran)
         after = summarize(out)
         written = LoadedModel(out, external_files=[f"{out_path.name}.data"] if after.external_data or external_data else [])
@@ -285,6 +302,63 @@ def optimize(
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
     report.seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)
+
+
+def _keep_annotated_only(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    annotated = {vi.name for g in iter_graph_protos(original.graph) for vi in g.value_info}
+    for g in iter_graph_protos(model.graph):
+        keep = [vi for vi in g.value_info if vi.name in annotated]
+        if len(keep) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(keep)
+
+
+def _run_passes(loaded: LoadedModel, pass_list: list[Pass], feeds, seed: int, fixed_point: bool,
+                max_iterations: int, on_pass_error: str, verify=None) -> tuple[list[PassRecord], list[str], gs.Graph]:
+    graph = import_graph(loaded)
+    opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed)
+    records: list[PassRecord] = []
+    ran: list[str] = []
+    failed: set[str] = set()
+    for iteration in range(max_iterations if fixed_point else 1):
+        changed = False
+        for p in pass_list:
+            if iteration > 0 and (not p.exact or p.name in failed):
+                continue  # lossy passes run once; a pass that failed is not retried
+            with quiet_graphsurgeon():
+                record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error, verify)
+            records.append(record)
+            ran.append(p.name)
+            changed = changed or record.modified
+            if record.error:
+                failed.add(p.name)
+        if not changed:
+            break
+    return records, ran, ctx.graph
+
+
+def _export(graph: gs.Graph, loaded: LoadedModel, contract: ModelContract, records: list[PassRecord],
+            shape_annotations: str) -> onnx.ModelProto:
+    with quiet_graphsurgeon():
+        graph.toposort(recurse_subgraphs=True)
+    out = export_graph(graph, contract, value_types(loaded.proto))
+    if shape_annotations == "keep":
+        _keep_annotated_only(out, loaded.proto)
+    if not any(r.modified for r in records) and graph_signature(out) == graph_signature(loaded.proto):
+        out = loaded.proto  # nothing changed: hand back the model exactly as it was, byte for byte
+    return out
+
+
+def _verify(graph: gs.Graph, contract: ModelContract, loaded: LoadedModel, level: str) -> None:
+    with quiet_graphsurgeon():
+        graph.toposort(recurse_subgraphs=True)
+    model = export_graph(graph, contract, value_types(loaded.proto))
+    _keep_annotated_only(model, loaded.proto)
+    try:
+        check_model(model, full=level == "full")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"the model fails onnx.checker ({level}) after it: {str(e).splitlines()[0][:300]}") from e
 
 
 def _check_output(target, level: str, ran: list[str]) -> None:

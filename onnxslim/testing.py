@@ -83,7 +83,8 @@ def check_pass_contract(
     the tolerance their declared floor allows.
     """
     check_model(model, full=True)
-    out, report = optimize(model, [pass_], calibration=calibration, on_pass_error="raise", fixed_point=False)
+    out, report = optimize(model, [pass_], calibration=calibration, on_pass_error="raise", fixed_point=False,
+                           shape_annotations="all")
     check_model(out, full=True)
     problems = ModelContract.of(model).differences(out)
     assert not problems, f"{pass_.name} broke the model's contract: {problems}"
@@ -106,6 +107,6 @@ def check_pass_contract(
         assert_outputs_close(run_model(model, feed), run_model(out, feed), names, rtol, atol)
     if pass_.idempotent:
         again, rep2 = optimize(out, [type(pass_)(**pass_.options_dict())], calibration=calibration,
-                               on_pass_error="raise", fixed_point=False)
+                               on_pass_error="raise", fixed_point=False, shape_annotations="all")
         assert not rep2.passes[0].modified, f"{pass_.name} claims idempotence but modified its own output again"
     return out

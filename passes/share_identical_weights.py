@@ -258,7 +258,11 @@ class ShareIdenticalWeights(Pass):
             scope = _scope_of(e, scopes)
             return (min(scopes.depth(g) for g in scope) if scope else 99, e.node is not None, not e.pinned)
 
-        same = sorted(same, key=rank)
+        # A subgraph's output must be defined inside that subgraph: such a constant is neither merged
+        # nor kept for others (readers elsewhere would move it out of its graph on export).
+        same = sorted((e for e in same if not (e.pinned and _is_subgraph_output(e, scopes))), key=rank)
+        if len(same) < 2:
+            return
         keeper = same[0]
         rest = same[1:]
         if keeper.node is not None:
@@ -280,6 +284,12 @@ class ShareIdenticalWeights(Pass):
                 continue
             if not _same_bytes(keeper.tensor, e.tensor, ctx.base_dir):
                 continue  # digest collision: never merge on a hash alone
+            if e.node is None and keeper.node is None and e.tensor.name == keeper.tensor.name:
+                # One tensor split in two objects (graphsurgeon's Graph.copy does this for constants read in
+                # subgraphs): join them, but it is the same stored tensor, so nothing is saved or changed.
+                self._redirect(e, kept_value, scopes)
+                keeper.users.update(e.users)
+                continue
             saved = _nbytes(e.tensor) * (1 if e.node is not None else len(scopes.tops(readers)))
             self._redirect(e, kept_value, scopes)
             if keeper.node is None:
@@ -306,3 +316,9 @@ class ShareIdenticalWeights(Pass):
             node = e.node
             node.outputs.clear()
             e.graph.nodes = [n for n in e.graph.nodes if n is not node]
+
+
+def _is_subgraph_output(e: _Entry, scopes: _Scopes) -> bool:
+    value = e.node.outputs[0] if e.node is not None else e.tensor
+    return any(scopes.parent[gid] is not None and any(t is value for t in g.outputs)
+               for gid, g in scopes.graphs.items())

@@ -89,7 +89,7 @@ def test_round_trip_on_every_onnx_node_test_case(tmp_path):
     """Two round trips per case: load -> graphsurgeon import/export -> save, and the default pipeline.
     Both must give outputs identical to the original's where ORT runs the op, and equal to onnx's stored
     expected outputs wherever the original matches them."""
-    checked = unsupported = 0
+    checked = unsupported = rolled_back = 0
     failures = []
     src, raw, slim = tmp_path / "m.onnx", tmp_path / "raw.onnx", tmp_path / "slim.onnx"
     for case in _node_cases():
@@ -102,7 +102,11 @@ def test_round_trip_on_every_onnx_node_test_case(tmp_path):
         try:
             loaded = load_model(src)
             save_model(export_graph(import_graph(loaded), loaded.contract, value_types(loaded.proto)), raw)
-            onnxslim.optimize(src, output=slim, on_pass_error="raise")
+            _, report = onnxslim.optimize(src, output=slim)
+            crashed = [f"{r.name}: {r.error}" for r in report.passes if r.error and "fails onnx.checker" not in r.error]
+            if crashed:  # only changes the checker rejects may be rolled back; a pass crash is a bug
+                failures.append(f"{case.name}: " + "; ".join(crashed)[:300])
+            rolled_back += any(r.error for r in report.passes)
             sessions = {"raw": make_session(raw), "default pipeline": make_session(slim)}
         except Exception as e:  # collect every failure, report them together
             failures.append(f"{case.name}: {type(e).__name__}: {str(e)[:200]}")
@@ -125,6 +129,7 @@ def test_round_trip_on_every_onnx_node_test_case(tmp_path):
             checked += 1
     assert not failures, "\n".join(failures[:30])
     assert checked > 1400, f"only {checked} data sets checked ({unsupported} models ORT cannot load)"
+    assert rolled_back <= 5, f"{rolled_back} models needed a checker rollback"
 
 
 # ------------------------------------------------------------------------------------------ external data
