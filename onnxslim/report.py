@@ -74,8 +74,24 @@ class Report:
     def write_json(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_json())
 
+    def pass_totals(self) -> list[PassRecord]:
+        """One record per pass, summed over fixed-point rounds (stats, seconds; modified if any round was)."""
+        totals: dict[str, PassRecord] = {}
+        for p in self.passes:
+            t = totals.get(p.name)
+            if t is None:
+                totals[p.name] = t = PassRecord(p.name, p.options, p.exact)
+            t.modified = t.modified or p.modified
+            for k, v in p.stats.items():
+                t.stats[k] = t.stats.get(k, 0) + v
+            if p.iteration == max(q.iteration for q in self.passes if q.name == p.name):
+                t.skipped = list(p.skipped)  # what the last round still could not do
+            t.seconds += p.seconds
+            t.error = t.error or p.error
+        return list(totals.values())
+
     # -------------------------------------------------------------------------------------- text
-    def render_text(self, width: int = 100) -> str:
+    def render_text(self, width: int = 120) -> str:
         """A human-readable summary (rich tables rendered to plain text)."""
         from rich.console import Console
 
@@ -111,10 +127,12 @@ class Report:
                 t.add_row(f"  {op}", str(b), str(a), _delta(b, a) if a != b else "")
             out.append(t)
         if self.passes:
-            t = Table(title="passes", title_justify="left")
+            rounds = 1 + max(p.iteration for p in self.passes)
+            t = Table(title=f"passes ({rounds} round{'s' if rounds > 1 else ''} to a fixed point; totals per pass)"
+                      if rounds > 1 else "passes", title_justify="left")
             for col in ("#", "pass", "kind", "modified", "stats", "skipped", "s"):
                 t.add_column(col)
-            for i, p in enumerate(self.passes, 1):
+            for i, p in enumerate(self.pass_totals(), 1):
                 stats = ", ".join(f"{k}={_num(v)}" for k, v in p.stats.items() if v) or "-"
                 if p.error:
                     stats = f"FAILED, rolled back: {p.error}"
