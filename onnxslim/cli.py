@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .config import OptimizeSettings, load_config, settings_from_mapping
-from .errors import BadInputError, OnnxSlimError, UsageError
+from .errors import OnnxSlimError, UsageError
 
 __all__ = ["main", "build_parser"]
 

@@ -24,7 +24,7 @@ import onnx
 
 from .errors import BadInputError
 
-__all__ = ["FeedData", "load_feeds", "InputSpec", "input_specs", "LABEL_KEY", "Sample"]
+__all__ = ["FeedData", "load_feeds", "load_function", "InputSpec", "input_specs", "LABEL_KEY", "Sample"]
 
 LABEL_KEY = "__label__"
 
@@ -152,12 +152,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise BadInputError(f"{path} is not a readable .npz file ({e}); write it with numpy.savez") from e
 
 
-def _from_script(spec: str) -> FeedData:
-    script, _, func = spec.rpartition(":")
+def load_function(spec: str, what: str, signature: str) -> Callable:
+    """The function named by ``script.py:function`` (data sources, user metrics)."""
+    script, _, func = str(spec).rpartition(":")
     path = Path(script)
-    if not path.exists():
-        raise BadInputError(f"data script not found: {path}; give script.py:function")
-    mod_name = f"_onnxslim_data_{abs(hash(str(path.resolve())))}"
+    if not script or not path.exists():
+        raise BadInputError(f"{what} script not found: {script or spec}; give script.py:function")
+    mod_name = f"_onnxslim_{what}_{abs(hash(str(path.resolve())))}"
     loader = importlib.util.spec_from_file_location(mod_name, path)
     if loader is None or loader.loader is None:
         raise BadInputError(f"cannot import {path} as a Python module; give a .py file")
@@ -169,7 +170,12 @@ def _from_script(spec: str) -> FeedData:
         raise BadInputError(f"importing {path} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise BadInputError(f"{path} has no function '{func}'; define def {func}(): return [feed dicts]")
+        raise BadInputError(f"{path} has no function '{func}'; define def {func}{signature}")
+    return fn
+
+
+def _from_script(spec: str) -> FeedData:
+    fn = load_function(spec, "data", "(): return [feed dicts]")
 
     def gen():
         try:

@@ -17,17 +17,15 @@ tensor (present in both models by name) where the two diverge.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from .data import LABEL_KEY, Sample, load_feeds
+from .data import LABEL_KEY, Sample, load_feeds, load_function
 from .errors import BadInputError, OnnxSlimError, UsageError
 from .graph import load_model
 from .parity_metrics import Threshold, compare_output, merge_floors
@@ -104,22 +102,7 @@ def _session_source(loaded) -> Any:
 def _load_metric(spec: str | Callable | None) -> Callable | None:
     if spec is None or callable(spec):
         return spec
-    script, _, func = str(spec).rpartition(":")
-    path = Path(script)
-    if not script or not path.exists():
-        raise BadInputError(f"metric script not found: {script or spec}; give script.py:function")
-    mod = importlib.util.spec_from_file_location(f"_onnxslim_metric_{abs(hash(str(path.resolve())))}", path)
-    if mod is None or mod.loader is None:
-        raise BadInputError(f"cannot import {path}; give a .py file")
-    module = importlib.util.module_from_spec(mod)
-    try:
-        mod.loader.exec_module(module)
-    except Exception as e:
-        raise BadInputError(f"importing {path} failed: {type(e).__name__}: {e}") from e
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise BadInputError(f"{path} has no function '{func}'; define def {func}(reference, candidate, samples)")
-    return fn
+    return load_function(spec, "metric", "(reference, candidate, samples)")
 
 
 def _run_all(info, samples: list[Sample], names: list[str], progress: Progress | None, stage: str,

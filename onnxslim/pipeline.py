@@ -19,10 +19,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .data import FeedData, load_feeds
-from .errors import BadInputError, OnnxSlimError, PassError, UsageError
-from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, import_graph,
-                    graph_signature, iter_graph_protos, load_model, quiet_graphsurgeon, value_types, save_model, tensor_nbytes, iter_tensor_protos)
-from .pass_base import Pass, PassContext, PassResult, iter_graphs
+from .errors import OnnxSlimError, PassError, UsageError
+from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, graph_signature,
+                    import_graph, iter_graph_protos, iter_tensor_protos, load_model, quiet_graphsurgeon, save_model,
+                    tensor_nbytes, value_types)
+from .pass_base import Pass, PassContext, PassResult
 from .registry import get_pass
 from .report import PassRecord, Report
 from .summary import summarize
@@ -44,7 +45,9 @@ DEFAULT_PASSES: tuple[str, ...] = (
     "fuse_bias_add_into_conv",
     "fuse_scale_into_conv",
     "fuse_matmul_add_into_gemm",
+    "fuse_layernorm",
     "collapse_reshape_chains",
+    "drop_default_rnn_states",
     "share_identical_weights",
     "eliminate_common_subexpressions",
     "eliminate_dead_nodes",

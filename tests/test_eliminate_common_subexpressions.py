@@ -10,14 +10,10 @@ from onnxslim.pipeline import optimize
 from onnxslim.registry import get_pass
 from onnxslim.testing import check_pass_contract
 
+from _graphs import parse_checked as _model
+
 Pass = get_pass("eliminate_common_subexpressions")
 RNG = np.random.default_rng(0)
-
-
-def _model(text: str) -> onnx.ModelProto:
-    m = onnx.parser.parse_model(text)
-    onnx.checker.check_model(m, full_check=True)
-    return m
 
 
 def _ops(graph: onnx.GraphProto) -> list[str]:

@@ -14,26 +14,9 @@ from onnxslim.passes.fold_constants import FoldConstants
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, check_pass_contract, run_model
 
+from _graphs import parse_checked as _model, op_types as _ops
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-
-
-def _model(text: str) -> onnx.ModelProto:
-    m = onnx.parser.parse_model(text)
-    onnx.checker.check_model(m, full_check=True)
-    return m
-
-
-def _ops(m: onnx.ModelProto) -> list[str]:
-    out = []
-
-    def walk(g):
-        for n in g.node:
-            out.append(n.op_type)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-    walk(m.graph)
-    return out
 
 
 X = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}

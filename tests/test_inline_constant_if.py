@@ -14,26 +14,9 @@ from onnxslim.passes.inline_constant_if import InlineConstantIf
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, check_pass_contract, run_model
 
+from _graphs import parse_checked as _model, op_types as _ops
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-
-
-def _model(text: str) -> onnx.ModelProto:
-    m = onnx.parser.parse_model(text)
-    onnx.checker.check_model(m, full_check=True)
-    return m
-
-
-def _ops(m: onnx.ModelProto) -> list[str]:
-    out = []
-
-    def walk(g):
-        for n in g.node:
-            out.append(n.op_type)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-    walk(m.graph)
-    return out
 
 
 @pytest.mark.parametrize("cond,kept", [(1, "Mul"), (0, "Sqrt")])
