@@ -53,7 +53,7 @@ def test_custom_domain_is_skipped_quietly():
       b = com.example.Magic(a)
       y = Neg(b)
     }""")
-    out, rep = optimize(m, ["infer_shapes"], fixed_point=False, check="none")
+    out, rep = optimize(m, ["infer_shapes"], fixed_point=False, check="none", shape_annotations="all")
     assert _vi(out)["a"] == (onnx.TensorProto.FLOAT, [2])
     assert [n.op_type for n in out.graph.node] == ["Relu", "Magic", "Neg"]
 
@@ -148,6 +148,6 @@ def test_external_weights_are_never_read(tmp_path, monkeypatch):
         raise AssertionError("an external weight was read")
 
     monkeypatch.setattr(graph_mod.ExternalLazyValues, "load", refuse)
-    out, rep = optimize(path, ["infer_shapes"], fixed_point=False, check="none")
+    out, rep = optimize(path, ["infer_shapes"], fixed_point=False, check="none", shape_annotations="all")
     assert rep.passes[0].modified
     assert _vi(out)["m"] == (onnx.TensorProto.FLOAT, ["b", 64])
