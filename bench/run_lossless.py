@@ -476,8 +476,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="also sample our pipeline's RSS per stage on this model (repeatable)")
     ap.add_argument("--results", default=str(BENCH / "RESULTS.md"))
     ap.add_argument("--json", default=str(OUT / "results.json"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render --results from the measurements saved in --json; runs nothing")
     args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
+    if args.report_only:
+        # Re-render RESULTS.md from the last measurement (bench/out/results.json), measuring nothing.
+        from lossless_report import profile_markdown, write_markdown  # bench/, next to this script
+
+        saved = json.loads(Path(args.json).read_text())
+        extra = "\n\n".join(profile_markdown(p) for p in saved.get("profiles", []))
+        write_markdown(saved["rows"], saved["machine"], saved["versions"], Path(args.results), extra)
+        print(f"wrote {args.results} from {args.json}")
+        return
     tools = [t for t in args.tools.split(",") if t]
     pass_lists: dict = {"ours": None}
     if "ours-all" in tools:

@@ -11,7 +11,8 @@ closest graph enclosing all its readers); a Constant node serves only its own gr
 identical Constant nodes in sibling subgraphs (e.g. both If branches) are shared by moving one of them into
 the closest graph enclosing all of them. Graph outputs keep their names.
 
-Memory: tensors are hashed one at a time, straight from their raw bytes or, for external data, in
+Speed: tensors of equal dtype and shape are first hashed on their first 64 KiB only; the full hash runs
+only for tensors whose prefixes collide. Memory: tensors are hashed one at a time, straight from their raw bytes or, for external data, in
 chunks from the data file; only digests are kept. Unlike OnnxSlim (< 1,000 elements) there is no size cap.
 """
 
@@ -37,6 +38,9 @@ __all__ = ["ShareIdenticalWeights"]
 log = logging.getLogger(__name__)
 
 _CHUNK = 4 * 2**20
+# Hash this many leading bytes first: distinct weights almost always differ there, so only tensors whose
+# prefixes collide pay for a full hash (and the byte-for-byte check).
+_PREFIX = 64 * 2**10
 
 
 def _array(c: gs.Constant) -> np.ndarray:
@@ -46,8 +50,9 @@ def _array(c: gs.Constant) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- bytes
-def _chunks(c: gs.Constant, base_dir: Path | None) -> Iterator[bytes | memoryview]:
-    """The constant's little-endian payload, in chunks, without materializing external data."""
+def _chunks(c: gs.Constant, base_dir: Path | None, limit: int | None = None) -> Iterator[bytes | memoryview]:
+    """The constant's little-endian payload (its first ``limit`` bytes if given), in chunks, without
+    materializing external data."""
     values = c._values
     if isinstance(values, LazyValues):
         t = values.tensor
@@ -55,6 +60,8 @@ def _chunks(c: gs.Constant, base_dir: Path | None) -> Iterator[bytes | memoryvie
             info = {e.key: e.value for e in t.external_data}
             folder = getattr(values, "base_dir", None) or base_dir or Path(".")
             length = int(info["length"]) if "length" in info else int(values.nbytes)
+            if limit is not None:
+                length = min(length, limit)
             with open(os.path.join(folder, info["location"]), "rb") as f:
                 f.seek(int(info.get("offset", 0)))
                 while length > 0:
@@ -65,15 +72,15 @@ def _chunks(c: gs.Constant, base_dir: Path | None) -> Iterator[bytes | memoryvie
                     yield chunk
             return
         if t.HasField("raw_data") or t.raw_data:
-            yield memoryview(t.raw_data)
+            yield memoryview(t.raw_data)[:limit]
             return
     arr = np.ascontiguousarray(_array(c))
-    yield memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+    yield memoryview(arr.reshape(-1).view(np.uint8))[:limit] if arr.size else b""
 
 
-def _digest(c: gs.Constant, base_dir: Path | None) -> str:
+def _digest(c: gs.Constant, base_dir: Path | None, limit: int | None = None) -> str:
     h = hashlib.blake2b(digest_size=20)
-    for chunk in _chunks(c, base_dir):
+    for chunk in _chunks(c, base_dir, limit):
         h.update(chunk)
     return h.hexdigest()
 
@@ -220,12 +227,21 @@ class ShareIdenticalWeights(Pass):
         for group in by_meta.values():
             if len(group) < 2:
                 continue
-            by_digest: dict[str, list[_Entry]] = {}
+            by_prefix: dict[str, list[_Entry]] = {}
             for e in group:
-                by_digest.setdefault(_digest(e.tensor, ctx.base_dir), []).append(e)
-            for same in by_digest.values():
-                if len(same) > 1:
-                    self._share(same, scopes, ctx, result)
+                by_prefix.setdefault(_digest(e.tensor, ctx.base_dir, _PREFIX), []).append(e)
+            for candidates in by_prefix.values():
+                if len(candidates) < 2:
+                    continue
+                if _nbytes(candidates[0].tensor) <= _PREFIX:
+                    by_digest = {"": candidates}  # the prefix was the whole tensor
+                else:
+                    by_digest = {}
+                    for e in candidates:
+                        by_digest.setdefault(_digest(e.tensor, ctx.base_dir), []).append(e)
+                for same in by_digest.values():
+                    if len(same) > 1:
+                        self._share(same, scopes, ctx, result)
         result.modified = result.stats.get("tensors_merged", 0) > 0
         return result
 

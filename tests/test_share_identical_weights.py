@@ -142,3 +142,19 @@ def test_identical_initializers_of_sibling_branches_are_stored_once_in_the_paren
     # One copy, stored in the main graph and read by both branches from the outer scope.
     assert len(out.graph.initializer) == 1 and _initializers(out) == [out.graph.initializer[0].name]
     assert _record(m).stats == {"tensors_merged": 1, "bytes_saved": 4000}
+
+
+def test_same_prefix_different_tail_is_not_merged_but_a_true_twin_is():
+    # 160 kB each: the first 64 KiB agree for all three, so only the full hash / byte check tells them apart.
+    a = RNG.standard_normal(40_000).astype(np.float32)
+    b = a.copy()
+    b[-1] += 1.0
+    m = h.make_model(h.make_graph(
+        [h.make_node("Add", ["x", "a"], ["p"]), h.make_node("Add", ["p", "b"], ["q"]),
+         h.make_node("Add", ["q", "a2"], ["y"])],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, [40_000])], [h.make_tensor_value_info("y", T.FLOAT, [40_000])],
+        [nh.from_array(a, "a"), nh.from_array(b, "b"), nh.from_array(a.copy(), "a2")]),
+        opset_imports=[h.make_opsetid("", 17)])
+    out = check_pass_contract(Pass(), m, [{"x": RNG.standard_normal(40_000).astype(np.float32)}], expect_modified=True)
+    assert sorted(_initializers(out)) == ["a", "b"]
+    assert _record(m).stats == {"tensors_merged": 1, "bytes_saved": 160_000}
