@@ -50,6 +50,9 @@ class Optimize:
         p.add_argument("--config", metavar="FILE", help="settings from a TOML/YAML/JSON file (flags override it)")
         p.add_argument("--calib", "--calibration", dest="calibration", metavar="DATA",
                        help="calibration data: a folder of .npz feeds, one .npz, or script.py:function")
+        p.add_argument("--quantize", choices=["int8"],
+                       help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); "
+                            "needs --calib")
         fp = p.add_mutually_exclusive_group()
         fp.add_argument("--fixed-point", dest="fixed_point", action="store_true", default=None,
                         help="repeat the passes until nothing changes (default when all passes are exact)")
@@ -84,7 +87,18 @@ class Optimize:
                                                "external_data", "shape_annotations", "seed") if getattr(args, k) is not None}
         if args.strict:
             given["on_pass_error"] = "raise"
-        return settings_from_mapping(given, where="command line", base=base)
+        settings = settings_from_mapping(given, where="command line", base=base)
+        if getattr(args, "quantize", None) == "int8":
+            if not settings.calibration:
+                raise UsageError("--quantize int8 needs calibration data; give --calib DIR (a folder of .npz "
+                                 "feeds, one .npz, or script.py:function)")
+            from .pipeline import DEFAULT_PASSES, PassSpec
+
+            passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
+            if not any(p.name == "quantize_int8_static" for p in passes):
+                passes.append(PassSpec("quantize_int8_static"))
+            settings.passes = passes
+        return settings
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -341,6 +355,7 @@ class Passes:
         import io
 
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title="registered passes", title_justify="left", show_lines=True)
@@ -348,11 +363,12 @@ class Passes:
             t.add_column(c)
         for r in rows:
             if "error" in r:
-                t.add_row(r["name"], "BROKEN", "", "", r["error"])
+                t.add_row(r["name"], "BROKEN", "", "", escape(str(r["error"])))
                 continue
+            # Escaped: docstrings and defaults hold brackets ("[/Mul/Add]", lists) that rich reads as markup.
             opts = "\n".join(f"{o['name']}={o['default']!r}" for o in r["options"]) or "-"
             kind = r["kind"] + (" (default)" if r["default"] else "")
-            t.add_row(r["name"], kind, "yes" if r["needs_calibration"] else "", opts, r["description"])
+            t.add_row(r["name"], kind, "yes" if r["needs_calibration"] else "", escape(opts), escape(r["description"]))
         buf = io.StringIO()
         Console(file=buf, width=120, color_system=None).print(t)
         _out(buf.getvalue())

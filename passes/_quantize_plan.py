@@ -1,0 +1,233 @@
+"""Private helper of quantize_int8_static: decide, node by node, what gets quantized and why not.
+
+A plan names the inputs of one node to quantize: activations (Q/DQ pairs, need calibration ranges),
+weights (constant -> int8 + DQ, with the per-channel axis or None) and a bias (int32). Everything not
+quantized that a user could expect to be is recorded as a skip with its reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim.pass_base import PassResult, iter_graphs
+
+__all__ = ["NodePlan", "QuantizePlanner"]
+
+_WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+_RNN = {"LSTM", "GRU", "RNN"}
+_ELEMENTWISE_PASS_THROUGH = {"Add", "Mul", "Concat"}
+_SINGLE_INPUT_PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize"}
+# Ops a quantized value passes through unchanged in kind (onnxruntime folds them into the int8 chain).
+_TRANSPARENT = {"Relu", "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"}
+_FLOAT = onnx.TensorProto.FLOAT
+_MIN_TABLE = 256  # elements
+
+
+def _dequantized(t: gs.Tensor) -> bool:
+    return len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear"
+
+
+@dataclass
+class NodePlan:
+    graph: gs.Graph
+    node: gs.Node
+    activations: list[int] = field(default_factory=list)
+    weights: list[tuple[int, int | None]] = field(default_factory=list)
+    bias: int | None = None
+
+    def activation_names(self) -> list[str]:
+        return [self.node.inputs[i].name for i in self.activations]
+
+
+class QuantizePlanner:
+    def __init__(self, opts, types: dict[str, int], per_channel: bool, result: PassResult):
+        self.opts, self.types, self.per_channel, self.result = opts, types, per_channel, result
+        self.op_types = set(opts.op_types) - set(opts.exclude_op_types)
+        self.excluded_nodes = set(opts.exclude_nodes)
+        self.seen_ops: Counter = Counter()
+        self.owner: dict[int, gs.Graph] = {}
+
+    # ------------------------------------------------------------------------------------------ queries
+    def is_float(self, t: gs.Tensor) -> bool:
+        if isinstance(t, gs.Constant):
+            return np.dtype(t.dtype) == np.float32
+        dtype = getattr(t, "dtype", None)
+        if dtype is not None:
+            try:
+                return np.dtype(dtype) == np.float32
+            except TypeError:
+                return dtype == _FLOAT
+        return self.types.get(t.name) == _FLOAT
+
+    def constant_of(self, t: gs.Tensor) -> tuple[gs.Constant, gs.Node | None, gs.Graph | None] | None:
+        """The constant behind ``t``: itself, or the value of the Constant node producing it."""
+        if isinstance(t, gs.Constant):
+            return t, None, None
+        if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and not t.inputs[0].domain:
+            value = t.inputs[0].attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return value, t.inputs[0], self.owner.get(id(t.inputs[0]))
+        return None
+
+    def float_weight(self, t: gs.Tensor) -> gs.Constant | None:
+        found = self.constant_of(t) if t is not None and t.name else None
+        if found is None:
+            return None
+        return found[0] if np.dtype(found[0].dtype) == np.float32 else None
+
+    def activation_ok(self, t: gs.Tensor) -> bool:
+        return bool(t.name) and not isinstance(t, gs.Constant) and self.constant_of(t) is None \
+            and not _dequantized(t) and self.is_float(t)
+
+    # ------------------------------------------------------------------------------------------ planning
+    def plan(self, root: gs.Graph) -> list[NodePlan]:
+        self.owner = {id(n): g for g in iter_graphs(root) for n in g.nodes}
+        plans: list[NodePlan] = []
+        for g in iter_graphs(root):
+            for node in list(g.nodes):
+                self.seen_ops[f"{node.domain}:{node.op}" if node.domain else node.op] += 1
+                p = self.plan_node(g, node)
+                if p is not None and (p.activations or p.weights):
+                    plans.append(p)
+        plans.extend(self.plan_pass_through(root, plans))
+        return plans
+
+    def plan_node(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
+        op = node.op
+        if node.domain not in (None, "", "ai.onnx"):
+            if any(isinstance(t, gs.Constant) for t in node.inputs) or node.attrs:
+                self.result.skip(node, f"op from domain '{node.domain}' has no int8 form; it stays float", g)
+            return None
+        if op not in _WEIGHTED and op not in _RNN and op != "Gather":
+            return None
+        if op not in self.op_types:
+            if op in _WEIGHTED or op in _RNN:
+                self.result.skip(node, f"op type {op} is excluded (op_types/exclude_op_types)", g)
+            return None
+        if node.name in self.excluded_nodes:
+            self.result.skip(node, "excluded by name (exclude_nodes)", g)
+            return None
+        if op in _WEIGHTED:
+            return self.plan_weighted(g, node)
+        if op in _RNN:
+            return self.plan_rnn(g, node)
+        return self.plan_gather(g, node)
+
+    def plan_weighted(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
+        op, p = node.op, NodePlan(g, node)
+        if len(node.inputs) < 2:
+            return None
+        x, w = node.inputs[0], node.inputs[1]
+        if _dequantized(x) or _dequantized(w):
+            self.result.skip(node, "already quantized (its inputs come from DequantizeLinear)", g)
+            return None
+        if not self.activation_ok(x):
+            self.result.skip(node, f"input '{x.name}' is not a float32 activation (no inferred float type); "
+                                   "it stays float", g)
+            return None
+        p.activations.append(0)
+        weight = self.float_weight(w)
+        if weight is not None:
+            p.weights.append((1, self.weight_axis(node, weight)))
+        elif self.gathered_weight(w):
+            pass  # Gather(constant table, index): the table is quantized (plan_gather), the node reads it float
+        elif op in ("MatMul", "Gemm") and self.activation_ok(w):
+            p.activations.append(1)  # activation x activation (attention scores, context)
+        else:
+            self.result.skip(node, f"weight '{w.name}' is neither a float32 constant nor a float activation; "
+                                   "the node stays float", g)
+            return None
+        if weight is not None and op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+            b = self.float_weight(node.inputs[2])
+            beta = float(node.attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
+            if b is not None and len(b.shape) == 1 and beta == 1.0 and op != "ConvTranspose":
+                p.bias = 2
+        return p
+
+    def gathered_weight(self, t: gs.Tensor) -> bool:
+        src = t.inputs[0] if len(t.inputs) == 1 else None
+        return (src is not None and src.op == "Gather" and not src.domain and "Gather" in self.op_types
+                and self.gather_table(src) is not None)
+
+    def gather_table(self, node: gs.Node) -> gs.Constant | None:
+        table = self.float_weight(node.inputs[0]) if node.inputs else None
+        if table is None or len(table.shape) < 2 or int(np.prod(table.shape, dtype=np.int64)) < _MIN_TABLE:
+            return None  # small or 1-D tables (per-layer biases) save nothing worth their accuracy
+        return table
+
+    def weight_axis(self, node: gs.Node, w: gs.Constant) -> int | None:
+        if not self.per_channel:
+            return None
+        rank = len(w.shape)
+        if node.op == "Conv":
+            return 0 if rank >= 2 else None
+        if node.op == "ConvTranspose":
+            return 1 if rank >= 2 and int(node.attrs.get("group", 1)) == 1 else None
+        if node.op == "Gemm":
+            return (0 if int(node.attrs.get("transB", 0)) else 1) if rank == 2 else None
+        if node.op == "MatMul":
+            return rank - 1 if rank >= 2 else None
+        return None
+
+    def plan_rnn(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
+        # Weight-only: onnxruntime has no QDQ RNN kernels; the int8 weights still shrink the file.
+        p = NodePlan(g, node)
+        for i in (1, 2):
+            if i < len(node.inputs) and self.float_weight(node.inputs[i]) is not None:
+                p.weights.append((i, 1 if self.per_channel else None))
+        if not p.weights:
+            self.result.skip(node, "W/R are not float32 constants; the node stays float", g)
+        return p
+
+    def plan_gather(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
+        # Embedding tables (and stacked per-layer weights): int8 table -> DQ -> Gather.
+        table = self.gather_table(node)
+        if table is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % max(len(table.shape), 1)
+        return NodePlan(g, node, weights=[(0, axis if self.per_channel and len(table.shape) >= 2 else None)])
+
+    def plan_pass_through(self, root: gs.Graph, plans: list[NodePlan]) -> list[NodePlan]:
+        """Add/Mul/Concat/pooling/Resize whose inputs come from quantized nodes: Q/DQ on them lets the runtime
+        keep the whole chain in int8. Inputs produced elsewhere (masks, positional terms) stay float: their
+        ranges are unrelated to the data path and would cost accuracy."""
+        planned_nodes = {id(p.node) for p in plans if p.activations}
+        planned_acts = {(id(p.graph), n) for p in plans for n in p.activation_names()}
+        out: list[NodePlan] = []
+        wanted = self.op_types & (_ELEMENTWISE_PASS_THROUGH | _SINGLE_INPUT_PASS_THROUGH)
+        for g in iter_graphs(root):
+            for node in g.nodes:
+                if node.op not in wanted or node.domain or node.name in self.excluded_nodes:
+                    continue
+                idx = [0] if node.op in _SINGLE_INPUT_PASS_THROUGH else list(range(len(node.inputs)))
+                ins = [node.inputs[i] for i in idx if i < len(node.inputs)]
+                if not ins or not all(self.activation_ok(t) for t in ins):
+                    continue
+
+                def adjacent(t: gs.Tensor, depth: int = 0) -> bool:
+                    if (id(g), t.name) in planned_acts or any(id(n) in planned_nodes for n in t.inputs):
+                        return True
+                    src = t.inputs[0] if len(t.inputs) == 1 else None
+                    return (src is not None and src.op in _TRANSPARENT and not src.domain and depth < 8
+                            and bool(src.inputs) and adjacent(src.inputs[0], depth + 1))
+
+                if not all(adjacent(t) for t in ins):
+                    continue
+                p = NodePlan(g, node, activations=idx)
+                out.append(p)
+                planned_nodes.add(id(node))
+                planned_acts.update((id(g), t.name) for t in ins)
+        return out
+
+    def nothing_reason(self) -> str:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.seen_ops.items())) or "no nodes"
+        reasons = sorted({s.reason for s in self.result.skipped})
+        if any(r.startswith("already quantized") for r in reasons):
+            return "the model is already quantized (weighted nodes read DequantizeLinear outputs)"
+        tail = f" ({'; '.join(reasons[:3])})" if reasons else ""
+        return f"no float32 Conv/ConvTranspose/MatMul/Gemm/LSTM/GRU/RNN/Gather weights found among: {ops}{tail}"
