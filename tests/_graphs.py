@@ -25,3 +25,21 @@ def op_types(m: onnx.ModelProto) -> list[str]:
 
     walk(m.graph)
     return out
+
+
+def optimize_sample_model(entry: dict, passes: list[str], rtol: float = 1e-5, atol: float = 1e-5) -> onnx.ModelProto:
+    """Run ``passes`` on a sample model; assert the node count does not grow and eval outputs stay close."""
+    from pathlib import Path
+
+    from onnxslim.data import load_feeds
+    from onnxslim.pipeline import optimize
+    from onnxslim.testing import assert_outputs_close, run_model
+
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    path = samples / entry["path"]
+    model = onnx.load(str(path))
+    out, _ = optimize(path, passes)
+    assert len(op_types(out)) <= len(op_types(model))
+    for feed in load_feeds(samples / entry["eval"]):
+        assert_outputs_close(run_model(model, feed), run_model(out, feed), rtol=rtol, atol=atol)
+    return out

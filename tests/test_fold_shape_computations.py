@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from onnxslim.data import load_feeds
 from onnxslim.passes.fold_shape_computations import FoldShapeComputations
-from onnxslim.pipeline import optimize
-from onnxslim.testing import assert_outputs_close, check_pass_contract, run_model
+from onnxslim.testing import check_pass_contract
 
-from _graphs import parse_checked as _model, op_types as _ops
+from _graphs import op_types as _ops, optimize_sample_model, parse_checked as _model
+from conftest import MODEL_IDS, MODELS
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def test_static_chain_folds_dynamic_batch_chain_stays():
@@ -102,23 +98,9 @@ def test_loop_carried_shape_is_not_trusted():
     assert "Shape" in _ops(out)
 
 
-def _entries():
-    return json.loads((SAMPLES / "manifest.json").read_text())["models"]
-
-
-def _count(g: onnx.GraphProto) -> int:
-    return sum(1 + sum(_count(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH) for n in g.node)
-
-
-@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["name"])
+@pytest.mark.parametrize("entry", MODELS, ids=MODEL_IDS)
 def test_sample_models(entry):
-    path = SAMPLES / entry["path"]
-    model = onnx.load(str(path))
-    out, _ = optimize(path, ["fold_constants", "fold_shape_computations"])
-    assert _count(out.graph) <= _count(model.graph)
-    for feed in load_feeds(SAMPLES / entry["eval"]):
-        feed = {k: v for k, v in feed.items() if not k.startswith("__")}
-        assert_outputs_close(run_model(model, feed), run_model(out, feed), rtol=1e-5, atol=1e-5)
+    optimize_sample_model(entry, ["fold_constants", "fold_shape_computations"])
 
 
 def test_folds_inside_if_branch_reading_outer_tensor():
