@@ -92,7 +92,7 @@ def make_session(
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as exceptions with context; no second copy on stderr
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
