@@ -59,6 +59,21 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert "eliminate_dead_nodes" in ns["text"]
 
 
+def test_python_check_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    onnxslim.optimize("sample_models/cnn_digits/model.onnx", output=tmp_path / "o.onnx")
+    start = README.index("Verify a result against its original")
+    code = re.search(r"```python\n(.*?)```", README[start:], re.S).group(1)
+    code = code.replace('"cnn_digits.slim.onnx"', repr(str(tmp_path / "o.onnx")))
+    ns: dict = {"onnxslim": onnxslim}
+    exec(compile(code, "README.md", "exec"), ns)
+    report = ns["result"].to_dict()
+    used = report["providers"]["used"]
+    assert "CPUExecutionProvider" in used
+    if "CUDAExecutionProvider" not in used:  # no GPU here: reported as skipped with a reason, not as a pass
+        assert any(s["provider"] == "CUDAExecutionProvider" for s in report["providers"]["skipped"])
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     cmd = re.search(r"^TEST_COMMAND=\"(.*)\"$", ci, re.M).group(1)
