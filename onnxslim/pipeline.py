@@ -20,9 +20,9 @@ import onnx_graphsurgeon as gs
 
 from .data import FeedData, load_feeds
 from .errors import OnnxSlimError, PassError, UsageError
-from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, export_graph, graph_signature,
-                    import_graph, iter_graph_protos, iter_tensor_protos, load_model, quiet_graphsurgeon, save_model,
-                    tensor_nbytes, value_types)
+from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, iter_graph_protos, iter_tensor_protos,
+                    load_model, save_model, tensor_nbytes)
+from .gs_bridge import export_graph, graph_signature, import_graph, quiet_graphsurgeon, value_types
 from .pass_base import Pass, PassContext, PassResult
 from .registry import get_pass
 from .report import PassRecord, Report

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from .data import load_feeds
-from .graph import (ModelContract, check_model, export_graph, graph_signature, import_graph, load_model,
-                    value_types)
+from .graph import ModelContract, check_model, load_model
+from .gs_bridge import export_graph, graph_signature, import_graph, value_types
 from .pass_base import PassContext
 from .pass_base import Pass
 from .pipeline import optimize
