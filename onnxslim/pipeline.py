@@ -235,7 +235,7 @@ def optimize(
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
 
-    passes: names (``"fold_constants"``, ``"prune_by_magnitude:sparsity=0.5"``), PassSpec, Pass classes or
+    passes: names (``"fold_constants"``, ``"fold_constants:size_threshold=4096"``), PassSpec, Pass classes or
     instances; None runs the default lossless pipeline. calibration: anything ``load_feeds`` accepts.
     fixed_point: repeat the list until no pass modifies the graph (default: when every pass is exact).
     check: onnx.checker level for the result; "auto" uses the strictest level the input passes.
