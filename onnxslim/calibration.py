@@ -66,6 +66,8 @@ class TensorStats:
     hist: np.ndarray | None = None  # int64 counts, len = bins
     hist_edges: np.ndarray | None = None  # float64, len = bins + 1, uniform
     samples: int = 0  # calibration samples in which the tensor had at least one value
+    mean_axis: int | None = None  # set when per-channel means were asked for (``means=``)
+    channel_mean: np.ndarray | None = None  # float64 mean of the finite values of each channel
 
     def range(self, method: str = "minmax", *, percentile: float = 99.999,
               symmetric: bool = False, num_quantized_bins: int = 128) -> tuple[float, float]:
@@ -118,6 +120,7 @@ class TensorStats:
             "channel_axis": self.channel_axis,
             "channel_min": arr(self.channel_min), "channel_max": arr(self.channel_max),
             "hist": arr(self.hist), **_edges_to_json(self.hist_edges),
+            "mean_axis": self.mean_axis, "channel_mean": arr(self.channel_mean),
         }
 
     @classmethod
@@ -132,6 +135,7 @@ class TensorStats:
             channel_axis=d.get("channel_axis"),
             channel_min=arr(d.get("channel_min"), np.float64), channel_max=arr(d.get("channel_max"), np.float64),
             hist=arr(d.get("hist"), np.int64), hist_edges=_edges_from_json(d),
+            mean_axis=d.get("mean_axis"), channel_mean=arr(d.get("channel_mean"), np.float64),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -216,9 +220,13 @@ class Statistics(Mapping[str, TensorStats]):
 class _Accumulator:
     """Running reductions of one tensor; ``update`` takes one sample's array and keeps nothing of it."""
 
-    def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None):
+    def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None,
+                 mean_axis: int | None = None):
         self.name = name
         self.channel_axis = channel_axis
+        self.mean_axis = mean_axis
+        self.csum: np.ndarray | None = None  # per-channel running sums / counts (means=)
+        self.cnum: np.ndarray | None = None
         self.stacked = stacked  # leading dims added by Loop/Scan stacking; shift a non-negative channel axis
         self.bins = bins
         self.count = 0
@@ -250,6 +258,8 @@ class _Accumulator:
         self.max = max(self.max, float(flat.max()))
         if self.channel_axis is not None:
             self._update_channels(arr, None if all_finite else finite)
+        if self.mean_axis is not None:
+            self._update_means(arr, None if all_finite else finite)
         if self.bins:
             self._update_hist(flat)
 
@@ -280,6 +290,32 @@ class _Accumulator:
             )
         self.cmin = np.fmin(self.cmin, cmin)
         self.cmax = np.fmax(self.cmax, cmax)
+
+    def _update_means(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
+        assert self.mean_axis is not None
+        axis = self.mean_axis + self.stacked if self.mean_axis >= 0 else self.mean_axis
+        if not -arr.ndim <= axis < arr.ndim:
+            raise BadInputError(
+                f"mean axis {self.mean_axis} is out of range for tensor '{self.name}' of shape "
+                f"{list(arr.shape)}; give an axis in [-{arr.ndim}, {arr.ndim - 1}]"
+            )
+        axis %= arr.ndim
+        others = tuple(i for i in range(arr.ndim) if i != axis)
+        if finite is None:
+            csum = arr.sum(axis=others, dtype=np.float64)
+            cnum = np.full(csum.shape, arr.size // max(arr.shape[axis], 1), dtype=np.float64)
+        else:
+            csum = np.where(finite, arr, 0).sum(axis=others, dtype=np.float64)
+            cnum = finite.sum(axis=others).astype(np.float64)
+        if self.csum is None:
+            self.csum, self.cnum = np.zeros_like(csum), np.zeros_like(cnum)
+        elif self.csum.shape != csum.shape:
+            raise BadInputError(
+                f"tensor '{self.name}' has {csum.shape[0]} channels on axis {self.mean_axis} in one sample "
+                f"and {self.csum.shape[0]} in another; per-channel means need a fixed channel count"
+            )
+        self.csum += csum
+        self.cnum += cnum
 
     def _update_hist(self, flat: np.ndarray) -> None:
         bins = self.bins
@@ -331,10 +367,15 @@ class _Accumulator:
         edges = None
         if self.hist is not None:
             edges = _uniform_edges(self.lo, self.width, self.bins)
+        mean = None
+        if self.csum is not None and self.cnum is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):  # a channel without finite values: NaN
+                mean = np.where(self.cnum > 0, self.csum / np.maximum(self.cnum, 1), np.nan)
         return TensorStats(
             name=self.name, count=self.count, min=self.min, max=self.max, channel_axis=self.channel_axis,
             channel_min=self.cmin, channel_max=self.cmax,
             hist=None if self.hist is None else self.hist.copy(), hist_edges=edges, samples=self.samples,
+            mean_axis=self.mean_axis if self.csum is not None else None, channel_mean=mean,
         )
 
 
@@ -347,6 +388,7 @@ def collect_statistics(
     tensors: Iterable[str],
     *,
     per_channel: Mapping[str, int] | None = None,
+    means: Mapping[str, int] | None = None,
     histograms: bool = True,
     bins: int = 2048,
     max_samples: int | None = None,
@@ -358,7 +400,9 @@ def collect_statistics(
 
     ``data``: anything ``onnxslim.data.load_feeds`` accepts (one-shot iterators and ``get_next()`` readers
     are streamed, never held in memory). ``per_channel``: tensor name -> channel axis, of the tensor as its
-    own (sub)graph sees it. ``progress(done, total)`` is called after each sample (``total`` is None when
+    own (sub)graph sees it. ``means``: tensor name -> channel axis whose per-channel mean is wanted
+    (``TensorStats.channel_mean``; bias correction uses it). ``progress(done, total)`` is called after
+    each sample (``total`` is None when
     the source does not know its length). ``cache``: a JSON file; when it holds statistics collected with
     the same model, data description, tensors (or more), per-channel axes, bins and max_samples, they are
     returned without running anything; otherwise they are collected and written there. The data itself is
@@ -370,6 +414,10 @@ def collect_statistics(
     unknown = sorted(set(per_channel) - set(names))
     if unknown:
         raise UsageError(f"per_channel names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
+    means = dict(means or {})
+    unknown = sorted(set(means) - set(names))
+    if unknown:
+        raise UsageError(f"means names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
     if bins < 8 and histograms:
         raise UsageError(f"bins={bins} is too few for range selection; use at least 8 (default 2048)")
     if max_samples is not None and max_samples < 1:
@@ -379,13 +427,14 @@ def collect_statistics(
     request = {"model_sha256": _fingerprint(proto), "data": feeds.description, "bins": bins if histograms else None,
                "max_samples": max_samples}
     if cache is not None:
-        hit = _from_cache(Path(cache), request, names, per_channel)
+        hit = _from_cache(Path(cache), request, names, per_channel, means)
         if hit is not None:
             return hit
 
     with contextlib.ExitStack() as stack:  # temporary external-data files live as long as their session
         runner = _Runner(proto, names, per_channel, stack)
-        stats = _run(runner, feeds, names, per_channel, bins if histograms else None, max_samples, progress)
+        stats = _run(runner, feeds, names, per_channel, bins if histograms else None, max_samples, progress,
+                     means)
     stats.meta.update(request)
     if cache is not None:
         stats.save(cache)
@@ -440,8 +489,10 @@ class _Runner:
 
 
 def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[str, int], bins: int | None,
-         max_samples: int | None, progress: Callable[[int, int | None], None] | None) -> Statistics:
-    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins) for n in names}
+         max_samples: int | None, progress: Callable[[int, int | None], None] | None,
+         means: dict[str, int] | None = None) -> Statistics:
+    means = means or {}
+    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins, means.get(n)) for n in names}
     total = feeds.count
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
@@ -460,6 +511,8 @@ def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[s
     if done == 0:
         raise BadInputError(f"{feeds.description} holds no feed dicts; give at least one calibration sample")
     meta = {"samples": done, "per_channel": per_channel, "loops_flattened": runner.flattened}
+    if means:
+        meta["means"] = means
     return Statistics({n: accs[n].result() for n in names}, meta)
 
 
@@ -499,7 +552,9 @@ def _fingerprint(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[str, int]) -> Statistics | None:
+def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[str, int],
+                means: dict[str, int] | None = None) -> Statistics | None:
+    means = means or {}
     if not path.exists():
         return None
     try:
@@ -510,11 +565,15 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
     if any(cached.meta.get(k) != v for k, v in request.items()):
         log.info("calibration cache %s was made for another model, data or settings; collecting again", path)
         return None
-    if any(n not in cached or cached[n].channel_axis != per_channel.get(n) for n in names):
+    if any(n not in cached or cached[n].channel_axis != per_channel.get(n)
+           or (n in means and cached[n].mean_axis != means[n]) for n in names):
         log.info("calibration cache %s lacks some requested tensors; collecting again", path)
         return None
     log.info("calibration statistics read from cache %s", path)
     meta = {**cached.meta, "per_channel": per_channel}
+    meta.pop("means", None)
+    if means:
+        meta["means"] = means
     return Statistics({n: cached[n] for n in names}, meta)
 
 

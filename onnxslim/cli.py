@@ -53,6 +53,10 @@ class Optimize:
         p.add_argument("--quantize", choices=["int8"],
                        help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); "
                             "needs --calib")
+        p.add_argument("--target-cpu", dest="target_cpu", metavar="NAME",
+                       choices=["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"],
+                       help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
+                            "uses 7-bit weights, arm* int8 activations); same as -p quantize_int8_static:target=NAME")
         fp = p.add_mutually_exclusive_group()
         fp.add_argument("--fixed-point", dest="fixed_point", action="store_true", default=None,
                         help="repeat the passes until nothing changes (default when all passes are exact)")
@@ -97,7 +101,14 @@ class Optimize:
             passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
             if not any(p.name == "quantize_int8_static" for p in passes):
                 passes.append(PassSpec("quantize_int8_static"))
+            if getattr(args, "target_cpu", None):
+                for p in passes:
+                    if p.name == "quantize_int8_static":
+                        p.options = {**p.options, "target": args.target_cpu}
             settings.passes = passes
+        elif getattr(args, "target_cpu", None):
+            raise UsageError("--target-cpu applies to int8 quantization; add --quantize int8 --calib DIR (or drop "
+                             "--target-cpu)")
         return settings
 
     @staticmethod

@@ -37,20 +37,21 @@ def fake_quant_activation(x: np.ndarray, scale: float, zp: np.ndarray) -> np.nda
     return ((q - int(zp)) * np.float32(scale)).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values, float32 scale): symmetric, per channel along ``axis`` or per tensor when None."""
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scale): symmetric in [-qmax, qmax], per channel along ``axis`` or per tensor when
+    None (``qmax=63``: onnxruntime's reduce_range, 7-bit weights)."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
-        scale = np.array(np.abs(w).max() / WEIGHT_QMAX if w.size else 1.0, dtype=np.float32)
+        scale = np.array(np.abs(w).max() / qmax if w.size else 1.0, dtype=np.float32)
         scale = np.where(scale > _MIN_SCALE, scale, np.float32(1.0)).astype(np.float32)
-        q = np.clip(np.round(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
         return q, scale.reshape(())
     reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = (np.abs(w).max(axis=reduce) / WEIGHT_QMAX).astype(np.float32) if w.size else np.ones(w.shape[axis], np.float32)
+    scale = (np.abs(w).max(axis=reduce) / qmax).astype(np.float32) if w.size else np.ones(w.shape[axis], np.float32)
     scale = np.where(scale > _MIN_SCALE, scale, np.float32(1.0)).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 

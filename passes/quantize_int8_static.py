@@ -15,6 +15,12 @@ quantized too; weights may be initializers, Constant nodes, or outer-scope const
 Activation ranges: ``range_method=auto`` is minmax. On the sample models minmax, percentile (99.999) and mse
 gave the same accuracy and logits cosine within 1e-5 of each other, entropy was worse (cosine 0.954 on
 cnn_digits); minmax needs no histograms, so it is the default.
+Hardware (``target``, see ``_quantize_hardware``): x86 without VNNI gets 7-bit weights (reduce_range; u8s8
+AVX2 kernels saturate int16 pair sums otherwise), ARM gets int8 (s8s8) activations; ``auto`` = this machine.
+Bias correction (``_quantize_bias_correction``): each quantized Conv/Gemm/MatMul(+Add) bias is shifted by
+``-(W_q - W) E[x]`` with ``E[x]`` the calibrated per-channel input mean. Measured (x86-vnni, 450 eval samples):
+cnn_digits mean |logit error| 0.0421 -> 0.0274 (cosine 0.999925 -> 0.999967); transformer_text, gru_digits,
+wine_ifloop within +-1% of uncorrected; accuracy unchanged on all four. On by default.
 Lossy: parity is judged by ``metric_floors``.
 """
 
@@ -32,7 +38,10 @@ from onnxslim.errors import UsageError
 from onnxslim.graph import ModelContract, export_graph, peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
-from ._quantize_math import activation_qparams, quantize_bias, quantize_weight
+from ._quantize_bias_correction import correct_biases
+from ._quantize_hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
+from ._quantize_math import WEIGHT_QMAX, activation_qparams, quantize_bias, quantize_weight
+from ._quantize_ladder import apply_precision_ladder
 from ._quantize_plan import NodePlan, QuantizePlanner
 
 __all__ = ["QuantizeInt8Static"]
@@ -56,8 +65,9 @@ class QuantizeInt8Static(Pass):
 
     @dataclass
     class Options:
-        activations: Literal["uint8", "int8"] = field(
-            default="uint8", metadata={"help": "activation type: uint8 (affine; fastest on x86) or int8"})
+        activations: Literal["auto", "uint8", "int8"] = field(
+            default="auto", metadata={"help": "activation type: uint8 (affine; fastest on x86) or int8 (s8s8; ARM); "
+                                              "auto = from target"})
         weights_per_channel: bool = field(
             default=True, metadata={"help": "one weight scale per output channel (opset >= 13; else per tensor)"})
         range_method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = field(
@@ -75,6 +85,38 @@ class QuantizeInt8Static(Pass):
                                             "quantizes outputs of quantized nodes so the last op fuses too"})
         allow_nothing: bool = field(
             default=False, metadata={"help": "accept a model with nothing to quantize (else it is an error)"})
+        # --- hardware-aware defaults and bias correction (_quantize_hardware, _quantize_bias_correction)
+        target: Literal["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"] = field(
+            default="auto", metadata={"help": "CPU the model will run on: sets reduce_range (x86-avx2) and the "
+                                              "activation type (uint8 on x86, int8 on ARM); auto = this machine"})
+        reduce_range: bool | None = field(
+            default=None, metadata={"help": "7-bit weights [-64, 63] (avoids int16 saturation of u8s8 on x86 "
+                                            "without VNNI); unset = from target"})
+        bias_correction: bool = field(
+            default=True, metadata={"help": "shift each quantized Conv/Gemm/MatMul bias by -(W_q - W) E[x] "
+                                             "(E[x] from calibration) to cancel the mean weight-rounding error"})
+
+        # --- precision ladder per node and auto_precision search (_quantize_ladder)
+        int16_activation_nodes: list[str] = field(
+            default_factory=list, metadata={"help": "nodes given int8 weights + 16-bit activations (names, globs, "
+                                                    "re:REGEX or op:OpType; needs opset >= 21 or a com.microsoft "
+                                                    "import, else they get weights only)"})
+        weight_only_nodes: list[str] = field(
+            default_factory=list, metadata={"help": "nodes given int8 weights and float activations (names, globs, "
+                                                    "re:REGEX or op:OpType)"})
+        float_nodes: list[str] = field(
+            default_factory=list, metadata={"help": "nodes kept float (names, globs, re:REGEX or op:OpType)"})
+        auto_precision: bool = field(
+            default=False, metadata={"help": "measure each layer's damage to the outputs on calibration data and "
+                                             "move the worst up the ladder (int16 act -> weights only -> float) "
+                                             "until precision_floor_cosine holds"})
+        precision_floor_cosine: float = field(
+            default=0.999, metadata={"help": "auto_precision: output cosine (float vs quantized) to reach"})
+        max_sensitivity_layers: int = field(
+            default=24, metadata={"help": "auto_precision: most layers probed one by one (the ones nearest the "
+                                          "outputs when there are more)"})
+        sensitivity_samples: int = field(
+            default=16, metadata={"help": "auto_precision: calibration samples the outputs are compared on"})
 
         def validate(self) -> str | None:
             if not 50.0 < self.percentile <= 100.0:
@@ -109,8 +151,17 @@ class QuantizeInt8Static(Pass):
             names.update(o.name for p in plans if p.graph is ctx.graph and p.activations
                          for o in p.node.outputs if o in ctx.graph.outputs and planner.is_float(o))
         names = sorted(names)
-        qparams = self._activation_qparams(ctx, model, names, result)
-        _Rewriter(ctx, result, qparams, opts, types).apply(plans, planner)
+        # --- hardware-aware defaults and bias correction
+        hw = resolve_hardware(opts.target, opts.reduce_range, opts.activations)
+        result.notes.append(hw.note())
+        weight_qmax = REDUCED_WEIGHT_QMAX if hw.reduce_range else WEIGHT_QMAX
+        if opts.bias_correction and ctx.calibration is not None:
+            correct_biases(ctx, model, plans, planner, weight_qmax, result)
+        # ---
+        qparams = self._activation_qparams(ctx, model, names, result, signed=hw.activations == "int8")
+        rewriter = _Rewriter(ctx, result, qparams, opts, types)
+        rewriter.weight_qmax = weight_qmax
+        apply_precision_ladder(ctx, model, plans, planner, opts, result, rewriter)  # rungs, then rewriter.apply
         result.modified = bool(result.stats.get("weights_quantized") or result.stats.get("activations_quantized"))
         if not result.modified and not opts.allow_nothing:
             raise UsageError(f"{self.name}: nothing could be quantized in this model (see the skips); pass "
@@ -118,7 +169,9 @@ class QuantizeInt8Static(Pass):
         return result
 
     def _activation_qparams(self, ctx: PassContext, model: onnx.ModelProto, names: list[str],
-                            result: PassResult) -> dict[str, tuple[np.float32, np.ndarray]]:
+                            result: PassResult, signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:
+        if signed is None:
+            signed = self.options.activations == "int8"
         if not names:
             return {}
         if ctx.calibration is None:
@@ -137,7 +190,7 @@ class QuantizeInt8Static(Pass):
             try:
                 lo, hi = st.range(method, percentile=self.options.percentile) if method == "percentile" \
                     else st.range(method)
-                out[name] = activation_qparams(lo, hi, signed=self.options.activations == "int8")
+                out[name] = activation_qparams(lo, hi, signed=signed)
             except (ValueError, TypeError) as e:
                 result.notes.append(f"activation '{name}' not quantized: {e}")
         return out
@@ -149,7 +202,7 @@ def _export_for_statistics(ctx: PassContext) -> onnx.ModelProto:
     graph = ctx.graph
     opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains] if graph.import_domains \
         else [onnx.helper.make_opsetid("", ctx.opset)]
-    ir = max(int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets))
+    ir = max(int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     contract = ModelContract(inputs=[], outputs=[], ir_version=ir, opset_import=opsets, producer_name="onnxslim",
                              producer_version="", domain="", model_version=0, doc_string="",
                              graph_name=graph.name or "graph", graph_doc_string="", metadata_props=[])
@@ -177,6 +230,8 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
 
 class _Rewriter:
     """Applies plans: Q/DQ pairs on activations, int8 weights + DQ, int32 biases."""
+
+    weight_qmax: int = WEIGHT_QMAX  # 63 with reduce_range (set by the pass)
 
     def __init__(self, ctx: PassContext, result: PassResult, qparams, opts, types: dict[str, int]):
         self.ctx, self.result, self.qparams, self.opts, self.types = ctx, result, qparams, opts, types
@@ -269,7 +324,7 @@ class _Rewriter:
         ckey = (id(const), axis)
         if ckey not in self.int8_cache:
             w = peek_values(const)
-            q, scale = quantize_weight(w, axis)
+            q, scale = quantize_weight(w, axis, self.weight_qmax)
             base = const.name
             self.int8_cache[ckey] = (gs.Constant(self.fresh(f"{base}_int8"), q),
                                      gs.Constant(self.fresh(f"{base}_scale"), scale),

@@ -1,0 +1,153 @@
+"""Private helper of quantize_int8_static: bias correction (Nagel et al. 2019, "Data-Free Quantization", §4.2).
+
+Rounding a layer's weights changes its output by ``(W_q - W) x``; averaged over the data that is a constant
+shift per output channel, ``(W_q - W) E[x]``, which the next layers see as a biased input. Subtracting it from
+the layer's bias cancels the mean error exactly (the variance of the error stays):
+
+- Gemm / MatMul (weight [K, N] after transB): ``bias -= alpha * E[x] @ (W_q - W)``, ``E[x]`` per input feature
+  (last axis of x; axis 0 with transA). For MatMul the bias is the constant of the Add that alone reads it.
+- Conv (weight [M, C/g, k...]): ``bias[m] -= sum_{j,k} (W_q - W)[m, j, k] * E[x][group(m) * C/g + j]``,
+  ``E[x]`` per input channel (axis 1). Zero padding makes border outputs see zeros, so there the
+  correction is approximate.
+
+``E[x]`` is the per-channel mean of the float model's input activation over the calibration data
+(``collect_statistics(..., means=...)``). ``W_q`` is recomputed with the same ``quantize_weight`` call the
+rewriter makes, so it is the exact dequantized weight the quantized model uses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim.graph import peek_values
+from onnxslim.pass_base import PassContext, PassResult, iter_graphs
+
+from ._quantize_math import quantize_weight
+from ._quantize_plan import NodePlan, QuantizePlanner
+
+__all__ = ["correct_biases"]
+
+log = logging.getLogger(__name__)
+
+_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _mean_axis(node: gs.Node) -> int:
+    if node.op == "Conv":
+        return 1
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transA", 0)) else 1
+    return -1
+
+
+def _weight_error_shift(node: gs.Node, w: np.ndarray, wq: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
+    """``(W_q - W) E[x]`` per output channel (float64), or None when the shapes do not fit."""
+    dw = wq.astype(np.float64) - w.astype(np.float64)
+    if node.op == "Conv":
+        if dw.ndim < 3:
+            return None
+        m, cg = dw.shape[0], dw.shape[1]
+        group = int(node.attrs.get("group", 1))
+        if mu.shape[0] != cg * group or m % group:
+            return None
+        per_in = dw.reshape(m, cg, -1).sum(axis=2)  # [M, C/g]
+        mu_g = mu.reshape(group, cg)[np.arange(m) // (m // group)]  # the input channels of each output's group
+        return (per_in * mu_g).sum(axis=1)
+    if dw.ndim != 2:
+        return None
+    if node.op == "Gemm":
+        if int(node.attrs.get("transB", 0)):
+            dw = dw.T
+        alpha = float(node.attrs.get("alpha", 1.0))
+    else:
+        alpha = 1.0
+    if mu.shape[0] != dw.shape[0]:
+        return None
+    return alpha * (mu @ dw)
+
+
+def _fresh(root: gs.Graph, base: str) -> str:
+    taken = {t for g in iter_graphs(root) for t in g.tensors()}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _bias_slot(p: NodePlan, planner: QuantizePlanner) -> tuple[gs.Node, int] | None:
+    """(node, input index) of the float bias that shifts this node's output, when there is a usable one."""
+    node = p.node
+    if node.op in ("Conv", "Gemm"):
+        return (node, 2) if p.bias == 2 else None
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out in p.graph.outputs:
+        return None
+    add = out.outputs[0]
+    if add.op != "Add" or add.domain or len(add.inputs) != 2:
+        return None
+    k = 1 if add.inputs[0] is out else 0
+    b = planner.float_weight(add.inputs[k])
+    return (add, k) if b is not None and len(b.shape) == 1 else None
+
+
+def correct_biases(ctx: PassContext, model: onnx.ModelProto, plans: list[NodePlan], planner: QuantizePlanner,
+                   weight_qmax: int, result: PassResult) -> None:
+    """Shift the float biases of quantized Conv/Gemm/MatMul nodes by ``-(W_q - W) E[x]`` (before the rewriter
+    turns them into int32). Layers without a bias are left alone (no sample model has one, so adding a bias
+    was never measured)."""
+    todo: list[NodePlan] = []
+    for p in plans:
+        if p.node.op not in _OPS or p.node.domain or 0 not in p.activations or not any(i == 1 for i, _ in p.weights):
+            continue
+        todo.append(p)
+    if not todo or ctx.calibration is None:
+        return
+    names = sorted({p.node.inputs[0].name for p in todo})
+    axes: dict[str, int] = {}
+    for p in todo:
+        axes.setdefault(p.node.inputs[0].name, _mean_axis(p.node))
+    from onnxslim.calibration import collect_statistics
+
+    stats = collect_statistics(model, ctx.calibration, names, means=axes, histograms=False, base_dir=ctx.base_dir)
+    shifts: list[float] = []
+    for p in todo:
+        node = p.node
+        x = node.inputs[0].name
+        if axes[x] != _mean_axis(node):
+            continue  # the same tensor read along another axis (rare): no mean for this reading
+        st = stats.get(x)
+        mu = None if st is None else st.channel_mean
+        if mu is None or not np.all(np.isfinite(mu)):
+            continue
+        axis = next(a for i, a in p.weights if i == 1)
+        w = peek_values(planner.constant_of(node.inputs[1])[0]).astype(np.float32)
+        q, scale = quantize_weight(w, axis, weight_qmax)
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = -1
+        wq = q.astype(np.float32) * np.asarray(scale, np.float32).reshape(shape)
+        delta = _weight_error_shift(node, w, wq, mu.astype(np.float64))
+        if delta is None:
+            continue
+        slot = _bias_slot(p, planner)
+        if slot is None:
+            continue
+        owner, idx = slot
+        const, const_node, _ = planner.constant_of(owner.inputs[idx])
+        b = peek_values(const).astype(np.float64)
+        if b.shape != delta.shape:
+            continue
+        new_values = (b - delta).astype(np.float32)
+        readers = const_node.outputs[0].outputs if const_node is not None else const.outputs
+        if len(readers) == 1:
+            const.values = new_values  # this node's own bias: change it in place
+        else:  # shared with other layers, whose errors differ: a private copy
+            owner.inputs[idx] = gs.Constant(_fresh(ctx.graph, f"{const.name}_corrected"), new_values)
+        result.count("biases_corrected")
+        shifts.append(float(np.abs(delta).max(initial=0.0)))
+    if shifts:
+        log.debug("bias correction: %d layers, largest shift %.3g", len(shifts), max(shifts))
