@@ -78,3 +78,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     cmd = re.search(r"^TEST_COMMAND=\"(.*)\"$", ci, re.M).group(1)
     assert cmd in README, "the README's test command and .ci/run must stay the same"
+
+
+def test_quick_start_main_job_runs(tmp_path, monkeypatch, capsys):
+    """The README's first command, minus the venv setup, exits 0 and writes the model and the report."""
+    from onnxslim.cli import main
+
+    line = next(l for l in README.splitlines() if "onnxslim optimize sample_models" in l)
+    args = line.split(".venv/bin/onnxslim ", 1)[1].split()
+    monkeypatch.chdir(ROOT)
+    args[args.index("-o") + 1] = str(tmp_path / "out.onnx")
+    args[args.index("--report") + 1] = str(tmp_path / "report.json")
+    assert main(args) == 0
+    assert (tmp_path / "out.onnx").exists() and "parity (lossy): pass" in capsys.readouterr().out
