@@ -52,6 +52,29 @@ class FusionPass(Pass):
     def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def fuse_into_preceding_conv(self, graph: gs.Graph, ops: tuple[str, ...], fuse, stat, positions=(0, 1)) -> PassResult:
+        """Fold each binary ``ops`` node that reads a Conv/ConvTranspose output into that Conv.
+
+        ``fuse(graph, conv, node, other_input)`` rewrites the Conv and returns None, or a reason it refused;
+        ``stat(node, conv)`` names the counter; ``positions(node)`` says which inputs may be the Conv's.
+        """
+        result = PassResult()
+        for node in [n for n in graph.nodes if n.op in ops and not n.domain and len(n.inputs) == 2]:
+            for i in positions(node) if callable(positions) else positions:
+                t, other = node.inputs[i], node.inputs[1 - i]
+                if not t.inputs or t.inputs[0].op not in ("Conv", "ConvTranspose") or t.inputs[0].domain:
+                    continue
+                conv = t.inputs[0]
+                reason = fuse(graph, conv, node, other)
+                if reason:
+                    result.skip(node, f"not fused into {conv.op} '{conv.name}': {reason}", graph)
+                    break
+                self.remove_node(graph, node)
+                result.count(stat(node, conv))
+                result.modified = True
+                break
+        return result
+
     def owns(self, node: gs.Node) -> bool:
         """True when ``node`` lives in the graph being rewritten (not an outer scope) and is still alive."""
         return id(node) in self._members and id(node) not in self._dead

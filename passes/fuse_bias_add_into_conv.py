@@ -22,7 +22,6 @@ from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_
 
 __all__ = ["FuseBiasAddIntoConv"]
 
-_CONVS = ("Conv", "ConvTranspose")
 
 
 class FuseBiasAddIntoConv(FusionPass):
@@ -31,22 +30,7 @@ class FuseBiasAddIntoConv(FusionPass):
     name = "fuse_bias_add_into_conv"
 
     def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        for add in [n for n in graph.nodes if n.op == "Add" and not n.domain and len(n.inputs) == 2]:
-            for i in (0, 1):
-                t, other = add.inputs[i], add.inputs[1 - i]
-                if not t.inputs or t.inputs[0].op not in _CONVS or t.inputs[0].domain:
-                    continue
-                conv = t.inputs[0]
-                reason = self._fuse(graph, conv, add, other)
-                if reason:
-                    result.skip(add, f"not fused into {conv.op} '{conv.name}': {reason}", graph)
-                    break
-                self.remove_node(graph, add)
-                result.count(f"fused_into_{conv.op.lower()}")
-                result.modified = True
-                break
-        return result
+        return self.fuse_into_preceding_conv(graph, ("Add",), self._fuse, lambda add, conv: f"fused_into_{conv.op.lower()}")
 
     def _fuse(self, graph: gs.Graph, conv: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
         if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not add:

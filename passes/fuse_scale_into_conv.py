@@ -23,7 +23,6 @@ from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_
 
 __all__ = ["FuseScaleIntoConv"]
 
-_CONVS = ("Conv", "ConvTranspose")
 
 
 class FuseScaleIntoConv(FusionPass):
@@ -32,23 +31,10 @@ class FuseScaleIntoConv(FusionPass):
     name = "fuse_scale_into_conv"
 
     def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        for node in [n for n in graph.nodes if n.op in ("Mul", "Div") and not n.domain and len(n.inputs) == 2]:
-            # Div only divides the Conv output (d / Conv(x) is not affine).
-            for i in ((0, 1) if node.op == "Mul" else (0,)):
-                t, other = node.inputs[i], node.inputs[1 - i]
-                if not t.inputs or t.inputs[0].op not in _CONVS or t.inputs[0].domain:
-                    continue
-                conv = t.inputs[0]
-                reason = self._fuse(graph, conv, node, other)
-                if reason:
-                    result.skip(node, f"not fused into {conv.op} '{conv.name}': {reason}", graph)
-                    break
-                self.remove_node(graph, node)
-                result.count(f"{node.op.lower()}_fused_into_{conv.op.lower()}")
-                result.modified = True
-                break
-        return result
+        # Div only divides the Conv output (d / Conv(x) is not affine).
+        return self.fuse_into_preceding_conv(
+            graph, ("Mul", "Div"), self._fuse, lambda node, conv: f"{node.op.lower()}_fused_into_{conv.op.lower()}",
+            positions=lambda node: (0, 1) if node.op == "Mul" else (0,))
 
     def _fuse(self, graph: gs.Graph, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
         if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not node:
