@@ -80,9 +80,7 @@ class PassContext:
     def opset_of(self, domain: str = "") -> int | None:
         if domain in ("", "ai.onnx"):
             return self.opset
-        return self.graph.import_domains and next(
-            (d.version for d in self.graph.import_domains if d.domain == domain), None
-        )
+        return next((d.version for d in self.graph.import_domains or [] if d.domain == domain), None)
 
 
 def iter_graphs(graph: gs.Graph, *, functions: bool = False) -> Iterator[gs.Graph]:

@@ -239,3 +239,14 @@ def test_report_json_round_trip():
     assert again.to_dict() == report.to_dict()
     text = report.render_text()
     assert "eliminate_dead_nodes" in text and "Sigmoid" in text
+
+
+def test_context_reports_opsets_per_domain():
+    from onnxslim.gs_bridge import import_graph
+    from onnxslim.pass_base import PassContext
+
+    from conftest import SAMPLES
+
+    graph = import_graph(onnxslim.load_model(SAMPLES / "sklearn_cancer" / "model.onnx"))
+    ctx = PassContext(graph=graph, opset=17)
+    assert (ctx.opset_of(""), ctx.opset_of("ai.onnx.ml"), ctx.opset_of("com.microsoft")) == (17, 1, None)
