@@ -94,7 +94,7 @@ def _adjust(plans: list[NodePlan], rungs: dict[Key, str], keys: dict[int, Key], 
     """Plans with the rungs applied; pass-through plans are re-planned around what stays quantized."""
     out = []
     for p in plans:
-        if p.node.op in _PASS_THROUGH and not p.weights:
+        if (p.pass_through or p.node.op in _PASS_THROUGH) and not p.weights:
             continue
         rung = rungs.get(keys[id(p.node)], "int8")
         if rung == "float":
@@ -312,7 +312,8 @@ class _Search:
         g = self.ctx.graph.copy()
         c = PassContext(graph=g, opset=self.ctx.opset, base_dir=self.ctx.base_dir, seed=self.ctx.seed)
         scratch = PassResult()
-        planner = QuantizePlanner(self.planner.opts, self.planner.types, self.planner.per_channel, scratch)
+        planner = QuantizePlanner(self.planner.opts, self.planner.types, self.planner.per_channel, scratch,
+                                  self.planner.shapes)
         keys, _ = _keys(g)
         plans = _adjust(planner.plan(g), rungs, keys, planner, g)
         _restore_float_biases(g, rungs, self.originals)

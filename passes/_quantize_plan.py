@@ -24,6 +24,9 @@ _ELEMENTWISE_PASS_THROUGH = {"Add", "Mul", "Concat"}
 _SINGLE_INPUT_PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize"}
 # Ops a quantized value passes through unchanged in kind (onnxruntime folds them into the int8 chain).
 _TRANSPARENT = {"Relu", "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"}
+# Pooling ops onnxruntime runs in int8 (QLinearAveragePool / QLinearGlobalAveragePool) only when their output is
+# Q/DQ'd too: their consumers read the quantized output.
+_QUANTIZED_OUTPUT_POOLS = {"AveragePool", "GlobalAveragePool"}
 _FLOAT = onnx.TensorProto.FLOAT
 _MIN_TABLE = 256  # elements
 
@@ -39,14 +42,19 @@ class NodePlan:
     activations: list[int] = field(default_factory=list)
     weights: list[tuple[int, int | None]] = field(default_factory=list)
     bias: int | None = None
+    pass_through: bool = False  # planned by plan_pass_through (re-planned by the ladder, never given rungs)
+    macs: int | None = None  # multiply-accumulates per sample (weighted nodes; None = unknown)
 
     def activation_names(self) -> list[str]:
         return [self.node.inputs[i].name for i in self.activations]
 
 
 class QuantizePlanner:
-    def __init__(self, opts, types: dict[str, int], per_channel: bool, result: PassResult):
+    def __init__(self, opts, types: dict[str, int], per_channel: bool, result: PassResult,
+                 shapes: dict[str, list] | None = None):
         self.opts, self.types, self.per_channel, self.result = opts, types, per_channel, result
+        self.shapes = shapes or {}  # inferred shapes by tensor name (dims are int or None)
+        self.min_macs = int(getattr(opts, "min_macs_for_activation_quantization", 0) or 0)
         self.op_types = set(opts.op_types) - set(opts.exclude_op_types)
         self.excluded_nodes = set(opts.exclude_nodes)
         self.seen_ops: Counter = Counter()
@@ -147,7 +155,41 @@ class QuantizePlanner:
             beta = float(node.attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
             if b is not None and len(b.shape) == 1 and beta == 1.0 and op != "ConvTranspose":
                 p.bias = 2
+        if weight is None and self.gathered_weight(w):
+            gather = w.inputs[0]  # one slice of a stacked table (a Loop body's per-iteration weight)
+            table = self.gather_table(gather)
+            if int(gather.attrs.get("axis", 0)) == 0 and op in ("MatMul", "Gemm"):
+                p.macs = self.macs_per_sample(node, table, skip_leading=1)
+        elif weight is not None:
+            p.macs = self.macs_per_sample(node, weight)
+        if p.macs is not None and p.macs < self.min_macs:
+                # Cost rule: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
+                # saves; int8 weights + float activation still shrink the file.
+                p.activations, p.bias = [], None
+                self.result.count("layers_weight_only_small")
         return p
+
+    def shape_of(self, t: gs.Tensor) -> list | None:
+        shape = getattr(t, "shape", None)
+        if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape):
+            shape = self.shapes.get(t.name, shape)
+        return None if shape is None else list(shape)
+
+    def macs_per_sample(self, node: gs.Node, weight: gs.Constant, skip_leading: int = 0) -> int | None:
+        """Weight elements x positions the weight is applied at per sample: Conv/ConvTranspose the output's
+        spatial size (None when unknown: the rule is not applied), MatMul the input's static dims between the
+        batch and the last axis (unknown dims count 1: a per-row lower bound), Gemm 1."""
+        size = int(np.prod(weight.shape[skip_leading:], dtype=np.int64))
+        if node.op in ("Conv", "ConvTranspose"):
+            out = self.shape_of(node.outputs[0]) if node.outputs else None
+            if out is None or len(out) < 3 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in out[2:]):
+                return None
+            return size * int(np.prod(out[2:], dtype=np.int64))
+        if node.op == "MatMul":
+            x = self.shape_of(node.inputs[0])
+            rows = [d for d in (x or [])[1:-1] if isinstance(d, (int, np.integer)) and d > 0]
+            return size * int(np.prod(rows, dtype=np.int64))
+        return size
 
     def gathered_weight(self, t: gs.Tensor) -> bool:
         src = t.inputs[0] if len(t.inputs) == 1 else None
@@ -218,10 +260,29 @@ class QuantizePlanner:
 
                 if not all(adjacent(t) for t in ins):
                     continue
-                p = NodePlan(g, node, activations=idx)
+                p = NodePlan(g, node, activations=idx, pass_through=True)
                 out.append(p)
                 planned_nodes.add(id(node))
                 planned_acts.update((id(g), t.name) for t in ins)
+                if node.op in _QUANTIZED_OUTPUT_POOLS:
+                    out.extend(self.plan_pool_output(g, node, planned_nodes, planned_acts))
+        return out
+
+    def plan_pool_output(self, g: gs.Graph, node: gs.Node, planned_nodes: set, planned_acts: set) -> list[NodePlan]:
+        """Q/DQ on an average pool's output (read by all its consumers): with the Q/DQ already on its input,
+        onnxruntime fuses DQ -> pool -> Q into QLinear(Global)AveragePool."""
+        o = node.outputs[0] if node.outputs else None
+        if o is None or not self.activation_ok(o) or o in g.outputs or (id(g), o.name) in planned_acts:
+            return []
+        out = []
+        for c in list(o.outputs):
+            if id(c) in planned_nodes or c.op in ("QuantizeLinear", "DequantizeLinear"):
+                continue  # a planned consumer quantizes its own inputs
+            idx = [i for i, t in enumerate(c.inputs) if t is o]
+            if idx:
+                out.append(NodePlan(g, c, activations=idx, pass_through=True))
+        if out:
+            planned_acts.add((id(g), o.name))
         return out
 
     def nothing_reason(self) -> str:

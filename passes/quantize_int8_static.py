@@ -21,6 +21,14 @@ Bias correction (``_quantize_bias_correction``): each quantized Conv/Gemm/MatMul
 ``-(W_q - W) E[x]`` with ``E[x]`` the calibrated per-channel input mean. Measured (x86-vnni, 450 eval samples):
 cnn_digits mean |logit error| 0.0421 -> 0.0274 (cosine 0.999925 -> 0.999967); transformer_text, gru_digits,
 wine_ifloop within +-1% of uncorrected; accuracy unchanged on all four. On by default.
+Cost rules (onnxruntime CPU, measured as int8/fp32 latency @1 thread): AveragePool/GlobalAveragePool after a
+quantized producer get Q/DQ on their input and output, which onnxruntime fuses into QLinear(Global)AveragePool
+(cnn_digits 0.658 -> 0.639, the same as ORT quantize_static). Conv/MatMul/Gemm layers below
+``min_macs_for_activation_quantization`` multiply-accumulates per sample (weight elements x output positions;
+default 1024) get int8 weights only: their activation Q/DQ costs more than the int8 kernel saves. On wine_ifloop
+(13x16 layers in If/Loop bodies) 1.23 (all int8) -> 1.19 (weights only) -> 1.13 with the Loop body's table
+dequantized once outside the loop (NNCF, which keeps the bodies float: 1.15-1.19); the 192-640-MAC heads of
+cnn_digits, gru_digits and transformer_text measured the same either way (within 1 %).
 Lossy: parity is judged by ``metric_floors``.
 """
 
@@ -83,6 +91,11 @@ class QuantizeInt8Static(Pass):
         keep_float_outputs: bool = field(
             default=True, metadata={"help": "never put Q/DQ on a graph output (the logits stay float); false "
                                             "quantizes outputs of quantized nodes so the last op fuses too"})
+        min_macs_for_activation_quantization: int = field(
+            default=1024, metadata={"help": "Conv/MatMul/Gemm layers with fewer multiply-accumulates per sample "
+                                            "(weight elements x output positions) get int8 weights only, float "
+                                            "activations: their Q/DQ costs more than the int8 kernel saves; "
+                                            "0 = quantize every layer fully"})
         allow_nothing: bool = field(
             default=False, metadata={"help": "accept a model with nothing to quantize (else it is an error)"})
         # --- hardware-aware defaults and bias correction (_quantize_hardware, _quantize_bias_correction)
@@ -132,12 +145,12 @@ class QuantizeInt8Static(Pass):
                              "convert it first (onnx.version_converter)")
         # The graph is in topological order here (the pipeline sorts it after every pass; a file's order is).
         model = _export_for_statistics(ctx)
-        types = _inferred_types(model)
+        types, shapes = _inferred_types(model)
         per_channel = opts.weights_per_channel and ctx.opset >= 13
         if opts.weights_per_channel and not per_channel:
             result.notes.append(f"opset {ctx.opset} < 13: per-tensor weight scales (DequantizeLinear has no "
                                 "axis attribute before opset 13)")
-        planner = QuantizePlanner(opts, types, per_channel, result)
+        planner = QuantizePlanner(opts, types, per_channel, result, shapes)
         plans = planner.plan(ctx.graph)
         if not plans:
             why = planner.nothing_reason()
@@ -209,8 +222,9 @@ def _export_for_statistics(ctx: PassContext) -> onnx.ModelProto:
     return export_graph(graph, contract)
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
-    """elem_type by tensor name (subgraphs included), from the model's annotations plus shape inference."""
+def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
+    """elem_type and shape (dims int or None) by tensor name (subgraphs included), from the model's
+    annotations plus shape inference."""
     from onnxslim.graph import iter_graph_protos
 
     try:
@@ -219,13 +233,17 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
         log.debug("shape inference failed: %s", e)
         inferred = model
     types: dict[str, int] = {}
+    shapes: dict[str, list] = {}
     for g in iter_graph_protos(inferred.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+                if vi.type.tensor_type.HasField("shape"):
+                    shapes.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None
+                                                for d in vi.type.tensor_type.shape.dim])
         for t in g.initializer:
             types.setdefault(t.name, t.data_type)
-    return types
+    return types, shapes
 
 
 class _Rewriter:
@@ -238,8 +256,9 @@ class _Rewriter:
         self.taken = {t for g in iter_graphs(ctx.graph) for t in g.tensors()} | \
             {n.name for g in iter_graphs(ctx.graph) for n in g.nodes}
         self.act_cache: dict[tuple[int, str], gs.Variable] = {}
+        self.made: dict[int, str] = {}  # id of a DQ output this rewriter made -> the activation it stands for
         self.weight_cache: dict[tuple[int, int, int | None], tuple[gs.Variable, np.ndarray]] = {}
-        self.int8_cache: dict[tuple[int, int | None], tuple[gs.Constant, gs.Constant, gs.Constant, list]] = {}
+        self.int8_cache: dict[tuple[int, int | None, int | None], tuple[gs.Constant, gs.Constant, gs.Constant, list]] = {}
         self.replaced: dict[int, tuple[gs.Constant, gs.Node | None, gs.Graph | None]] = {}
 
     def fresh(self, base: str) -> str:
@@ -254,6 +273,9 @@ class _Rewriter:
             x_scales: dict[int, np.float32] = {}
             for i in p.activations:
                 t = p.node.inputs[i]
+                if id(t) in self.made:  # already rewired by another plan of this node (pool output + Concat)
+                    x_scales[i] = self.qparams[self.made[id(t)]][0]
+                    continue
                 if t.name not in self.qparams:
                     self.result.skip(p.node, f"input '{t.name}' has no calibration statistics (not reached by the "
                                              "calibration data); it stays float", p.graph)
@@ -261,9 +283,16 @@ class _Rewriter:
                 p.node.inputs[i] = self.dequantized_activation(p.graph, t)
                 x_scales[i] = self.qparams[t.name][0]
             w_scale = None
+            # A weight-only node in a subgraph gets its own int8 copy there: onnxruntime (1.32) turns
+            # DQ(int8 weight) -> MatMul/Gemm with a float input into MatMulNBits and fails to load the model
+            # when that weight is an outer-scope initializer ("Missing required weight").
+            local = p.graph is not self.ctx.graph and not x_scales
+            # A table read by Gather in a subgraph is dequantized once in the main graph (outer scope): in a
+            # Loop body its DQ would run every iteration (wine_ifloop: latency ratio 1.185 -> 1.151 @1t).
+            home = self.ctx.graph if p.node.op == "Gather" and not x_scales else p.graph
             for i, axis in p.weights:
                 const, const_node, owner = planner.constant_of(p.node.inputs[i])
-                dq, w_scale = self.dequantized_weight(p.graph, p.node, const, axis)
+                dq, w_scale = self.dequantized_weight(home, p.node, const, axis, local and home is p.graph)
                 self.replaced[id(const)] = (const, const_node, owner)
                 p.node.inputs[i] = dq
             if p.bias is not None and w_scale is not None and 0 in x_scales:
@@ -289,6 +318,7 @@ class _Rewriter:
         graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), inputs=[q, s, z],
                                    outputs=[dq]))
         self.act_cache[key] = dq
+        self.made[id(dq)] = t.name
         self.result.count("activations_quantized")
         return dq
 
@@ -315,13 +345,13 @@ class _Rewriter:
 
     # -------------------------------------------------------------------------------- weights
     def dequantized_weight(self, graph: gs.Graph, node: gs.Node, const: gs.Constant,
-                           axis: int | None) -> tuple[gs.Variable, np.ndarray]:
+                           axis: int | None, local: bool = False) -> tuple[gs.Variable, np.ndarray]:
         key = (id(graph), id(const), axis)
         if key in self.weight_cache:
             return self.weight_cache[key]
         # The int8 constants are made once per weight: a weight read in several subgraphs (If branches) gets a
         # DQ in each, and the export stores the shared int8 tensor once, in the enclosing graph.
-        ckey = (id(const), axis)
+        ckey = (id(const), axis, id(graph) if local else None)
         if ckey not in self.int8_cache:
             w = peek_values(const)
             q, scale = quantize_weight(w, axis, self.weight_qmax)

@@ -15,6 +15,8 @@ from onnxslim.passes._quantize_hardware import detect_target, host_target, resol
 from onnxslim.pipeline import optimize
 
 QUANT = "quantize_int8_static"
+# The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
+FULL = f"{QUANT}:min_macs_for_activation_quantization=0"
 
 X86_VNNI = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -123,7 +125,7 @@ def _zero_point_types(m: onnx.ModelProto) -> set[int]:
                                              ("arm-dotprod", 127, TensorProto.INT8), ("arm", 127, TensorProto.INT8)])
 def test_target_sets_weight_range_and_activation_type_and_runs(target, qmax, act):
     m = _conv_model()
-    out, rep = optimize(m, [f"{QUANT}:target={target},bias_correction=false"], calibration=_calib())
+    out, rep = optimize(m, [f"{FULL},target={target},bias_correction=false"], calibration=_calib())
     check_model(out, full=True)
     ws = _int8_weights(out)
     assert len(ws) == 2
@@ -142,16 +144,16 @@ def test_target_sets_weight_range_and_activation_type_and_runs(target, qmax, act
 
 
 def test_explicit_reduce_range_and_activations_override_the_target():
-    out, rep = optimize(_conv_model(), [f"{QUANT}:target=x86-avx2,reduce_range=false,activations=int8"],
+    out, rep = optimize(_conv_model(), [f"{FULL},target=x86-avx2,reduce_range=false,activations=int8"],
                         calibration=_calib())
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out)) == 127
     assert _zero_point_types(out) == {TensorProto.INT8}
-    out, _ = optimize(_conv_model(), [f"{QUANT}:target=x86-vnni,reduce_range=true"], calibration=_calib())
+    out, _ = optimize(_conv_model(), [f"{FULL},target=x86-vnni,reduce_range=true"], calibration=_calib())
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out)) == 63
 
 
 def test_auto_target_is_recorded_in_the_report():
-    _, rep = optimize(_conv_model(), [QUANT], calibration=_calib())
+    _, rep = optimize(_conv_model(), [FULL], calibration=_calib())
     assert any(f"target {host_target()} (detected on this machine)" in n for n in rep.passes[0].notes)
 
 
@@ -179,4 +181,4 @@ def test_cli_target_cpu_without_quantize_is_a_usage_error(tmp_path, capsys):
 
 def test_unknown_target_is_rejected():
     with pytest.raises(UsageError, match="target"):
-        optimize(_conv_model(), [f"{QUANT}:target=sparc"], calibration=_calib())
+        optimize(_conv_model(), [f"{FULL},target=sparc"], calibration=_calib())

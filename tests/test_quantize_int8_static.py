@@ -17,6 +17,8 @@ from onnxslim.passes.quantize_int8_static import QuantizeInt8Static
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 
 QUANT = "quantize_int8_static"
+# The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
+FULL = f"{QUANT}:min_macs_for_activation_quantization=0"
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -93,7 +95,7 @@ def test_conv_matches_numpy_fake_quant_reference():
                [_vi("x", [1, 3, 6, 6])], [_vi("y", None)],
                [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
     calib = _calib((1, 3, 6, 6))
-    out, rep = optimize(m, [f"{QUANT}:target=x86-vnni,bias_correction=false"], calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false"], calibration=calib)
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.modified and rec.stats["weights_quantized"] == 1 and rec.stats["activations_quantized"] == 1
@@ -133,7 +135,7 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
         inits = [numpy_helper.from_array(wt, "W")]
     m = _model([node], [_vi("x", [3, 5])], [_vi("y", None)], inits)
     calib = _calib((3, 5), seed=3)
-    out, rep = optimize(m, [f"{QUANT}:target=x86-vnni,bias_correction=false"], calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false"], calibration=calib)
     check_model(out, full=True)
     axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axes[0] == axis
@@ -173,7 +175,7 @@ def test_branch_not_reached_by_calibration_keeps_float_activation_but_int8_weigh
     m = _model([helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
                [_vi("c", [], TensorProto.BOOL), _vi("x", [2, 4])], [_vi("y", [2, 3])])
     calib = [{"c": np.array(True), "x": f["x"]} for f in _calib((2, 4))]  # the else branch never runs
-    out, rep = optimize(m, [QUANT], calibration=calib)
+    out, rep = optimize(m, [FULL], calibration=calib)
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.stats["weights_quantized"] == 2 and rec.stats["activations_quantized"] == 1
@@ -235,7 +237,12 @@ def test_sample_model_quantizes_loads_and_keeps_accuracy(entry, tmp_path):
     _, rep = optimize(src, [*DEFAULT_PASSES, QUANT], output=dst, calibration=SAMPLES / entry["calib"],
                       on_pass_error="raise")
     rec = next(p for p in rep.passes if p.name == QUANT)
-    assert rec.modified and rec.stats["weights_quantized"] > 0 and rec.stats["activations_quantized"] > 0
+    assert rec.modified and rec.stats["weights_quantized"] > 0
+    # gru_digits (LSTM + a 640-MAC head) and wine_ifloop (13x16 layers) are all below the default
+    # min_macs_for_activation_quantization: weights only, no activation Q/DQ.
+    small = entry["name"] in ("gru_digits", "wine_ifloop")
+    assert (rec.stats.get("activations_quantized", 0) > 0) != small, rec.stats
+    assert (rec.stats.get("layers_weight_only_small", 0) > 0) or not small
     assert rec.stats["bytes_saved"] > 0
     acc = _eval_accuracy(entry, dst)
     assert acc >= entry["float_metric"] - ACCURACY_TOLERANCE, (entry["name"], acc, entry["float_metric"])
@@ -262,27 +269,33 @@ def test_sklearn_models_have_nothing_to_quantize(entry, tmp_path):
     assert any("ai.onnx.ml" in s["reason"] for s in rep.passes[0].skipped)
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("lossless_first", [False, True])
-def test_wine_ifloop_branch_gemm_gets_int8_weight_inside_the_branch(lossless_first):
+def test_wine_ifloop_branch_gemm_gets_int8_weight_inside_the_branch(lossless_first, full):
     # Alone, each branch holds its weight in a Constant node and gets its own int8 copy. After the lossless
-    # passes both branches share one weight (outer scope); its int8 copy is stored once, in the main graph.
+    # passes both branches share one weight (outer scope); fully quantized, its int8 copy is stored once, in the
+    # main graph. Weight-only (the default here: 13x16 = 208 MACs) each branch keeps a local int8 copy
+    # (onnxruntime cannot load DQ(outer-scope weight) -> Gemm with a float input).
     entry = next(m for m in MODELS if m["name"] == "wine_ifloop")
-    passes = [*DEFAULT_PASSES, QUANT] if lossless_first else [QUANT]
+    q = FULL if full else QUANT
+    passes = [*DEFAULT_PASSES, q] if lossless_first else [q]
     out, _ = optimize(SAMPLES / entry["path"], passes, calibration=SAMPLES / entry["calib"])
     check_model(out, full=True)
     if_node = next(n for n in out.graph.node if n.op_type == "If")
     for attr in if_node.attribute:
         g = attr.g
-        inits = {**_inits(out.graph), **_inits(g)} if lossless_first else _inits(g)
+        inits = {**_inits(out.graph), **_inits(g)} if lossless_first and full else _inits(g)
         producers = {o: n for n in g.node for o in n.output}
         mm = next(n for n in g.node if n.op_type in ("MatMul", "Gemm"))
         dq = producers[mm.input[1]]
         assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8, attr.name
-        assert producers[mm.input[0]].op_type == "DequantizeLinear"  # the activation is quantized too
+        # fully quantized: the activation is quantized too; weight-only: it stays float
+        assert (producers[mm.input[0]].op_type == "DequantizeLinear") == full
     feeds = eval_feeds(entry)
-    sess = _session(out)
-    for f in feeds:  # both branches run (eval files take each)
-        sess.run(None, {"input": f["input"]})
+    for opt in (False, True):
+        sess = _session(out, optimize_graph=opt)
+        for f in feeds:  # both branches run (eval files take each)
+            sess.run(None, {"input": f["input"]})
 
 
 def test_cli_quantize_int8_with_parity_gate(tmp_path, capsys):
@@ -373,3 +386,73 @@ def test_registered_lossy_pass_with_typed_options():
         cls(activations="int4")
     with pytest.raises(UsageError, match="percentile"):
         cls(percentile=20)
+
+
+# ------------------------------------------------------------------------------------------ cost rules
+def _pool_head_model() -> onnx.ModelProto:
+    r = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "WH", "BH"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array((r.standard_normal((16, 2, 3, 3)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array(np.full(16, 0.1, np.float32), "B"),
+             numpy_helper.from_array((r.standard_normal((4, 16)) * 0.3).astype(np.float32), "WH"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "BH")]
+    return _model(nodes, [_vi("x", [2, 2, 8, 8])], [_vi("y", [2, 4])], inits)
+
+
+def test_global_average_pool_output_is_quantized_and_fuses_in_onnxruntime(tmp_path):
+    m = _pool_head_model()
+    calib = _calib((2, 2, 8, 8), seed=12)
+    out, rep = optimize(m, [FULL], calibration=calib)
+    check_model(out, full=True)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    pool = next(n for n in out.graph.node if n.op_type == "GlobalAveragePool")
+    assert producers[pool.input[0]].op_type == "DequantizeLinear"
+    flat = next(n for n in out.graph.node if n.op_type == "Flatten")
+    dq = producers[flat.input[0]]  # the pool's output is Q/DQ'd before its consumer
+    assert dq.op_type == "DequantizeLinear" and producers[dq.input[0]].op_type == "QuantizeLinear"
+    assert producers[producers[dq.input[0]].input[0]] is pool
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = _ops(onnx.load(so.optimized_model_filepath))
+    assert fused["QLinearGlobalAveragePool"] == 1 and fused["GlobalAveragePool"] == 0, fused
+    x = _calib((2, 2, 8, 8), n=1, seed=13)[0]
+    ref = _run(m, x)[0]
+    for opt in (False, True):
+        got = _run(out, x, optimize_graph=opt)[0]
+        assert np.abs(got - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6), (opt, got, ref)
+
+
+def test_layers_below_min_macs_get_weights_only():
+    # Conv: 16*2*3*3 = 288 weights x 64 output positions = 18432 MACs (int8); head Gemm: 4*16 = 64 MACs.
+    m = _pool_head_model()
+    calib = _calib((2, 2, 8, 8), seed=12)
+    out, rep = optimize(m, [QUANT], calibration=calib)  # default threshold 1024
+    check_model(out, full=True)
+    rec = rep.passes[0]
+    assert rec.stats["layers_weight_only_small"] == 1 and rec.stats["weights_quantized"] == 2
+    producers = {o: n for n in out.graph.node for o in n.output}
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert producers[conv.input[0]].op_type == "DequantizeLinear"  # big enough: activation quantized
+    assert producers[gemm.input[1]].op_type == "DequantizeLinear"  # int8 weight ...
+    assert _all_inits(out)[producers[gemm.input[1]].input[0]].data_type == TensorProto.INT8
+    assert producers[gemm.input[0]].op_type == "Flatten"  # ... float activation, float bias
+    assert _all_inits(out)[gemm.input[2]].data_type == TensorProto.FLOAT
+    x = _calib((2, 2, 8, 8), n=1, seed=13)[0]
+    ref = _run(m, x)[0]
+    for opt in (False, True):
+        got = _run(out, x, optimize_graph=opt)[0]
+        assert np.abs(got - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6), (opt, got, ref)
+    # A threshold above the Conv's MACs leaves no activation quantized; 0 quantizes the Gemm fully.
+    out_hi, rep_hi = optimize(m, [f"{QUANT}:min_macs_for_activation_quantization=20000"], calibration=calib)
+    assert rep_hi.passes[0].stats["layers_weight_only_small"] == 2
+    assert "activations_quantized" not in rep_hi.passes[0].stats
+    out0, rep0 = optimize(m, [FULL], calibration=calib)
+    assert "layers_weight_only_small" not in rep0.passes[0].stats
+    p0 = {o: n for n in out0.graph.node for o in n.output}
+    assert p0[next(n for n in out0.graph.node if n.op_type == "Gemm").input[0]].op_type == "DequantizeLinear"

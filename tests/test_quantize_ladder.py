@@ -17,6 +17,8 @@ from onnxslim.pipeline import DEFAULT_PASSES, optimize
 from onnxslim.testing import check_pass_contract
 
 Q = "quantize_int8_static"
+# The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
+FULL = {"min_macs_for_activation_quantization": 0}
 
 
 def _outlier_model(opset: int = 17, contrib: bool = False, op: str = "MatMul",
@@ -84,7 +86,7 @@ def _node(m, name):
 
 
 def _quantize(m, **opts):
-    out, rep = optimize(m, [QuantizeInt8Static(**opts)], calibration=_as(m, CALIB))
+    out, rep = optimize(m, [QuantizeInt8Static(**FULL, **opts)], calibration=_as(m, CALIB))
     check_model(out, full=True)
     return out, rep.passes[0]
 
@@ -124,7 +126,7 @@ def test_int16_rung_has_16bit_qdq_and_runs_in_onnxruntime(opset, contrib, domain
 
 def test_int16_rung_in_the_pass_contract_check():
     m = _outlier_model(21)
-    check_pass_contract(QuantizeInt8Static(int16_activation_nodes=["mm2"]), m, EVAL, rtol=0.1, atol=2.0,
+    check_pass_contract(QuantizeInt8Static(**FULL, int16_activation_nodes=["mm2"]), m, EVAL, rtol=0.1, atol=2.0,
                         calibration=CALIB, expect_modified=True)
 
 
@@ -179,7 +181,7 @@ def test_highest_requested_rung_wins_and_unmatched_pattern_is_noted():
 
 def test_bad_floor_is_a_usage_error():
     with pytest.raises(UsageError, match="precision_floor_cosine"):
-        optimize(_outlier_model(), [QuantizeInt8Static(auto_precision=True, precision_floor_cosine=1.5)],
+        optimize(_outlier_model(), [QuantizeInt8Static(**FULL, auto_precision=True, precision_floor_cosine=1.5)],
                  calibration=CALIB)
 
 
@@ -242,7 +244,7 @@ def test_float_rung_keeps_the_original_bias_despite_bias_correction():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     calib = [{"x": r.standard_normal((1, 4, 6, 6)).astype(np.float32) + 0.5} for _ in range(8)]
-    out, rep = optimize(m, [QuantizeInt8Static(float_nodes=["c2"], bias_correction=True)], calibration=calib)
+    out, rep = optimize(m, [QuantizeInt8Static(**FULL, float_nodes=["c2"], bias_correction=True)], calibration=calib)
     c2 = _node(out, "c2")
     inits = _inits(out)
     assert c2.input[1] == "W2" and numpy_helper.to_array(inits[c2.input[1]]).dtype == np.float32
