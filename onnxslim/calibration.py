@@ -263,16 +263,20 @@ class _Accumulator:
         if self.bins:
             self._update_hist(flat)
 
-    def _update_channels(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
-        assert self.channel_axis is not None
-        axis = self.channel_axis + self.stacked if self.channel_axis >= 0 else self.channel_axis
+    def _reduce_axes(self, arr: np.ndarray, channel_axis: int, what: str) -> tuple[int, ...]:
+        """Every axis but the channel one (shifted past a stacked Loop-iteration axis)."""
+        axis = channel_axis + self.stacked if channel_axis >= 0 else channel_axis
         if not -arr.ndim <= axis < arr.ndim:
             raise BadInputError(
-                f"per-channel axis {self.channel_axis} is out of range for tensor '{self.name}' of shape "
+                f"{what} {channel_axis} is out of range for tensor '{self.name}' of shape "
                 f"{list(arr.shape)}; give an axis in [-{arr.ndim}, {arr.ndim - 1}]"
             )
         axis %= arr.ndim
-        others = tuple(i for i in range(arr.ndim) if i != axis)
+        return tuple(i for i in range(arr.ndim) if i != axis)
+
+    def _update_channels(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
+        assert self.channel_axis is not None
+        others = self._reduce_axes(arr, self.channel_axis, "per-channel axis")
         if finite is None:  # the common case: plain reductions, no copy
             cmin = arr.min(axis=others).astype(np.float64)
             cmax = arr.max(axis=others).astype(np.float64)
@@ -293,14 +297,8 @@ class _Accumulator:
 
     def _update_means(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
         assert self.mean_axis is not None
-        axis = self.mean_axis + self.stacked if self.mean_axis >= 0 else self.mean_axis
-        if not -arr.ndim <= axis < arr.ndim:
-            raise BadInputError(
-                f"mean axis {self.mean_axis} is out of range for tensor '{self.name}' of shape "
-                f"{list(arr.shape)}; give an axis in [-{arr.ndim}, {arr.ndim - 1}]"
-            )
-        axis %= arr.ndim
-        others = tuple(i for i in range(arr.ndim) if i != axis)
+        others = self._reduce_axes(arr, self.mean_axis, "mean axis")
+        axis = next(i for i in range(arr.ndim) if i not in others)
         if finite is None:
             csum = arr.sum(axis=others, dtype=np.float64)
             cnum = np.full(csum.shape, arr.size // max(arr.shape[axis], 1), dtype=np.float64)
