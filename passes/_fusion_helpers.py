@@ -52,6 +52,27 @@ class FusionPass(Pass):
     def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def per_channel_operand(self, graph: gs.Graph, conv: gs.Node, node: gs.Node, other: gs.Tensor, *,
+                            scales_weight: bool = True, kind: str = "per output channel"):
+        """``(w, b, cout, vec)`` when ``node`` is the Conv's sole reader and ``other`` a per-output-channel
+        constant of the weight's dtype (``vec`` has ``cout`` entries); otherwise the reason it is not."""
+        if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not node:
+            return "the Conv output has other readers"
+        c = const_value(other)
+        if c is None:
+            return f"the other {node.op} input is not a constant"
+        got = conv_weights(conv, scales_weight=scales_weight)
+        if isinstance(got, str):
+            return got
+        w, b = got
+        if c.dtype != w.dtype:
+            return f"{node.op} constant dtype {c.dtype} differs from weight dtype {w.dtype}"
+        cout = conv_out_channels(conv.op, w, int(conv.attrs.get("group", 1)))
+        vec = channel_vector(c, cout, w.ndim)
+        if vec is None:
+            return f"{node.op} constant of shape {list(c.shape)} is not {kind}"
+        return w, b, cout, vec
+
     def fuse_into_preceding_conv(self, graph: gs.Graph, ops: tuple[str, ...], fuse, stat, positions=(0, 1)) -> PassResult:
         """Fold each binary ``ops`` node that reads a Conv/ConvTranspose output into that Conv.
 

@@ -17,8 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_channels, conv_weights,
-                              take_output)
+from ._fusion_helpers import (FusionPass, take_output)
 
 __all__ = ["FuseBiasAddIntoConv"]
 
@@ -33,22 +32,10 @@ class FuseBiasAddIntoConv(FusionPass):
         return self.fuse_into_preceding_conv(graph, ("Add",), self._fuse, lambda add, conv: f"fused_into_{conv.op.lower()}")
 
     def _fuse(self, graph: gs.Graph, conv: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
-        if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not add:
-            return "the Conv output has other readers"
-        c = const_value(other)
-        if c is None:
-            return "the other Add input is not a constant"
-        got = conv_weights(conv, scales_weight=False)
+        got = self.per_channel_operand(graph, conv, add, other, scales_weight=False, kind="a per-output-channel bias")
         if isinstance(got, str):
             return got
-        w, b = got
-        if c.dtype != w.dtype:
-            return f"Add constant dtype {c.dtype} differs from weight dtype {w.dtype}"
-        group = int(conv.attrs.get("group", 1))
-        cout = conv_out_channels(conv.op, w, group)
-        vec = channel_vector(c, cout, w.ndim)
-        if vec is None:
-            return f"Add constant of shape {list(c.shape)} is not a per-output-channel bias"
+        w, b, cout, vec = got
         b64 = np.zeros(cout) if b is None else b.astype(np.float64).reshape(cout)
         new_b = (b64 + vec.astype(np.float64)).astype(w.dtype)
         gain = self.grows([new_b], [conv.inputs[2] if len(conv.inputs) > 2 else None, other])

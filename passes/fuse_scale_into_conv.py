@@ -18,8 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import (FusionPass, channel_vector, const_value, conv_out_channels, conv_weights,
-                              scale_out_channels, take_output)
+from ._fusion_helpers import (FusionPass, scale_out_channels, take_output)
 
 __all__ = ["FuseScaleIntoConv"]
 
@@ -37,22 +36,10 @@ class FuseScaleIntoConv(FusionPass):
             positions=lambda node: (0, 1) if node.op == "Mul" else (0,))
 
     def _fuse(self, graph: gs.Graph, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
-        if not self.owns(conv) or self.sole_consumer(graph, conv.outputs[0]) is not node:
-            return "the Conv output has other readers"
-        c = const_value(other)
-        if c is None:
-            return f"the other {node.op} input is not a constant"
-        got = conv_weights(conv)
+        got = self.per_channel_operand(graph, conv, node, other)
         if isinstance(got, str):
             return got
-        w, b = got
-        if c.dtype != w.dtype:
-            return f"{node.op} constant dtype {c.dtype} differs from weight dtype {w.dtype}"
-        group = int(conv.attrs.get("group", 1))
-        cout = conv_out_channels(conv.op, w, group)
-        vec = channel_vector(c, cout, w.ndim)
-        if vec is None:
-            return f"{node.op} constant of shape {list(c.shape)} is not per output channel"
+        w, b, cout, vec = got
         s = vec.astype(np.float64)
         if node.op == "Div":
             if np.any(s == 0):
@@ -60,7 +47,7 @@ class FuseScaleIntoConv(FusionPass):
             s = 1.0 / s
         if not np.all(np.isfinite(s)):
             return "non-finite scale"
-        new_w = scale_out_channels(conv.op, w, s, group).astype(w.dtype)
+        new_w = scale_out_channels(conv.op, w, s, int(conv.attrs.get("group", 1))).astype(w.dtype)
         new_b = None if b is None else (b.astype(np.float64).reshape(cout) * s).astype(w.dtype)
         gain = self.grows([new_w, new_b], [*conv.inputs[1:3], other])
         if gain > 0:
