@@ -92,6 +92,10 @@ def _targets(rows: list[dict]) -> list[str]:
         diff = f" ({round((ours['accuracy'] - bp['accuracy']) * n):+d} of {n} samples)" if n else ""
         parts.append(f"accuracy {ours['accuracy']:.4f} vs best peer {bp['accuracy']:.4f} ({bp['tool']}) "
                      f"{'PASS' if ours['accuracy'] >= bp['accuracy'] else 'FAIL'}{diff}")
+        if ours.get("agreement") is not None and all(p.get("agreement") is not None for p in peers):
+            ba = max(peers, key=lambda p: p["agreement"])
+            parts.append(f"agreement with fp32 {ours['agreement']:.4f} vs best peer {ba['agreement']:.4f} "
+                         f"({ba['tool']})")
         for t in ("1t", "2t"):
             bp = min(peers, key=lambda p: p[f"ratio_{t}"])
             a, b = ours.get(f"ratios_{t}") or [], bp.get(f"ratios_{t}") or []
@@ -144,17 +148,23 @@ def render(data: dict) -> str:
         "including Python start-up and imports; for ours also the lossless pipeline and the checker, for ORT "
         "also `quant_pre_process`).",
         "",
-        "| model | tool | size | Q/DQ | accuracy | lat ratio @1t | lat ratio @2t | quant s | peak RSS MB | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "Fidelity to fp32 (no labels involved): agree = fraction of eval samples whose prediction equals "
+        "the fp32 model's; SNR = 10 log10(sum y^2 / sum (y_int8 - y)^2) over the label output's values "
+        "(higher is closer; '-' = identical outputs or not measured).",
+        "",
+        "| model | tool | size | Q/DQ | accuracy | agree | SNR dB | lat ratio @1t | lat ratio @2t | quant s | "
+        "peak RSS MB | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in data["rows"]:
         if r["tool"] == "fp32":
             lines.append(f"| {r['model']} | fp32 | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
-                         f"{_f(r.get('accuracy'), '{:.4f}')} | 1 | 1 | - | - | {_status(r)} |")
+                         f"{_f(r.get('accuracy'), '{:.4f}')} | 1 | - | 1 | 1 | - | - | {_status(r)} |")
             continue
         lines.append(
             f"| {r['model']} | {r['tool']} | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
-            f"{_f(r.get('accuracy'), '{:.4f}')} | {_f(r.get('ratio_1t'))} | {_f(r.get('ratio_2t'))} | "
+            f"{_f(r.get('accuracy'), '{:.4f}')} | {_f(r.get('agreement'), '{:.4f}')} | "
+            f"{_f(r.get('snr_db'), '{:.1f}')} | {_f(r.get('ratio_1t'))} | {_f(r.get('ratio_2t'))} | "
             f"{_f(r.get('wall_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.1f}')} | {_status(r)} |")
     lines += ["", "### Targets (ours vs peers that produced a working quantized model)", "",
               "Targets: our accuracy >= the best peer's; our latency ratio <= the best peer's at 1 and 2 "

@@ -122,19 +122,25 @@ def _eval_worker(fp32: str, quant: str, eval_dir: str, label_output: str, kind: 
     info: dict = {}
 
     def predict(sess):
+        """(accuracy, predictions, the label output's values) over all eval batches."""
         names = {i.name for i in sess.get_inputs()}
         outs = [o.name for o in sess.get_outputs()]
         idx = outs.index(label_output) if label_output in outs else 0
-        correct = total = 0
+        preds, values = [], []
         for b in batches:
             y = sess.run(None, {k: v for k, v in b.items() if k in names})[idx]
-            pred = np.argmax(y, axis=-1) if kind == "logits" else np.asarray(y).reshape(-1)
-            correct += int((pred.reshape(-1) == b["__label__"].reshape(-1)).sum())
-            total += int(b["__label__"].size)
-        return correct / total
+            preds.append((np.argmax(y, axis=-1) if kind == "logits" else np.asarray(y)).reshape(-1))
+            values.append(np.asarray(y, dtype=np.float64).reshape(-1))
+        labels = np.concatenate([b["__label__"].reshape(-1) for b in batches])
+        pred = np.concatenate(preds)
+        return float((pred == labels).mean()), pred, np.concatenate(values)
 
-    info["accuracy"] = predict(_session(quant))
-    info["fp32_accuracy"] = predict(_session(fp32))
+    info["accuracy"], q_pred, q_val = predict(_session(quant))
+    info["fp32_accuracy"], f_pred, f_val = predict(_session(fp32))
+    # Fidelity to fp32, independent of the labels: how many predictions changed, and the output's SNR.
+    info["agreement"] = float((q_pred == f_pred).mean())
+    err = float(np.sum((q_val - f_val) ** 2))
+    info["snr_db"] = round(10 * np.log10(float(np.sum(f_val ** 2)) / err), 2) if err > 0 else None
     for t in (1, 2):
         sessions = {"fp32": _session(fp32, t), "quant": _session(quant, t)}
         feeds = {k: [{n: v for n, v in b.items() if n in {i.name for i in s.get_inputs()}} for b in batches]
@@ -300,7 +306,8 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
                     evs.append(ev["info"])
                 if evs and "eval_error" not in row:
                     for k in evs[0]:
-                        row[k] = statistics.median(e[k] for e in evs)
+                        vals = [e[k] for e in evs if e[k] is not None]
+                        row[k] = statistics.median(vals) if vals else None
                     row["ratios_1t"] = [e["ratio_1t"] for e in evs]
                     row["ratios_2t"] = [e["ratio_2t"] for e in evs]
             row["ok"] = row["error"] is None and "eval_error" not in row

@@ -9,375 +9,31 @@ histogram); it does not grow with the number of samples. Samples may differ in s
 tensor over iterations fails (its shape changes from one iteration to the next), the model is instrumented
 once more with flattened loop-carried values and the same sample is rerun (nothing was counted from it).
 
-Streaming histogram: a uniform grid of ``bins`` bins, first fitted to the first sample. When a sample falls
-outside the grid, the grid is re-fitted to cover it and the occupied old bins: the origin moves by a whole
-number of old bins and the width is multiplied by a power of two, so every old bin lies inside exactly one
-new bin and the old counts merge without any approximation. The final histogram thus equals binning all
-values directly on the final grid. The approximation is in resolution only: the width is a power-of-two
-multiple of the first sample's, so the grid can span up to ~2x the observed [min, max] (at least ~bins/2
-bins cover the data). Non-finite values (NaN, +-inf) are left out of all statistics.
-
-Range selection on the histogram (percentile, entropy/KL, mse) lives in ``calibration_ranges``.
+The running statistics themselves (``TensorStats``, ``Statistics``, the streaming accumulator) live in
+``calibration_stats``; range selection on the histogram (percentile, entropy/KL, mse) in ``calibration_ranges``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import math
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import onnx
 
-from . import calibration_ranges as _ranges
 from .calibration_graph import expose_tensors
+from .calibration_stats import RANGE_METHODS, Statistics, TensorStats, _Accumulator
 from .data import FeedData, load_feeds
 from .errors import BadInputError, UsageError
 
 __all__ = ["TensorStats", "Statistics", "collect_statistics", "RANGE_METHODS"]
 
 log = logging.getLogger(__name__)
-
-RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
-_FORMAT = "onnxslim.calibration.v1"
-_CHUNK = 1 << 20  # values binned at a time: bounds the temporaries of huge activations
-
-
-@dataclass
-class TensorStats:
-    """Running statistics of one tensor over all calibration samples (float64 throughout)."""
-
-    name: str
-    count: int = 0  # number of (finite) values seen
-    min: float = math.inf
-    max: float = -math.inf
-    channel_axis: int | None = None
-    channel_min: np.ndarray | None = None
-    channel_max: np.ndarray | None = None
-    hist: np.ndarray | None = None  # int64 counts, len = bins
-    hist_edges: np.ndarray | None = None  # float64, len = bins + 1, uniform
-    samples: int = 0  # calibration samples in which the tensor had at least one value
-    mean_axis: int | None = None  # set when per-channel means were asked for (``means=``)
-    channel_mean: np.ndarray | None = None  # float64 mean of the finite values of each channel
-
-    def range(self, method: str = "minmax", *, percentile: float = 99.999,
-              symmetric: bool = False, num_quantized_bins: int = 128) -> tuple[float, float]:
-        """The clip range ``(lo, hi)`` chosen by ``method``; always within ``[min, max]``.
-
-        - ``minmax``: the observed range.
-        - ``percentile``: two-sided by default (cuts (100-p)/2 % of the values on each side, as onnxruntime);
-          ``symmetric=True`` takes the p-th percentile of |x| as threshold t and returns [-t, t] ∩ [min, max].
-        - ``entropy``: TensorRT's KL-divergence threshold on the |x| histogram (``num_quantized_bins`` levels),
-          returned as [-t, t] ∩ [min, max].
-        - ``mse``: the range minimizing the expected int8 (256-level) quantization MSE on the histogram,
-          searched over ranges [f*min, f*max] (the zero point stays where minmax would put it).
-        """
-        if self.count == 0:
-            raise BadInputError(
-                f"no values were seen for tensor '{self.name}' (calibration data never ran the subgraph "
-                "branch that computes it, or it is always empty); give data that exercises it"
-            )
-        if method == "minmax":
-            return float(self.min), float(self.max)
-        if method not in RANGE_METHODS:
-            raise UsageError(f"unknown range method '{method}'; use one of {', '.join(RANGE_METHODS)}")
-        if self.hist is None or self.hist_edges is None:
-            raise UsageError(
-                f"range method '{method}' needs histograms, but tensor '{self.name}' was collected with "
-                "histograms=False; collect again with histograms=True"
-            )
-        args = (self.hist, self.hist_edges, float(self.min), float(self.max))
-        if method == "percentile":
-            lo, hi = _ranges.percentile_range(*args, percentile=percentile, symmetric=symmetric)
-        elif method == "entropy":
-            lo, hi = _ranges.entropy_range(*args, num_quantized_bins=num_quantized_bins)
-        else:
-            lo, hi = _ranges.mse_range(*args)
-        # Guard the contract against float noise in the searches.
-        lo = min(max(float(lo), float(self.min)), float(self.max))
-        hi = min(max(float(hi), lo), float(self.max))
-        return lo, hi
-
-    # -- serialization -------------------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        def arr(a: np.ndarray | None) -> list | None:
-            return None if a is None else a.tolist()
-
-        return {
-            "name": self.name, "count": int(self.count), "samples": int(self.samples),
-            "min": None if self.count == 0 else float(self.min),
-            "max": None if self.count == 0 else float(self.max),
-            "channel_axis": self.channel_axis,
-            "channel_min": arr(self.channel_min), "channel_max": arr(self.channel_max),
-            "hist": arr(self.hist), **_edges_to_json(self.hist_edges),
-            "mean_axis": self.mean_axis, "channel_mean": arr(self.channel_mean),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorStats":
-        def arr(v: Any, dtype: Any) -> np.ndarray | None:
-            return None if v is None else np.asarray(v, dtype=dtype)
-
-        return cls(
-            name=d["name"], count=int(d["count"]), samples=int(d.get("samples", 0)),
-            min=math.inf if d["min"] is None else float(d["min"]),
-            max=-math.inf if d["max"] is None else float(d["max"]),
-            channel_axis=d.get("channel_axis"),
-            channel_min=arr(d.get("channel_min"), np.float64), channel_max=arr(d.get("channel_max"), np.float64),
-            hist=arr(d.get("hist"), np.int64), hist_edges=_edges_from_json(d),
-            mean_axis=d.get("mean_axis"), channel_mean=arr(d.get("channel_mean"), np.float64),
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TensorStats):
-            return NotImplemented
-        return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
-
-
-def _uniform_edges(lo: float, width: float, bins: int) -> np.ndarray:
-    return lo + np.arange(bins + 1, dtype=np.float64) * width
-
-
-def _edges_to_json(edges: np.ndarray | None) -> dict:
-    """Uniform edges as (lo, width, bins) when that rebuilds them bit for bit (halves the file), else listed."""
-    if edges is None:
-        return {"hist_edges": None}
-    lo, width = float(edges[0]), float(edges[1] - edges[0]) if len(edges) > 1 else 0.0
-    if len(edges) > 1 and np.array_equal(_uniform_edges(lo, width, len(edges) - 1), edges):
-        return {"hist_grid": [lo, width, len(edges) - 1]}
-    return {"hist_edges": edges.tolist()}
-
-
-def _edges_from_json(d: Mapping[str, Any]) -> np.ndarray | None:
-    if d.get("hist_grid") is not None:
-        lo, width, bins = d["hist_grid"]
-        return _uniform_edges(float(lo), float(width), int(bins))
-    return None if d.get("hist_edges") is None else np.asarray(d["hist_edges"], dtype=np.float64)
-
-
-class Statistics(Mapping[str, TensorStats]):
-    """Tensor name -> ``TensorStats``, plus ``meta`` (samples seen, bins, data description).
-
-    ``save``/``load`` write JSON; floats are written with ``repr`` precision so a round trip is exact.
-    """
-
-    def __init__(self, stats: Mapping[str, TensorStats] | None = None, meta: Mapping[str, Any] | None = None):
-        self._stats: dict[str, TensorStats] = dict(stats or {})
-        self.meta: dict[str, Any] = dict(meta or {})
-
-    def __getitem__(self, name: str) -> TensorStats:
-        return self._stats[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._stats)
-
-    def __len__(self) -> int:
-        return len(self._stats)
-
-    def __repr__(self) -> str:
-        return f"Statistics({len(self)} tensors, {self.meta.get('samples', '?')} samples)"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Statistics):
-            return NotImplemented
-        return self.meta == other.meta and dict(self._stats) == dict(other._stats)
-
-    def to_dict(self) -> dict:
-        return {"format": _FORMAT, "meta": self.meta, "tensors": [s.to_dict() for s in self._stats.values()]}
-
-    def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        # Infinity can appear only in per-channel arrays (a channel that never saw a finite value).
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Statistics":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"cannot read calibration statistics {path} ({e}); collect them again") from e
-        if not isinstance(d, dict) or d.get("format") != _FORMAT:
-            raise BadInputError(f"{path} is not an onnxslim statistics file (format {_FORMAT}); collect again")
-        return cls({t["name"]: TensorStats.from_dict(t) for t in d["tensors"]}, d.get("meta"))
-
-
-# -- streaming accumulation ------------------------------------------------------------------------------
-
-
-class _Accumulator:
-    """Running reductions of one tensor; ``update`` takes one sample's array and keeps nothing of it."""
-
-    def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None,
-                 mean_axis: int | None = None):
-        self.name = name
-        self.channel_axis = channel_axis
-        self.mean_axis = mean_axis
-        self.csum: np.ndarray | None = None  # per-channel running sums / counts (means=)
-        self.cnum: np.ndarray | None = None
-        self.stacked = stacked  # leading dims added by Loop/Scan stacking; shift a non-negative channel axis
-        self.bins = bins
-        self.count = 0
-        self.samples = 0
-        self.min = math.inf
-        self.max = -math.inf
-        self.cmin: np.ndarray | None = None
-        self.cmax: np.ndarray | None = None
-        self.hist: np.ndarray | None = None
-        self.lo = 0.0  # histogram grid origin
-        self.width = 0.0  # histogram bin width
-
-    def update(self, value: Any) -> None:
-        arr = np.asarray(value)
-        if arr.size == 0:  # the not-taken If branch's placeholder, or a genuinely empty tensor
-            return
-        if arr.dtype.kind not in "fiub":
-            raise BadInputError(f"tensor '{self.name}' has dtype {arr.dtype}; only numeric tensors have ranges")
-        if arr.dtype.kind != "f":
-            arr = arr.astype(np.float64)
-        finite = np.isfinite(arr)
-        all_finite = bool(finite.all())
-        flat = arr.reshape(-1) if all_finite else arr[finite]
-        if flat.size == 0:
-            return
-        self.samples += 1
-        self.count += int(flat.size)
-        self.min = min(self.min, float(flat.min()))
-        self.max = max(self.max, float(flat.max()))
-        if self.channel_axis is not None:
-            self._update_channels(arr, None if all_finite else finite)
-        if self.mean_axis is not None:
-            self._update_means(arr, None if all_finite else finite)
-        if self.bins:
-            self._update_hist(flat)
-
-    def _reduce_axes(self, arr: np.ndarray, channel_axis: int, what: str) -> tuple[int, ...]:
-        """Every axis but the channel one (shifted past a stacked Loop-iteration axis)."""
-        axis = channel_axis + self.stacked if channel_axis >= 0 else channel_axis
-        if not -arr.ndim <= axis < arr.ndim:
-            raise BadInputError(
-                f"{what} {channel_axis} is out of range for tensor '{self.name}' of shape "
-                f"{list(arr.shape)}; give an axis in [-{arr.ndim}, {arr.ndim - 1}]"
-            )
-        axis %= arr.ndim
-        return tuple(i for i in range(arr.ndim) if i != axis)
-
-    def _update_channels(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
-        assert self.channel_axis is not None
-        others = self._reduce_axes(arr, self.channel_axis, "per-channel axis")
-        if finite is None:  # the common case: plain reductions, no copy
-            cmin = arr.min(axis=others).astype(np.float64)
-            cmax = arr.max(axis=others).astype(np.float64)
-        else:  # a channel with no finite value gives NaN, which fmin/fmax below skip
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channel
-                cmin = np.nanmin(np.where(finite, arr, np.nan), axis=others).astype(np.float64)
-                cmax = np.nanmax(np.where(finite, arr, np.nan), axis=others).astype(np.float64)
-        if self.cmin is None:
-            self.cmin, self.cmax = np.full_like(cmin, np.inf), np.full_like(cmax, -np.inf)
-        elif self.cmin.shape != cmin.shape:
-            raise BadInputError(
-                f"tensor '{self.name}' has {cmin.shape[0]} channels on axis {self.channel_axis} in one sample "
-                f"and {self.cmin.shape[0]} in another; per-channel stats need a fixed channel count"
-            )
-        self.cmin = np.fmin(self.cmin, cmin)
-        self.cmax = np.fmax(self.cmax, cmax)
-
-    def _update_means(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
-        assert self.mean_axis is not None
-        others = self._reduce_axes(arr, self.mean_axis, "mean axis")
-        axis = next(i for i in range(arr.ndim) if i not in others)
-        if finite is None:
-            csum = arr.sum(axis=others, dtype=np.float64)
-            cnum = np.full(csum.shape, arr.size // max(arr.shape[axis], 1), dtype=np.float64)
-        else:
-            csum = np.where(finite, arr, 0).sum(axis=others, dtype=np.float64)
-            cnum = finite.sum(axis=others).astype(np.float64)
-        if self.csum is None:
-            self.csum, self.cnum = np.zeros_like(csum), np.zeros_like(cnum)
-        elif self.csum.shape != csum.shape:
-            raise BadInputError(
-                f"tensor '{self.name}' has {csum.shape[0]} channels on axis {self.mean_axis} in one sample "
-                f"and {self.csum.shape[0]} in another; per-channel means need a fixed channel count"
-            )
-        self.csum += csum
-        self.cnum += cnum
-
-    def _update_hist(self, flat: np.ndarray) -> None:
-        bins = self.bins
-        assert bins
-        a, b = float(flat.min()), float(flat.max())
-        if self.hist is None:
-            span = b - a
-            # A constant first sample still needs a non-zero width; later widening rescales it anyway.
-            span = max(span, 1e-6 * max(abs(a), abs(b)), 1e-12)
-            self.lo, self.width = a, span / bins
-            self.hist = np.zeros(bins, dtype=np.int64)
-        elif a < self.lo or b > self.lo + bins * self.width:
-            self._widen(a, b)
-        # Own binning in float64 chunks: np.histogram works in the data's dtype, which overflows or merges
-        # edges for float32 data with huge ranges (e.g. -3.4e38 attention-mask fills).
-        inv = 1.0 / self.width
-        for start in range(0, flat.size, _CHUNK):
-            idx = np.subtract(flat[start:start + _CHUNK], self.lo, dtype=np.float64)
-            idx *= inv
-            np.floor(idx, out=idx)
-            np.clip(idx, 0, bins - 1, out=idx)  # float rounding at the two ends
-            self.hist += np.bincount(idx.astype(np.intp), minlength=bins)
-
-    def _widen(self, a: float, b: float) -> None:
-        """Re-grid to cover [a, b] and the occupied old bins: origin moves by m old bins, width scales by 2**k.
-
-        New edges then lie on the old grid, so each old bin falls inside one new bin: the merge is exact.
-        """
-        bins, w = self.bins, self.width
-        assert bins and self.hist is not None
-        occupied = np.flatnonzero(self.hist)
-        i0, i1 = (int(occupied[0]), int(occupied[-1])) if occupied.size else (0, 0)
-        lo_need = min(a, self.lo + i0 * w)
-        hi_need = max(b, self.lo + (i1 + 1) * w)
-        m = math.floor((lo_need - self.lo) / w)  # may be negative (origin moves down) or positive (up)
-        while self.lo + m * w > lo_need:  # guard float rounding
-            m -= 1
-        lo = self.lo + m * w
-        k = max(0, math.ceil(math.log2(max((hi_need - lo) / (bins * w), 1.0))))
-        while lo + bins * w * 2.0**k < hi_need:
-            k += 1
-        # Old bin i covers [lo + (i-m) w, lo + (i-m+1) w]: it lies in new bin (i - m) >> k.
-        idx = np.array([(i - m) >> k for i in occupied.tolist()], dtype=np.int64)
-        merged = np.zeros(bins, dtype=np.int64)
-        np.add.at(merged, np.clip(idx, 0, bins - 1), self.hist[occupied])
-        self.hist, self.lo, self.width = merged, lo, w * 2.0**k
-
-    def result(self) -> TensorStats:
-        edges = None
-        if self.hist is not None:
-            edges = _uniform_edges(self.lo, self.width, self.bins)
-        mean = None
-        if self.csum is not None and self.cnum is not None:
-            with np.errstate(invalid="ignore", divide="ignore"):  # a channel without finite values: NaN
-                mean = np.where(self.cnum > 0, self.csum / np.maximum(self.cnum, 1), np.nan)
-        return TensorStats(
-            name=self.name, count=self.count, min=self.min, max=self.max, channel_axis=self.channel_axis,
-            channel_min=self.cmin, channel_max=self.cmax,
-            hist=None if self.hist is None else self.hist.copy(), hist_edges=edges, samples=self.samples,
-            mean_axis=self.mean_axis if self.csum is not None else None, channel_mean=mean,
-        )
-
-
-# -- the collection loop ---------------------------------------------------------------------------------
 
 
 def collect_statistics(
@@ -387,7 +43,8 @@ def collect_statistics(
     *,
     per_channel: Mapping[str, int] | None = None,
     means: Mapping[str, int] | None = None,
-    histograms: bool = True,
+    grams: Mapping[str, int] | None = None,
+    histograms: bool | Iterable[str] = True,
     bins: int = 2048,
     max_samples: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
@@ -399,7 +56,10 @@ def collect_statistics(
     ``data``: anything ``onnxslim.data.load_feeds`` accepts (one-shot iterators and ``get_next()`` readers
     are streamed, never held in memory). ``per_channel``: tensor name -> channel axis, of the tensor as its
     own (sub)graph sees it. ``means``: tensor name -> channel axis whose per-channel mean is wanted
-    (``TensorStats.channel_mean``; bias correction uses it). ``progress(done, total)`` is called after
+    (``TensorStats.channel_mean``; bias correction uses it). ``grams``: tensor name -> feature axis whose
+    second-moment matrix ``sum x x^T`` over all other positions is wanted (``TensorStats.gram``, C x C float64;
+    GPTQ weight rounding uses it). ``histograms``: True (every tensor), False, or the names that need one
+    (percentile / entropy / mse ranges). ``progress(done, total)`` is called after
     each sample (``total`` is None when
     the source does not know its length). ``cache``: a JSON file; when it holds statistics collected with
     the same model, data description, tensors (or more), per-channel axes, bins and max_samples, they are
@@ -413,26 +73,29 @@ def collect_statistics(
     if unknown:
         raise UsageError(f"per_channel names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
     means = dict(means or {})
-    unknown = sorted(set(means) - set(names))
-    if unknown:
-        raise UsageError(f"means names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
-    if bins < 8 and histograms:
+    grams = dict(grams or {})
+    hist_names = set(names) if histograms is True else set() if histograms is False else set(histograms)
+    for what, asked in (("means", means), ("grams", grams), ("histograms", hist_names)):
+        unknown = sorted(set(asked) - set(names))
+        if unknown:
+            raise UsageError(f"{what} names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
+    if bins < 8 and hist_names:
         raise UsageError(f"bins={bins} is too few for range selection; use at least 8 (default 2048)")
     if max_samples is not None and max_samples < 1:
         raise UsageError(f"max_samples={max_samples}; give a positive number or None")
 
     feeds = _stream(data).bind(proto)
-    request = {"model_sha256": _fingerprint(proto), "data": feeds.description, "bins": bins if histograms else None,
+    request = {"model_sha256": _fingerprint(proto), "data": feeds.description, "bins": bins if hist_names else None,
                "max_samples": max_samples}
     if cache is not None:
-        hit = _from_cache(Path(cache), request, names, per_channel, means)
+        hit = _from_cache(Path(cache), request, names, per_channel, means, grams, hist_names)
         if hit is not None:
             return hit
 
     with contextlib.ExitStack() as stack:  # temporary external-data files live as long as their session
         runner = _Runner(proto, names, per_channel, stack)
-        stats = _run(runner, feeds, names, per_channel, bins if histograms else None, max_samples, progress,
-                     means)
+        stats = _run(runner, feeds, names, per_channel, {n: bins for n in hist_names}, max_samples, progress,
+                     means, grams)
     stats.meta.update(request)
     if cache is not None:
         stats.save(cache)
@@ -486,11 +149,12 @@ class _Runner:
             raise BadInputError(f"{sample.origin}: onnxruntime failed on this sample: {str(e).splitlines()[0]}") from e
 
 
-def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[str, int], bins: int | None,
+def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[str, int], bins: dict[str, int],
          max_samples: int | None, progress: Callable[[int, int | None], None] | None,
-         means: dict[str, int] | None = None) -> Statistics:
-    means = means or {}
-    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins, means.get(n)) for n in names}
+         means: dict[str, int] | None = None, grams: dict[str, int] | None = None) -> Statistics:
+    means, grams = means or {}, grams or {}
+    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins.get(n), means.get(n), grams.get(n))
+            for n in names}
     total = feeds.count
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
@@ -511,6 +175,8 @@ def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[s
     meta = {"samples": done, "per_channel": per_channel, "loops_flattened": runner.flattened}
     if means:
         meta["means"] = means
+    if grams:
+        meta["grams"] = grams
     return Statistics({n: accs[n].result() for n in names}, meta)
 
 
@@ -551,8 +217,9 @@ def _fingerprint(model: onnx.ModelProto) -> str:
 
 
 def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[str, int],
-                means: dict[str, int] | None = None) -> Statistics | None:
-    means = means or {}
+                means: dict[str, int] | None = None, grams: dict[str, int] | None = None,
+                hist_names: set[str] | None = None) -> Statistics | None:
+    means, grams, hist_names = means or {}, grams or {}, hist_names or set()
     if not path.exists():
         return None
     try:
@@ -564,14 +231,19 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
         log.info("calibration cache %s was made for another model, data or settings; collecting again", path)
         return None
     if any(n not in cached or cached[n].channel_axis != per_channel.get(n)
-           or (n in means and cached[n].mean_axis != means[n]) for n in names):
+           or (n in means and cached[n].mean_axis != means[n])
+           or (n in grams and cached[n].gram_axis != grams[n])
+           or (n in hist_names and cached[n].count and cached[n].hist is None) for n in names):
         log.info("calibration cache %s lacks some requested tensors; collecting again", path)
         return None
     log.info("calibration statistics read from cache %s", path)
     meta = {**cached.meta, "per_channel": per_channel}
     meta.pop("means", None)
+    meta.pop("grams", None)
     if means:
         meta["means"] = means
+    if grams:
+        meta["grams"] = grams
     return Statistics({n: cached[n] for n in names}, meta)
 
 

@@ -11,8 +11,9 @@ the layer's bias cancels the mean error exactly (the variance of the error stays
   correction is approximate.
 
 ``E[x]`` is the per-channel mean of the float model's input activation over the calibration data
-(``collect_statistics(..., means=...)``). ``W_q`` is recomputed with the same ``quantize_weight`` call the
-rewriter makes, so it is the exact dequantized weight the quantized model uses.
+(``collect_statistics(..., means=...)``, in the pass's one calibration run). ``W_q`` comes from the same
+``WeightQuantizer`` the rewriter uses (nearest or GPTQ rounding), so it is the exact dequantized weight the
+quantized model uses.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph import peek_values
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
-from ._quantize_math import quantize_weight
+from ._quantize_gptq import WeightQuantizer
 from ._quantize_plan import NodePlan, QuantizePlanner
 
-__all__ = ["correct_biases"]
+__all__ = ["bias_correction_means", "correct_biases"]
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,26 @@ def _bias_slot(p: NodePlan, planner: QuantizePlanner) -> tuple[gs.Node, int] | N
     return (add, k) if b is not None and len(b.shape) == 1 else None
 
 
-def correct_biases(ctx: PassContext, model: onnx.ModelProto, plans: list[NodePlan], planner: QuantizePlanner,
-                   weight_qmax: int, result: PassResult) -> None:
-    """Shift the float biases of quantized Conv/Gemm/MatMul nodes by ``-(W_q - W) E[x]`` (before the rewriter
-    turns them into int32). Layers without a bias are left alone (no sample model has one, so adding a bias
-    was never measured)."""
-    todo: list[NodePlan] = []
-    for p in plans:
-        if p.node.op not in _OPS or p.node.domain or 0 not in p.activations or not any(i == 1 for i, _ in p.weights):
-            continue
-        todo.append(p)
-    if not todo or ctx.calibration is None:
-        return
-    names = sorted({p.node.inputs[0].name for p in todo})
-    axes: dict[str, int] = {}
-    for p in todo:
-        axes.setdefault(p.node.inputs[0].name, _mean_axis(p.node))
-    from onnxslim.calibration import collect_statistics
+def _corrected(plans: list[NodePlan]) -> list[NodePlan]:
+    return [p for p in plans if p.node.op in _OPS and not p.node.domain and 0 in p.activations
+            and any(i == 1 for i, _ in p.weights)]
 
-    stats = collect_statistics(model, ctx.calibration, names, means=axes, histograms=False, base_dir=ctx.base_dir)
+
+def bias_correction_means(plans: list[NodePlan]) -> dict[str, int]:
+    """Input tensor -> channel axis whose calibrated mean bias correction needs (``collect_statistics(means=)``)."""
+    axes: dict[str, int] = {}
+    for p in _corrected(plans):
+        axes.setdefault(p.node.inputs[0].name, _mean_axis(p.node))
+    return axes
+
+
+def correct_biases(ctx: PassContext, stats, plans: list[NodePlan], planner: QuantizePlanner,
+                   weights: WeightQuantizer, result: PassResult) -> None:
+    """Shift the float biases of quantized Conv/Gemm/MatMul nodes by ``-(W_q - W) E[x]`` (before the rewriter
+    turns them into int32), ``E[x]`` from ``stats`` (collected with ``means=bias_correction_means(plans)``).
+    Layers without a bias are left alone (no sample model has one, so adding a bias was never measured)."""
+    todo = _corrected(plans)
+    axes = bias_correction_means(plans)
     shifts: list[float] = []
     for p in todo:
         node = p.node
@@ -125,7 +126,7 @@ def correct_biases(ctx: PassContext, model: onnx.ModelProto, plans: list[NodePla
             continue
         axis = next(a for i, a in p.weights if i == 1)
         w = peek_values(planner.constant_of(node.inputs[1])[0]).astype(np.float32)
-        q, scale = quantize_weight(w, axis, weight_qmax)
+        q, scale = weights.quantize(w, axis)
         shape = [1] * w.ndim
         if axis is not None:
             shape[axis] = -1

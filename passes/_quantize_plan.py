@@ -32,7 +32,20 @@ _MIN_TABLE = 256  # elements
 
 
 def _dequantized(t: gs.Tensor) -> bool:
-    return len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear"
+    """Produced by DequantizeLinear, or by the Mul(Cast(int8 constant), scale) weight-only encoding."""
+    if len(t.inputs) != 1:
+        return False
+    node = t.inputs[0]
+    if node.op == "DequantizeLinear":
+        return True
+    if node.op != "Mul" or node.domain:
+        return False
+    for x in node.inputs:
+        if len(x.inputs) == 1 and x.inputs[0].op == "Cast" and x.inputs[0].inputs:
+            src = x.inputs[0].inputs[0]
+            if isinstance(src, gs.Constant) and np.dtype(src.dtype) in (np.int8, np.uint8):
+                return True
+    return False
 
 
 @dataclass
@@ -55,6 +68,8 @@ class QuantizePlanner:
         self.opts, self.types, self.per_channel, self.result = opts, types, per_channel, result
         self.shapes = shapes or {}  # inferred shapes by tensor name (dims are int or None)
         self.min_macs = int(getattr(opts, "min_macs_for_activation_quantization", 0) or 0)
+        # Weight-only layers stored as Cast + Mul take a per-channel scale at any opset (Mul broadcasts).
+        self.cast_mul = getattr(opts, "weight_only_encoding", "cast_mul") == "cast_mul"
         self.op_types = set(opts.op_types) - set(opts.exclude_op_types)
         self.excluded_nodes = set(opts.exclude_nodes)
         self.seen_ops: Counter = Counter()
@@ -167,6 +182,8 @@ class QuantizePlanner:
                 # saves; int8 weights + float activation still shrink the file.
                 p.activations, p.bias = [], None
                 self.result.count("layers_weight_only_small")
+                if weight is not None:
+                    p.weights = [(1, self.weight_axis(node, weight, weight_only=True))]
         return p
 
     def shape_of(self, t: gs.Tensor) -> list | None:
@@ -202,8 +219,11 @@ class QuantizePlanner:
             return None  # small or 1-D tables (per-layer biases) save nothing worth their accuracy
         return table
 
-    def weight_axis(self, node: gs.Node, w: gs.Constant) -> int | None:
-        if not self.per_channel:
+    def weight_only_per_channel(self) -> bool:
+        return self.per_channel or self.cast_mul
+
+    def weight_axis(self, node: gs.Node, w: gs.Constant, weight_only: bool = False) -> int | None:
+        if not (self.per_channel or (weight_only and self.cast_mul)):
             return None
         rank = len(w.shape)
         if node.op == "Conv":
@@ -221,7 +241,7 @@ class QuantizePlanner:
         p = NodePlan(g, node)
         for i in (1, 2):
             if i < len(node.inputs) and self.float_weight(node.inputs[i]) is not None:
-                p.weights.append((i, 1 if self.per_channel else None))
+                p.weights.append((i, 1 if self.weight_only_per_channel() else None))
         if not p.weights:
             self.result.skip(node, "W/R are not float32 constants; the node stays float", g)
         return p
@@ -232,7 +252,8 @@ class QuantizePlanner:
         if table is None:
             return None
         axis = int(node.attrs.get("axis", 0)) % max(len(table.shape), 1)
-        return NodePlan(g, node, weights=[(0, axis if self.per_channel and len(table.shape) >= 2 else None)])
+        return NodePlan(g, node, weights=[(0, axis if self.weight_only_per_channel() and len(table.shape) >= 2
+                                           else None)])
 
     def plan_pass_through(self, root: gs.Graph, plans: list[NodePlan]) -> list[NodePlan]:
         """Add/Mul/Concat/pooling/Resize whose inputs come from quantized nodes: Q/DQ on them lets the runtime

@@ -46,9 +46,10 @@ from onnxslim.errors import UsageError
 from onnxslim.graph import ModelContract, export_graph, peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
-from ._quantize_bias_correction import correct_biases
+from ._quantize_bias_correction import bias_correction_means, correct_biases
+from ._quantize_gptq import WeightQuantizer, gptq_requests
 from ._quantize_hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
-from ._quantize_math import WEIGHT_QMAX, activation_qparams, quantize_bias, quantize_weight
+from ._quantize_math import WEIGHT_QMAX, activation_qparams, quantize_bias
 from ._quantize_ladder import apply_precision_ladder
 from ._quantize_plan import NodePlan, QuantizePlanner
 
@@ -96,6 +97,23 @@ class QuantizeInt8Static(Pass):
                                             "(weight elements x output positions) get int8 weights only, float "
                                             "activations: their Q/DQ costs more than the int8 kernel saves; "
                                             "0 = quantize every layer fully"})
+        weight_only_encoding: Literal["cast_mul", "dequantize_linear"] = field(
+            default="cast_mul", metadata={"help": "how int8 weights of weights-only layers (LSTM/GRU/RNN, Gather "
+                                                  "tables, small or weight_only layers) are stored: cast_mul = "
+                                                  "Cast + Mul by a per-channel scale (any opset; onnxruntime "
+                                                  "folds it into a float weight at load, so the layer runs at "
+                                                  "fp32 speed); dequantize_linear = DequantizeLinear (per "
+                                                  "channel needs opset >= 13)"})
+        weight_rounding: Literal["gptq", "nearest"] = field(
+            default="gptq", metadata={"help": "int8 weight values: gptq = GPTQ, rounded column by column with the "
+                                              "error pushed onto later columns to minimize the layer's output "
+                                              "error on calibration data (MatMul/Gemm, LSTM/GRU/RNN); nearest = "
+                                              "round to nearest"})
+        gptq_damping: float = field(
+            default=0.01, metadata={"help": "GPTQ: added to the diagonal of E[x x^T], relative to its mean"})
+        gptq_max_gram_mb: int = field(
+            default=1024, metadata={"help": "GPTQ: memory for the input Gram matrices (8 C^2 bytes per C-feature "
+                                            "input) while calibrating; inputs past it are rounded to nearest"})
         allow_nothing: bool = field(
             default=False, metadata={"help": "accept a model with nothing to quantize (else it is an error)"})
         # --- hardware-aware defaults and bias correction (_quantize_hardware, _quantize_bias_correction)
@@ -134,6 +152,10 @@ class QuantizeInt8Static(Pass):
         def validate(self) -> str | None:
             if not 50.0 < self.percentile <= 100.0:
                 return f"percentile must be in (50, 100]; got {self.percentile}"
+            if not self.gptq_damping > 0:
+                return f"gptq_damping must be > 0; got {self.gptq_damping}"
+            if self.gptq_max_gram_mb < 0:
+                return f"gptq_max_gram_mb must be >= 0; got {self.gptq_max_gram_mb}"
             return None
 
     # ------------------------------------------------------------------------------------------ run
@@ -164,37 +186,79 @@ class QuantizeInt8Static(Pass):
             names.update(o.name for p in plans if p.graph is ctx.graph and p.activations
                          for o in p.node.outputs if o in ctx.graph.outputs and planner.is_float(o))
         names = sorted(names)
-        # --- hardware-aware defaults and bias correction
+        # --- hardware-aware defaults, one calibration run, weight rounding, bias correction
         hw = resolve_hardware(opts.target, opts.reduce_range, opts.activations)
         result.notes.append(hw.note())
         weight_qmax = REDUCED_WEIGHT_QMAX if hw.reduce_range else WEIGHT_QMAX
-        if opts.bias_correction and ctx.calibration is not None:
-            correct_biases(ctx, model, plans, planner, weight_qmax, result)
-        # ---
-        qparams = self._activation_qparams(ctx, model, names, result, signed=hw.activations == "int8")
+        weights = WeightQuantizer(weight_qmax, opts.gptq_damping)
+        use_data = ctx.calibration is not None
+        means = bias_correction_means(plans) if opts.bias_correction and use_data else {}
+        gptq = gptq_requests(plans, planner) if opts.weight_rounding == "gptq" and use_data else []
+        grams = self._gram_budget(gptq, shapes, result)
+        stats = self._collect(ctx, model, names, means, grams)
+        for node, i, axis, in_axis, x, _ in gptq:
+            st = stats.get(x) if x in grams else None
+            if st is not None and st.gram is not None and st.gram_rows:
+                const = planner.constant_of(node.inputs[i])[0]
+                weights.register(peek_values(const), axis, in_axis, st.gram / st.gram_rows)
+        if means:
+            correct_biases(ctx, stats, plans, planner, weights, result)
+        qparams = self._activation_qparams(stats, names, result, signed=hw.activations == "int8")
         rewriter = _Rewriter(ctx, result, qparams, opts, types)
         rewriter.weight_qmax = weight_qmax
+        rewriter.weights = weights
         apply_precision_ladder(ctx, model, plans, planner, opts, result, rewriter)  # rungs, then rewriter.apply
+        if weights.gptq_weights:
+            result.count("weights_gptq_rounded", weights.gptq_weights)
         result.modified = bool(result.stats.get("weights_quantized") or result.stats.get("activations_quantized"))
         if not result.modified and not opts.allow_nothing:
             raise UsageError(f"{self.name}: nothing could be quantized in this model (see the skips); pass "
                              "allow_nothing=true to accept an unchanged model")
         return result
 
-    def _activation_qparams(self, ctx: PassContext, model: onnx.ModelProto, names: list[str],
-                            result: PassResult, signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:
-        if signed is None:
-            signed = self.options.activations == "int8"
-        if not names:
+    def _gram_budget(self, requests: list, shapes: dict[str, list], result: PassResult) -> dict[str, int]:
+        """Activation -> feature axis for the Gram matrices GPTQ needs, within ``gptq_max_gram_mb`` in all (a
+        C-feature input costs 8 C^2 bytes while calibrating); the rest is rounded to nearest, noted."""
+        grams: dict[str, int] = {}
+        budget = self.options.gptq_max_gram_mb * 2**20
+        left_out = 0
+        for node, i, axis, in_axis, x, x_axis in requests:
+            if x in grams:
+                if grams[x] != x_axis:
+                    left_out += 1  # the same tensor read along another axis (Gemm transA): rare
+                continue
+            shape = shapes.get(x)
+            c = shape[x_axis] if shape and -len(shape) <= x_axis < len(shape) else None
+            if not isinstance(c, int) or c <= 0 or 8 * c * c > budget:
+                left_out += 1
+                continue
+            budget -= 8 * c * c
+            grams[x] = x_axis
+        if left_out:
+            result.notes.append(f"GPTQ: {left_out} weight(s) rounded to nearest (input feature count unknown or "
+                                f"past gptq_max_gram_mb={self.options.gptq_max_gram_mb})")
+        return grams
+
+    def _collect(self, ctx: PassContext, model: onnx.ModelProto, names: list[str], means: dict[str, int],
+                 grams: dict[str, int]):
+        """Everything the pass needs from the calibration data (activation ranges, bias-correction means, GPTQ
+        Gram matrices) in ONE run over it."""
+        wanted = list(dict.fromkeys([*names, *means, *grams]))
+        if not wanted:
             return {}
         if ctx.calibration is None:
             raise UsageError(f"{self.name} needs calibration data; give --calib DIR (or calibration=...)")
         from onnxslim.calibration import collect_statistics
 
-        method = self.options.range_method
-        method = "minmax" if method == "auto" else method
-        stats = collect_statistics(model, ctx.calibration, names, histograms=method != "minmax",
-                                   base_dir=ctx.base_dir)
+        method = "minmax" if self.options.range_method == "auto" else self.options.range_method
+        return collect_statistics(model, ctx.calibration, wanted, means=means, grams=grams,
+                                  histograms=names if method != "minmax" else False, base_dir=ctx.base_dir)
+
+    def _activation_qparams(self, stats, names: list[str], result: PassResult,
+                            signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:
+        if signed is None:
+            signed = self.options.activations == "int8"
+        method = "minmax" if self.options.range_method == "auto" else self.options.range_method
         out: dict[str, tuple[np.float32, np.ndarray]] = {}
         for name in names:
             st = stats.get(name) if hasattr(stats, "get") else None
@@ -250,6 +314,7 @@ class _Rewriter:
     """Applies plans: Q/DQ pairs on activations, int8 weights + DQ, int32 biases."""
 
     weight_qmax: int = WEIGHT_QMAX  # 63 with reduce_range (set by the pass)
+    weights: WeightQuantizer | None = None  # rounding shared with bias correction (set by the pass)
 
     def __init__(self, ctx: PassContext, result: PassResult, qparams, opts, types: dict[str, int]):
         self.ctx, self.result, self.qparams, self.opts, self.types = ctx, result, qparams, opts, types
@@ -283,16 +348,20 @@ class _Rewriter:
                 p.node.inputs[i] = self.dequantized_activation(p.graph, t)
                 x_scales[i] = self.qparams[t.name][0]
             w_scale = None
+            weight_only = not x_scales
+            cast_mul = weight_only and self.opts.weight_only_encoding == "cast_mul"
             # A weight-only node in a subgraph gets its own int8 copy there: onnxruntime (1.32) turns
             # DQ(int8 weight) -> MatMul/Gemm with a float input into MatMulNBits and fails to load the model
             # when that weight is an outer-scope initializer ("Missing required weight").
-            local = p.graph is not self.ctx.graph and not x_scales
-            # A table read by Gather in a subgraph is dequantized once in the main graph (outer scope): in a
-            # Loop body its DQ would run every iteration (wine_ifloop: latency ratio 1.185 -> 1.151 @1t).
-            home = self.ctx.graph if p.node.op == "Gather" and not x_scales else p.graph
+            local = p.graph is not self.ctx.graph and weight_only and not cast_mul
+            # Weight-only tables and Cast+Mul weights of subgraph nodes are decoded once in the main graph (outer
+            # scope): in a Loop body a DQ would run every iteration (wine_ifloop: latency ratio 1.185 -> 1.151
+            # @1t), and onnxruntime constant-folds Cast+Mul only where the int8 tensor is an initializer.
+            home = self.ctx.graph if weight_only and (cast_mul or p.node.op == "Gather") else p.graph
             for i, axis in p.weights:
                 const, const_node, owner = planner.constant_of(p.node.inputs[i])
-                dq, w_scale = self.dequantized_weight(home, p.node, const, axis, local and home is p.graph)
+                dq, w_scale = self.dequantized_weight(home, p.node, const, axis, local and home is p.graph,
+                                                      cast_mul=cast_mul)
                 self.replaced[id(const)] = (const, const_node, owner)
                 p.node.inputs[i] = dq
             if p.bias is not None and w_scale is not None and 0 in x_scales:
@@ -344,9 +413,9 @@ class _Rewriter:
                 self.result.count("outputs_quantized")
 
     # -------------------------------------------------------------------------------- weights
-    def dequantized_weight(self, graph: gs.Graph, node: gs.Node, const: gs.Constant,
-                           axis: int | None, local: bool = False) -> tuple[gs.Variable, np.ndarray]:
-        key = (id(graph), id(const), axis)
+    def dequantized_weight(self, graph: gs.Graph, node: gs.Node, const: gs.Constant, axis: int | None,
+                           local: bool = False, cast_mul: bool = False) -> tuple[gs.Variable, np.ndarray]:
+        key = (id(graph), id(const), axis, cast_mul)
         if key in self.weight_cache:
             return self.weight_cache[key]
         # The int8 constants are made once per weight: a weight read in several subgraphs (If branches) gets a
@@ -354,7 +423,9 @@ class _Rewriter:
         ckey = (id(const), axis, id(graph) if local else None)
         if ckey not in self.int8_cache:
             w = peek_values(const)
-            q, scale = quantize_weight(w, axis, self.weight_qmax)
+            if self.weights is None:
+                self.weights = WeightQuantizer(self.weight_qmax)
+            q, scale = self.weights.quantize(w, axis)
             base = const.name
             self.int8_cache[ckey] = (gs.Constant(self.fresh(f"{base}_int8"), q),
                                      gs.Constant(self.fresh(f"{base}_scale"), scale),
@@ -365,11 +436,31 @@ class _Rewriter:
             self.result.count("weight_bytes_int8", q.nbytes + scale.nbytes + scale.size)
         qc, sc, zc, shape = self.int8_cache[ckey]
         dq = gs.Variable(self.fresh(f"{const.name}_dequantized"), dtype=np.float32, shape=shape)
+        if cast_mul:
+            self.cast_mul_weight(graph, const.name, qc, sc, axis, dq)
+            self.weight_cache[key] = (dq, sc.values)
+            return dq, sc.values
         attrs = {"axis": int(axis)} if axis is not None else {}
         graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{const.name}_DequantizeLinear"), attrs=attrs,
                                    inputs=[qc, sc, zc], outputs=[dq]))
         self.weight_cache[key] = (dq, sc.values)
         return dq, sc.values
+
+    def cast_mul_weight(self, graph: gs.Graph, base: str, qc: gs.Constant, sc: gs.Constant, axis: int | None,
+                        out: gs.Variable) -> None:
+        """out = float(int8) * scale, the scale shaped to broadcast along ``axis``: the same values as
+        DequantizeLinear, at any opset, and a pure function of initializers, so onnxruntime folds it into a
+        float weight when the session loads."""
+        scale = sc.values
+        if axis is not None and scale.ndim == 1:
+            shape = [1] * len(qc.shape)
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        s = gs.Constant(self.fresh(f"{base}_scale_broadcast"), np.ascontiguousarray(scale, dtype=np.float32))
+        cast = gs.Variable(self.fresh(f"{base}_int8_as_float"), dtype=np.float32, shape=list(qc.shape))
+        graph.nodes.append(gs.Node("Cast", self.fresh(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT},
+                                   inputs=[qc], outputs=[cast]))
+        graph.nodes.append(gs.Node("Mul", self.fresh(f"{base}_Mul"), inputs=[cast, s], outputs=[out]))
 
     def quantize_bias(self, p: NodePlan, b_t: gs.Constant, x_scale: np.float32, w_scale: np.ndarray) -> bool:
         b = peek_values(b_t).astype(np.float32)

@@ -43,3 +43,31 @@ def optimize_sample_model(entry: dict, passes: list[str], rtol: float = 1e-5, at
     for feed in load_feeds(samples / entry["eval"]):
         assert_outputs_close(run_model(model, feed), run_model(out, feed), rtol=rtol, atol=atol)
     return out
+
+
+def stored_weight(m: onnx.ModelProto, name: str) -> tuple[str, onnx.TensorProto] | None:
+    """How the weight tensor ``name`` (read in any graph) is stored: ("dequantize_linear", int8 tensor) for
+    DequantizeLinear(int8), ("cast_mul", int8 tensor) for Mul(Cast(int8), scale), ("float", tensor) for a float
+    initializer; None if none of these. Producers and initializers are looked up across all graphs (outer scope)."""
+    producers: dict[str, onnx.NodeProto] = {}
+    inits: dict[str, onnx.TensorProto] = {}
+
+    def walk(g: onnx.GraphProto) -> None:
+        inits.update({t.name: t for t in g.initializer})
+        for n in g.node:
+            producers.update({o: n for o in n.output})
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(m.graph)
+    if name in inits:
+        return "float", inits[name]
+    p = producers.get(name)
+    if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
+        return "dequantize_linear", inits[p.input[0]]
+    if p is not None and p.op_type == "Mul":
+        cast = next((producers[i] for i in p.input if i in producers and producers[i].op_type == "Cast"), None)
+        if cast is not None and cast.input[0] in inits:
+            return "cast_mul", inits[cast.input[0]]
+    return None

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.cli import main as cli_main
 from onnxslim.errors import UsageError
@@ -153,13 +154,22 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
 
 def test_opset12_uses_per_tensor_weights_and_loads():
     r = np.random.default_rng(4)
+    w = (r.standard_normal((4, 3)) * np.array([1.0, 0.01, 5.0])).astype(np.float32)  # columns of unequal size
     m = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [2, 4])], [_vi("y", None)],
-               [numpy_helper.from_array(r.standard_normal((4, 3)).astype(np.float32), "W")], opset=12)
-    out, _ = optimize(m, [QUANT], calibration=_calib((2, 4)))
+               [numpy_helper.from_array(w, "W")], opset=12)
+    out, _ = optimize(m, [FULL], calibration=_calib((2, 4)))  # int8 activations: DequantizeLinear weights
     check_model(out, full=True)
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
     assert dq and not any(a.name == "axis" for n in dq for a in n.attribute)
     _run(out, {"x": np.ones((2, 4), np.float32)})
+    # Weights only (12 MACs, below the default threshold): Cast + Mul, which broadcasts a per-channel scale at
+    # any opset, so the tiny column keeps its precision.
+    out, _ = optimize(m, [f"{QUANT}:weight_rounding=nearest"], calibration=_calib((2, 4)))
+    check_model(out, full=True)
+    kind, q = stored_weight(out, out.graph.node[-1].input[1])
+    assert kind == "cast_mul" and q.data_type == TensorProto.INT8
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], x @ _fq_weight(w, 1)[0], rtol=1e-6, atol=1e-7)
 
 
 def test_branch_not_reached_by_calibration_keeps_float_activation_but_int8_weight():
@@ -274,8 +284,8 @@ def test_sklearn_models_have_nothing_to_quantize(entry, tmp_path):
 def test_wine_ifloop_branch_gemm_gets_int8_weight_inside_the_branch(lossless_first, full):
     # Alone, each branch holds its weight in a Constant node and gets its own int8 copy. After the lossless
     # passes both branches share one weight (outer scope); fully quantized, its int8 copy is stored once, in the
-    # main graph. Weight-only (the default here: 13x16 = 208 MACs) each branch keeps a local int8 copy
-    # (onnxruntime cannot load DQ(outer-scope weight) -> Gemm with a float input).
+    # main graph. Weight-only (the default here: 13x16 = 208 MACs) the int8 weight is decoded by Cast + Mul in the
+    # main graph (onnxruntime folds that into a float initializer at load) and the branch reads the result.
     entry = next(m for m in MODELS if m["name"] == "wine_ifloop")
     q = FULL if full else QUANT
     passes = [*DEFAULT_PASSES, q] if lossless_first else [q]
@@ -287,8 +297,13 @@ def test_wine_ifloop_branch_gemm_gets_int8_weight_inside_the_branch(lossless_fir
         inits = {**_inits(out.graph), **_inits(g)} if lossless_first and full else _inits(g)
         producers = {o: n for n in g.node for o in n.output}
         mm = next(n for n in g.node if n.op_type in ("MatMul", "Gemm"))
-        dq = producers[mm.input[1]]
-        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8, attr.name
+        if full:
+            dq = producers[mm.input[1]]
+            assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8, attr.name
+        else:
+            assert mm.input[1] not in producers  # outer scope
+            kind, q = stored_weight(out, mm.input[1])
+            assert kind == "cast_mul" and q.data_type == TensorProto.INT8, attr.name
         # fully quantized: the activation is quantized too; weight-only: it stays float
         assert (producers[mm.input[0]].op_type == "DequantizeLinear") == full
     feeds = eval_feeds(entry)
@@ -363,8 +378,9 @@ def test_mixed_ops_load_and_run_in_onnxruntime(opset):
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.stats["weights_quantized"] == 7  # W1, W2, WT, E, LW, LR, WH
-    float_w = {n for n, t in _all_inits(out).items() if t.data_type == TensorProto.FLOAT and len(t.dims) > 1}
-    assert not float_w, float_w
+    weights = {t.name for t in inits if len(t.dims) > 1}
+    float_w = {n for n, t in _all_inits(out).items() if t.data_type == TensorProto.FLOAT and n in weights}
+    assert not float_w, float_w  # only scales are float
     feed = {"x": calib[0]["x"], "ids": calib[0]["ids"]}
     ref = _run(m, feed)[0]
     for opt in (False, True):
@@ -439,8 +455,8 @@ def test_layers_below_min_macs_get_weights_only():
     conv = next(n for n in out.graph.node if n.op_type == "Conv")
     gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert producers[conv.input[0]].op_type == "DequantizeLinear"  # big enough: activation quantized
-    assert producers[gemm.input[1]].op_type == "DequantizeLinear"  # int8 weight ...
-    assert _all_inits(out)[producers[gemm.input[1]].input[0]].data_type == TensorProto.INT8
+    kind, q = stored_weight(out, gemm.input[1])
+    assert kind == "cast_mul" and q.data_type == TensorProto.INT8  # int8 weight ...
     assert producers[gemm.input[0]].op_type == "Flatten"  # ... float activation, float bias
     assert _all_inits(out)[gemm.input[2]].data_type == TensorProto.FLOAT
     x = _calib((2, 2, 8, 8), n=1, seed=13)[0]

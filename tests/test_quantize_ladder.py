@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.errors import UsageError
 from onnxslim.graph import check_model
@@ -143,8 +144,8 @@ def test_weight_only_rung_keeps_activation_float_and_weight_int8():
     out, rec = _quantize(m, weight_only_nodes=["mm2"])
     mm2 = _node(out, "mm2")
     assert mm2.input[0] == "h"  # float activation
-    w = _producer(out, mm2.input[1])
-    assert w.op_type == "DequantizeLinear" and _inits(out)[w.input[0]].data_type == TensorProto.INT8
+    kind, q = stored_weight(out, mm2.input[1])
+    assert kind == "cast_mul" and q.data_type == TensorProto.INT8
     assert "W2" not in _inits(out)  # still ~4x smaller
     assert rec.stats["layers_weight_only"] == 1
     assert _cos(_run(out, EVAL), _run(m, EVAL)) > 0.999
@@ -186,11 +187,11 @@ def test_bad_floor_is_a_usage_error():
 
 
 # ------------------------------------------------------------------------------------------ auto_precision
-# Conv: int16 where the opset allows it, else weights only. MatMul and Gemm: ORT's MatMulNBits fusion
-# re-quantizes their activation (see above), so only float holds the floor in ORT's default mode; the search
-# judges both modes and sees that.
+# Conv: int16 where the opset allows it, else weights only. MatMul and Gemm: int16 activations become
+# MatMulNBits in ORT's default mode, which re-quantizes the activation to int8 (see above), so int16 misses the
+# floor there; weights only (Cast + Mul, folded at load) holds it. The search judges both modes and sees that.
 @pytest.mark.parametrize("op,opset,rung", [("Conv", 17, "weight_only"), ("Conv", 21, "int16"),
-                                           ("MatMul", 17, "float"), ("Gemm", 21, "float")])
+                                           ("MatMul", 17, "weight_only"), ("Gemm", 21, "weight_only")])
 def test_auto_precision_moves_the_outlier_layer_up_and_meets_the_floor(op, opset, rung):
     m = _outlier_model(opset, op=op)
     out, rec = _quantize(m, auto_precision=True, precision_floor_cosine=0.999)

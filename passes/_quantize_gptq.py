@@ -1,0 +1,155 @@
+"""Private helper of quantize_int8_static: how float weights become int8 values (one place for every user).
+
+``WeightQuantizer.quantize(w, axis)`` gives the int8 values and scales of a weight. The scales are always the
+symmetric max-abs ones of ``_quantize_math.quantize_weight``; only the rounding differs:
+
+- ``nearest``: round to nearest (what every peer does).
+- ``gptq``: GPTQ (Frantar et al., 2022), layer-wise reconstruction from calibration data: with the input's
+  second-moment matrix ``H = E[x x^T]`` (``collect_statistics(grams=...)``), the weight columns (input
+  features) are rounded one by one and each column's rounding error is pushed onto the columns not yet
+  rounded, so that ``E[((W - W_q) x)^2]`` (the layer's output error) is what gets minimized, not the
+  weight error. The float model's inputs are used (not the quantized model's).
+
+Where GPTQ applies: MatMul/Gemm with a constant 2-D weight (``H`` of the input's feature axis), and the W
+(input ``X``) and R (hidden state: the ``Y`` output, every step; the zero initial state adds nothing) weights
+of LSTM/RNN, and of GRU when ``linear_before_reset=1`` (otherwise R multiplies ``r * h``, which is not
+exposed). Bidirectional RNNs use one ``H`` for both directions. Conv, Gather tables and weights read
+through a Gather stay round-to-nearest. A weight read by several layers gets the mean of their ``H``.
+Columns that never saw a non-zero input (``H_jj = 0``) keep round-to-nearest values: calibration data may
+simply never reach them (an image border), and GPTQ's usual "zero the dead weight" would break the model on
+data that does.
+
+Measured on gru_digits (LSTM weights int8, 32 calibration samples, 450 held-out): mean |logit error|
+0.0121 -> 0.0098, top-1 agreement with fp32 0.9978 -> 1.0 (accuracy 0.9733 -> 0.9756 = fp32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ._quantize_math import quantize_weight
+
+__all__ = ["WeightQuantizer", "gptq_requests", "gptq_round"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 128  # columns per lazy-update block (the usual GPTQ blocking; same result, fewer big updates)
+
+
+def _digest(w: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(w).view(np.uint8).data).hexdigest() + str(w.shape)
+
+
+class WeightQuantizer:
+    """int8 values of weights: GPTQ where a Hessian was registered for the weight, else round to nearest.
+
+    Weights are keyed by content, so copies of the graph (the precision search rewrites scratch copies)
+    and weights shared by several layers get the same values everywhere."""
+
+    def __init__(self, qmax: int, damping: float = 0.01, act_order: bool = True):
+        self.qmax, self.damping, self.act_order = qmax, damping, act_order
+        self.inputs: dict[tuple[str, int | None], list[tuple[np.ndarray, int]]] = {}  # key -> [(H, in_axis)]
+        self.cache: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = {}
+        self.gptq_weights = 0
+
+    def register(self, w: np.ndarray, axis: int | None, in_axis: int, hessian: np.ndarray) -> None:
+        """Ask for GPTQ rounding of ``w`` (per-channel ``axis``): ``in_axis`` is its input-feature axis and
+        ``hessian`` the mean ``x x^T`` of that input."""
+        self.inputs.setdefault((_digest(w), axis), []).append((hessian, in_axis))
+
+    def quantize(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+        w = np.asarray(w, dtype=np.float32)
+        key = (_digest(w), axis)
+        if key not in self.cache:
+            q, scale = quantize_weight(w, axis, self.qmax)
+            found = self.inputs.get(key)
+            if found:
+                in_axes = {a for _, a in found}
+                if len(in_axes) == 1:  # one reading of the weight's layout (always, in practice)
+                    hessian = sum(h for h, _ in found) / len(found)
+                    q = self._gptq(w, axis, in_axes.pop(), hessian, scale)
+                    self.gptq_weights += 1
+            self.cache[key] = (q, scale)
+        return self.cache[key]
+
+    def _gptq(self, w: np.ndarray, axis: int | None, in_axis: int, hessian: np.ndarray,
+              scale: np.ndarray) -> np.ndarray:
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = -1
+        full_scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(shape), w.shape)
+        moved = np.moveaxis(w, in_axis, -1)
+        cols = moved.shape[-1]
+        rows_w = moved.reshape(-1, cols).astype(np.float64)
+        rows_s = np.moveaxis(full_scale, in_axis, -1).reshape(-1, cols)[:, 0].astype(np.float64)
+        q = gptq_round(rows_w, rows_s, hessian, self.qmax, self.damping, self.act_order)
+        return np.moveaxis(q.reshape(moved.shape), -1, in_axis).astype(np.int8)
+
+
+def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int, damping: float = 0.01,
+               act_order: bool = True) -> np.ndarray:
+    """Integer values (float64 array) for ``w`` [rows, cols] with per-row ``scale``, minimizing
+    ``tr((W - W_q) H (W - W_q)^T)``: columns rounded in turn, errors pushed onto later columns via the
+    Cholesky factor of ``H^-1`` (blocked lazy updates)."""
+    w = w.copy()
+    h = np.array(hessian, dtype=np.float64)
+    n = w.shape[1]
+    dead = np.diag(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0  # a column nobody feeds: rounded to nearest, takes and gives no error
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
+    w, h = w[:, perm], h[np.ix_(perm, perm)]
+    h[np.diag_indices(n)] += damping * float(np.mean(np.diag(h)))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    except np.linalg.LinAlgError:
+        log.debug("GPTQ: H is not positive definite after damping; rounding to nearest")
+        return np.clip(np.round(w[:, np.argsort(perm)] / scale[:, None]), -qmax, qmax)
+    q = np.zeros_like(w)
+    for b0 in range(0, n, _BLOCK):
+        b1 = min(b0 + _BLOCK, n)
+        wb = w[:, b0:b1].copy()
+        err = np.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = wb[:, j]
+            qc = np.clip(np.round(col / scale), -qmax, qmax)
+            q[:, b0 + j] = qc
+            e = (col - qc * scale) / hb[j, j]
+            wb[:, j:] -= np.outer(e, hb[j, j:])
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return q[:, np.argsort(perm)]
+
+
+def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, int, str, int]]:
+    """(node, weight input index, per-channel axis, weight in_axis, activation name, its feature axis) for
+    every planned weight GPTQ can round."""
+    out = []
+    for p in plans:
+        node = p.node
+        for i, axis in p.weights:
+            found = planner.constant_of(node.inputs[i])
+            if found is None:
+                continue
+            rank = len(found[0].shape)
+            x = node.inputs[0]
+            if node.op in ("MatMul", "Gemm") and i == 1 and rank == 2 and x.name:
+                if node.op == "MatMul":
+                    out.append((node, i, axis, 0, x.name, -1))
+                else:
+                    trans_a = int(node.attrs.get("transA", 0))
+                    trans_b = int(node.attrs.get("transB", 0))
+                    out.append((node, i, axis, 1 if trans_b else 0, x.name, 0 if trans_a else 1))
+            elif node.op in ("LSTM", "RNN", "GRU") and rank == 3:
+                if i == 1 and x.name:
+                    out.append((node, i, axis, 2, x.name, -1))
+                elif i == 2 and node.outputs and node.outputs[0].name and (
+                        node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1):
+                    out.append((node, i, axis, 2, node.outputs[0].name, -1))
+    return out
