@@ -6,6 +6,7 @@ Only that section is replaced (or appended); the lossless section above it is le
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 from pathlib import Path
@@ -35,6 +36,10 @@ def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _quantized(r: dict) -> bool:
+    return bool(r.get("q_nodes", 0) or r.get("int8_weights", 0))
+
+
 def _status(r: dict) -> str:
     if r["tool"] == "fp32":
         return "reference" if r["ok"] else f"FAILED: {r['error']}"
@@ -46,12 +51,24 @@ def _status(r: dict) -> str:
     if r.get("eval_error"):
         return f"output does not run: {r['eval_error']}".replace("|", "\\|")
     notes = []
-    if r.get("q_nodes", 0) == 0:
-        notes.append("nothing quantized (no Q/DQ nodes)")
+    if not _quantized(r):
+        notes.append("nothing quantized (no Q/DQ nodes, no int8 weights)")
     pe = (r.get("info") or {}).get("pre_process_error")
     if pe:
         notes.append(f"quant_pre_process failed ({pe[:120]}); quantized the original")
     return "ok" + (": " + "; ".join(notes) if notes else "")
+
+
+def _paired(ours: dict, peer: dict) -> str:
+    """The samples only one of the two gets right, and the exact two-sided McNemar (sign test) p-value."""
+    a, b = ours.get("correct"), peer.get("correct")
+    if not a or not b or len(a) != len(b):
+        return ""
+    only_ours = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
+    only_peer = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
+    n, k = only_ours + only_peer, min(only_ours, only_peer)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return f"; samples only ours gets right {only_ours}, only the peer {only_peer} (McNemar exact p = {p:.2g})"
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -67,7 +84,7 @@ def _targets(rows: list[dict]) -> list[str]:
         ours = tools.get("ours")
         if not ours:
             continue
-        peers = [tools[p] for p in PEERS if p in tools and tools[p].get("ok") and tools[p].get("q_nodes", 0) > 0]
+        peers = [tools[p] for p in PEERS if p in tools and tools[p].get("ok") and _quantized(tools[p])]
         if ours.get("error") and "nothing to quantize" in ours["error"]:
             did = [p["tool"] for p in peers]
             out.append(f"- **{model}**: ours refused (exit {ours.get('rc')}: nothing to quantize, only ai.onnx.ml "
@@ -77,7 +94,7 @@ def _targets(rows: list[dict]) -> list[str]:
         if not ours.get("ok"):
             out.append(f"- **{model}**: ours FAILED ({ours.get('error') or ours.get('eval_error')})")
             continue
-        if ours.get("q_nodes", 0) == 0:
+        if not _quantized(ours):
             note = "ours quantized nothing"
             if peers:
                 note += f"; peers that did: {', '.join(p['tool'] for p in peers)}"
@@ -91,7 +108,7 @@ def _targets(rows: list[dict]) -> list[str]:
         n = n_eval.get(model)
         diff = f" ({round((ours['accuracy'] - bp['accuracy']) * n):+d} of {n} samples)" if n else ""
         parts.append(f"accuracy {ours['accuracy']:.4f} vs best peer {bp['accuracy']:.4f} ({bp['tool']}) "
-                     f"{'PASS' if ours['accuracy'] >= bp['accuracy'] else 'FAIL'}{diff}")
+                     f"{'PASS' if ours['accuracy'] >= bp['accuracy'] else 'FAIL'}{diff}{_paired(ours, bp)}")
         if ours.get("agreement") is not None and all(p.get("agreement") is not None for p in peers):
             ba = max(peers, key=lambda p: p["agreement"])
             parts.append(f"agreement with fp32 {ours['agreement']:.4f} vs best peer {ba['agreement']:.4f} "
@@ -137,7 +154,9 @@ def render(data: dict) -> str:
         "same 32 calibration feeds.",
         "",
         "Columns: size = output .onnx (+ external data); Q/DQ = QuantizeLinear/DequantizeLinear/QLinear*/"
-        "*Integer nodes in the output (0 = nothing was quantized); accuracy = top-1 against `__label__` on "
+        "*Integer nodes in the output; int8 W = weights stored as 8-bit integers (rank >= 2), however decoded "
+        "(DequantizeLinear, or Cast + Mul for weights-only layers); both 0 = nothing was quantized; "
+        "accuracy = top-1 against `__label__` on "
         "the held-out `eval/` batches; lat ratio = int8 time / fp32 time for one pass over all eval batches, "
         "ORT CPU with its default graph optimizations, `intra_op_num_threads` 1 or 2, fp32 and int8 "
         f"alternated in one process, median of {data['latency_runs']} passes after 3 warm-ups; that "
@@ -152,17 +171,19 @@ def render(data: dict) -> str:
         "the fp32 model's; SNR = 10 log10(sum y^2 / sum (y_int8 - y)^2) over the label output's values "
         "(higher is closer; '-' = identical outputs or not measured).",
         "",
-        "| model | tool | size | Q/DQ | accuracy | agree | SNR dB | lat ratio @1t | lat ratio @2t | quant s | "
-        "peak RSS MB | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | tool | size | Q/DQ | int8 W | accuracy | agree | SNR dB | lat ratio @1t | lat ratio @2t | "
+        "quant s | peak RSS MB | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in data["rows"]:
         if r["tool"] == "fp32":
             lines.append(f"| {r['model']} | fp32 | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
+                         f"{r.get('int8_weights', '-')} | "
                          f"{_f(r.get('accuracy'), '{:.4f}')} | 1 | - | 1 | 1 | - | - | {_status(r)} |")
             continue
         lines.append(
             f"| {r['model']} | {r['tool']} | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
+            f"{r.get('int8_weights', '-')} | "
             f"{_f(r.get('accuracy'), '{:.4f}')} | {_f(r.get('agreement'), '{:.4f}')} | "
             f"{_f(r.get('snr_db'), '{:.1f}')} | {_f(r.get('ratio_1t'))} | {_f(r.get('ratio_2t'))} | "
             f"{_f(r.get('wall_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.1f}')} | {_status(r)} |")
@@ -176,8 +197,10 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the int8 section of RESULTS.md (up to the next '## ' heading or the end) or append it."""
+def write_section(path: Path, section: str, heading: str = HEADING) -> None:
+    """Replace the section under ``heading`` in RESULTS.md (up to the next '## ' heading or the end) or append
+    it."""
+    HEADING = heading  # noqa: N806 - the section this call replaces
     text = path.read_text() if path.exists() else ""
     start = text.find("\n" + HEADING + "\n")
     if start < 0 and text.startswith(HEADING + "\n"):

@@ -133,6 +133,7 @@ def _eval_worker(fp32: str, quant: str, eval_dir: str, label_output: str, kind: 
             values.append(np.asarray(y, dtype=np.float64).reshape(-1))
         labels = np.concatenate([b["__label__"].reshape(-1) for b in batches])
         pred = np.concatenate(preds)
+        info.setdefault("correct", "".join("1" if ok else "0" for ok in (pred == labels)))  # the int8 run's
         return float((pred == labels).mean()), pred, np.concatenate(values)
 
     info["accuracy"], q_pred, q_val = predict(_session(quant))
@@ -238,7 +239,31 @@ def _op_summary(path: Path) -> dict:
     walk(m.graph)
     q = sum(v for k, v in c.items() if k in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                                "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"))
-    return {"nodes": sum(c.values()), "q_nodes": q}
+    return {"nodes": sum(c.values()), "q_nodes": q, "int8_weights": _int8_weights(m)}
+
+
+def _int8_weights(m) -> int:
+    """Weights stored as 8-bit integers (initializers or Constant values of rank >= 2, any graph), however they
+    are decoded (DequantizeLinear, or Cast + Mul for weights-only layers)."""
+    import onnx
+
+    n = 0
+
+    def walk(g):
+        nonlocal n
+        tensors = list(g.initializer) + [a.t for x in g.node if x.op_type == "Constant" for a in x.attribute
+                                         if a.name == "value"]
+        n += sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                 and len(t.dims) >= 2)
+        for x in g.node:
+            for a in x.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+
+    walk(m.graph)
+    return n
 
 
 def _versions() -> dict:
@@ -306,6 +331,9 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
                     evs.append(ev["info"])
                 if evs and "eval_error" not in row:
                     for k in evs[0]:
+                        if isinstance(evs[0][k], str):
+                            row[k] = evs[0][k]  # per-sample correctness: deterministic, the same each repeat
+                            continue
                         vals = [e[k] for e in evs if e[k] is not None]
                         row[k] = statistics.median(vals) if vals else None
                     row["ratios_1t"] = [e["ratio_1t"] for e in evs]

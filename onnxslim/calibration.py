@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import onnx
 
 from .calibration_graph import expose_tensors
@@ -66,7 +67,7 @@ def collect_statistics(
     returned without running anything; otherwise they are collected and written there. The data itself is
     identified by its description only (path and file count): delete the cache after changing the files.
     """
-    proto = _load_model(model, base_dir)
+    proto, data_dir = _load_model(model, base_dir)
     names = list(dict.fromkeys(tensors))
     per_channel = dict(per_channel or {})
     unknown = sorted(set(per_channel) - set(names))
@@ -93,7 +94,7 @@ def collect_statistics(
             return hit
 
     with contextlib.ExitStack() as stack:  # temporary external-data files live as long as their session
-        runner = _Runner(proto, names, per_channel, stack)
+        runner = _Runner(proto, names, per_channel, stack, data_dir)
         stats = _run(runner, feeds, names, per_channel, {n: bins for n in hist_names}, max_samples, progress,
                      means, grams)
     stats.meta.update(request)
@@ -106,8 +107,9 @@ class _Runner:
     """The instrumented session; re-instrumented once with flattened Loop outputs if stacking them fails."""
 
     def __init__(self, proto: onnx.ModelProto, names: list[str], per_channel: dict[str, int],
-                 stack: contextlib.ExitStack):
+                 stack: contextlib.ExitStack, data_dir: Path | None = None):
         self.proto, self.names, self.per_channel, self.stack = proto, names, per_channel, stack
+        self.data_dir = data_dir
         self.flattened = False
         self._build(flatten_loops=False)
 
@@ -115,8 +117,8 @@ class _Runner:
         from .runtime import make_session
 
         instrumented, self.routes = expose_tensors(self.proto, self.names, flatten_loops=flatten_loops)
-        src = self.stack.enter_context(_session_source(instrumented))
-        self.session = make_session(src, "cpu", optimize=False).session
+        src, files = self.stack.enter_context(_session_source(instrumented, self.data_dir))
+        self.session = make_session(src, "cpu", optimize=False, external_files=files).session
         self.outputs = list(dict.fromkeys(r.output for r in self.routes.values()))
         import onnxruntime as ort
 
@@ -248,37 +250,59 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
 
 
 @contextlib.contextmanager
-def _session_source(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
-    """The model itself, or (past protobuf's 2 GB limit) a temporary file with external data."""
-    if model.ByteSize() < 2**31 - 2**24:
-        yield model
+def _session_source(model: onnx.ModelProto, data_dir: Path | None = None) -> Iterator[tuple[Any, dict | None]]:
+    """What onnxruntime loads, and external files to hand it in memory (or None).
+
+    The model itself when small and self-contained. When its weights are in external files (``data_dir``): a
+    temporary folder with the model and hard links to those files, so onnxruntime maps the weights from disk
+    itself and nothing is copied into Python (large_300M, 1.2 GB of weights: the session peaks at ~1.1 GB RSS;
+    onnxruntime refuses symbolic links that leave the model's folder). Where hard links are impossible (another
+    file system), the files are memory-mapped and handed over with the session options (onnxruntime then
+    copies the weights once: ~2x). Past protobuf's 2 GB limit, the in-memory tensors move to a temporary file."""
+    locations = _external_locations(model) if data_dir is not None else set()
+    if not locations and model.ByteSize() < 2**31 - 2**24:
+        yield model, None
         return
     with tempfile.TemporaryDirectory(prefix="onnxslim_calib_") as tmp:
+        in_memory: dict[str, np.memmap] = {}
+        for loc in sorted(locations):
+            src, dst = (Path(data_dir) / loc).resolve(), Path(tmp) / loc
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                if not src.is_file():
+                    raise BadInputError(f"external data file '{loc}' of the model is missing in {data_dir}; put it "
+                                        "next to the model") from None
+                in_memory[loc] = np.memmap(src, dtype=np.uint8, mode="r")
         path = os.path.join(tmp, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="weights.bin")
-        yield path
+        if model.ByteSize() < 2**31 - 2**24:
+            Path(path).write_bytes(model.SerializeToString())
+        else:  # moves only tensors held in memory; the linked ones stay where they are
+            onnx.save(model, path, save_as_external_data=True, location="onnxslim_in_memory.bin",
+                      size_threshold=1024)
+        yield path, in_memory or None
 
 
-def _load_model(model: onnx.ModelProto | str | Path, base_dir: Path | None) -> onnx.ModelProto:
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    out = set()
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            out.update(e.value for e in t.external_data if e.key == "location")
+    return out
+
+
+def _load_model(model: onnx.ModelProto | str | Path, base_dir: Path | None) -> tuple[onnx.ModelProto, Path | None]:
+    """The model without its external weights read in, and the folder they are in (None: none)."""
     if isinstance(model, onnx.ModelProto):
-        proto = model
-        if base_dir is not None and _has_external(proto):
-            from onnx.external_data_helper import load_external_data_for_model
-
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model)
-            load_external_data_for_model(proto, str(base_dir))
-        return proto
+        return model, (Path(base_dir) if base_dir is not None and _external_locations(model) else None)
     path = Path(model)
     if not path.exists():
         raise BadInputError(f"model not found: {path}")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise BadInputError(f"cannot load ONNX model {path}: {e}") from e
-
-
-def _has_external(model: onnx.ModelProto) -> bool:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    return any(uses_external_data(t) for t in _get_all_tensors(model))
+    return proto, (path.resolve().parent if _external_locations(proto) else None)

@@ -327,8 +327,20 @@ def _serialized_size_estimate(model: onnx.ModelProto, *, include_external: bool 
 
 
 def _atomic_target(path: Path) -> Path:
+    """A temporary file next to ``path``, with the permissions a plain ``open(path, "w")`` would give it (an
+    existing file's mode; else 0666 minus the umask): mkstemp makes 0600 files, and a model only its writer
+    can read breaks serving setups."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp-onnxslim", dir=str(path.parent))
-    os.close(fd)
+    try:
+        if path.exists():
+            mode = path.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

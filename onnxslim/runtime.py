@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -83,8 +83,11 @@ def make_session(
     optimize: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    external_files: dict[str, Any] | None = None,
 ) -> SessionInfo:
-    """A session on one provider. ``optimize=False`` disables ORT graph rewrites (reference runs)."""
+    """A session on one provider. ``optimize=False`` disables ORT graph rewrites (reference runs).
+    ``external_files``: external-data file name -> its bytes (a buffer, e.g. a memory map), for a model whose
+    external data is not next to it."""
     import onnxruntime as ort
 
     full = normalize_provider(provider)
@@ -96,6 +99,10 @@ def make_session(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if external_files:
+        names = list(external_files)
+        opts.add_external_initializers_from_files_in_memory(names, [external_files[n] for n in names],
+                                                             [len(external_files[n]) for n in names])
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     try:

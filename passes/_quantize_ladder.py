@@ -214,7 +214,7 @@ def _qparams16(lo: float, hi: float, signed: bool) -> tuple[np.float32, np.ndarr
 def apply_precision_ladder(ctx: PassContext, model: onnx.ModelProto, plans: list[NodePlan],
                            planner: QuantizePlanner, opts, result: PassResult, rewriter) -> None:
     """Apply the requested (and, with auto_precision, searched) rungs and rewrite ``ctx.graph`` with
-    ``rewriter`` (the pass's configured ``_Rewriter``; trial copies get clones of it)."""
+    ``rewriter`` (the pass's configured ``Rewriter``; trial copies get clones of it)."""
     if not 0.0 < opts.precision_floor_cosine <= 1.0 or opts.sensitivity_samples < 1:
         raise UsageError(f"precision_floor_cosine must be in (0, 1] and sensitivity_samples >= 1; got "
                          f"{opts.precision_floor_cosine} and {opts.sensitivity_samples}")

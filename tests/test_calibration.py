@@ -465,3 +465,35 @@ def test_peak_memory_does_not_grow_with_sample_count():
 
     small, large = peak_kib(16), peak_kib(512)
     assert large - small < 25 * 1024, (small, large)
+
+
+# -- models with external data -----------------------------------------------------------------------------
+def test_external_data_models_are_read_by_onnxruntime_from_disk(tmp_path, monkeypatch):
+    """The weights of a model with external data are handed to onnxruntime as files (hard links in a temporary
+    folder, or memory maps where links fail), never loaded into Python; the statistics are the same."""
+    src = SAMPLES / "cnn_digits" / "model.onnx"
+    inline = onnx.load(src)
+    ext_dir = tmp_path / "m"
+    ext_dir.mkdir()
+    onnx.save(onnx.load(src), str(ext_dir / "model.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    feeds = [_npz(f) for f in sorted((SAMPLES / "cnn_digits" / "calib").glob("*.npz"))[:4]]
+    names = [n.output[0] for n in inline.graph.node if n.op_type == "Conv"]
+    ref = collect_statistics(inline, feeds, names)
+    from_path = collect_statistics(ext_dir / "model.onnx", feeds, names)
+    proto = onnx.load(str(ext_dir / "model.onnx"), load_external_data=False)
+    assert any(t.external_data for t in proto.graph.initializer)
+    from_proto = collect_statistics(proto, feeds, names, base_dir=ext_dir)
+    import onnxslim.calibration as cal
+
+    def no_links(*a, **k):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(cal.os, "link", no_links)
+    mapped = collect_statistics(proto, feeds, names, base_dir=ext_dir)
+    for got in (from_path, from_proto, mapped):
+        assert {n: (got[n].min, got[n].max, got[n].count) for n in names} == \
+            {n: (ref[n].min, ref[n].max, ref[n].count) for n in names}
+    (ext_dir / "w.bin").unlink()
+    with pytest.raises(BadInputError, match="w.bin"):
+        collect_statistics(proto, feeds, names, base_dir=ext_dir)

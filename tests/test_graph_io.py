@@ -235,6 +235,21 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
 
 
+def test_saved_files_get_normal_permissions(tmp_path):
+    # The atomic write goes through a temporary file (0600 by default); the result must be readable like any
+    # file this process creates (0666 minus the umask), and an overwritten file keeps its own mode.
+    m = _model_with_weights()
+    umask = os.umask(0)
+    os.umask(umask)
+    save_model(m, tmp_path / "a.onnx", external_data=True, size_threshold=0)
+    assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "a.onnx.data").stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "b.onnx").write_bytes(b"old")
+    os.chmod(tmp_path / "b.onnx", 0o640)
+    save_model(m, tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx").stat().st_mode & 0o777 == 0o640
+
+
 def test_ir3_model_with_initializers_as_inputs(tmp_path):
     """Old exporters list initializers among graph inputs (IR < 4); those are not part of the contract."""
     m = _model_with_weights()

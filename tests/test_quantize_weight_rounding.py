@@ -13,7 +13,7 @@ from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import BadInputError
-from onnxslim.graph import check_model
+from onnxslim.graph import check_model, save_model
 from onnxslim.passes._quantize_gptq import WeightQuantizer, gptq_round
 from onnxslim.passes._quantize_math import quantize_weight
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
@@ -218,3 +218,19 @@ def test_gru_digits_gptq_keeps_fp32_predictions():
     ref, y_near, y_gptq = logits(src), logits(near), logits(gptq)
     assert np.array_equal(y_gptq.argmax(1), ref.argmax(1))
     assert np.abs(y_gptq - ref).mean() < np.abs(y_near - ref).mean()
+
+
+def test_external_data_model_quantizes_like_the_inline_one(tmp_path):
+    # Calibration reads an external-data model's weights through onnxruntime from disk (see test_calibration);
+    # the quantized result must be the same as for the same model held inline.
+    entry = next(e for e in MODELS if e["name"] == "cnn_digits")
+    src = SAMPLES / entry["path"]
+    onnx.save(onnx.load(str(src)), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+              size_threshold=0)
+    calib = SAMPLES / entry["calib"]
+    inline, _ = optimize(src, [*DEFAULT_PASSES, QUANT], calibration=calib)
+    external, _ = optimize(tmp_path / "m.onnx", [*DEFAULT_PASSES, QUANT], calibration=calib)
+    save_model(external, tmp_path / "q.onnx", source_dir=tmp_path)  # unchanged float tensors stay external
+    x = {"input": eval_feeds(entry)[0]["input"]}
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(got, _run(inline, x, optimize_graph=True))
