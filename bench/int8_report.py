@@ -29,7 +29,9 @@ def machine() -> dict:
 
 
 def _kb(n) -> str:
-    return "-" if n is None else f"{n / 1000:.1f} kB"
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f} MB" if n >= 1e7 else f"{n / 1000:.1f} kB"
 
 
 def _f(v, fmt="{:.3f}") -> str:

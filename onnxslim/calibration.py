@@ -28,11 +28,11 @@ import numpy as np
 import onnx
 
 from .calibration_graph import expose_tensors
-from .calibration_stats import RANGE_METHODS, Statistics, TensorStats, _Accumulator
+from .calibration_stats import RANGE_METHODS, ConvPatches, Statistics, TensorStats, _Accumulator
 from .data import FeedData, load_feeds
 from .errors import BadInputError, UsageError
 
-__all__ = ["TensorStats", "Statistics", "collect_statistics", "RANGE_METHODS"]
+__all__ = ["TensorStats", "Statistics", "ConvPatches", "collect_statistics", "RANGE_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def collect_statistics(
     *,
     per_channel: Mapping[str, int] | None = None,
     means: Mapping[str, int] | None = None,
-    grams: Mapping[str, int] | None = None,
+    grams: Mapping[str, int | ConvPatches] | None = None,
     histograms: bool | Iterable[str] = True,
     bins: int = 2048,
     max_samples: int | None = None,
@@ -59,7 +59,7 @@ def collect_statistics(
     own (sub)graph sees it. ``means``: tensor name -> channel axis whose per-channel mean is wanted
     (``TensorStats.channel_mean``; bias correction uses it). ``grams``: tensor name -> feature axis whose
     second-moment matrix ``sum x x^T`` over all other positions is wanted (``TensorStats.gram``, C x C float64;
-    GPTQ weight rounding uses it). ``histograms``: True (every tensor), False, or the names that need one
+    GPTQ weight rounding uses it), or a ``ConvPatches`` (the Gram of a Conv's input patches). ``histograms``: True (every tensor), False, or the names that need one
     (percentile / entropy / mse ranges). ``progress(done, total)`` is called after
     each sample (``total`` is None when
     the source does not know its length). ``cache``: a JSON file; when it holds statistics collected with
@@ -178,7 +178,7 @@ def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[s
     if means:
         meta["means"] = means
     if grams:
-        meta["grams"] = grams
+        meta["grams"] = {k: ConvPatches.to_json(v) for k, v in grams.items()}
     return Statistics({n: accs[n].result() for n in names}, meta)
 
 
@@ -245,7 +245,7 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
     if means:
         meta["means"] = means
     if grams:
-        meta["grams"] = grams
+        meta["grams"] = {k: ConvPatches.to_json(v) for k, v in grams.items()}
     return Statistics({n: cached[n] for n in names}, meta)
 
 

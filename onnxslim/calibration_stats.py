@@ -29,11 +29,59 @@ import numpy as np
 from . import calibration_ranges as _ranges
 from .errors import BadInputError, UsageError
 
-__all__ = ["TensorStats", "Statistics", "RANGE_METHODS"]
+__all__ = ["TensorStats", "Statistics", "ConvPatches", "RANGE_METHODS"]
 
 RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
 _FORMAT = "onnxslim.calibration.v1"
 _CHUNK = 1 << 20  # values binned at a time: bounds the temporaries of huge activations
+
+
+@dataclass(frozen=True)
+class ConvPatches:
+    """A Gram request over convolution patches: the rows are the input patches a Conv (group 1, channels on
+    axis 1, 1-D or 2-D) multiplies its weight with, flattened in the weight's (C, k...) order, so the Gram
+    matrix is ``E[p p^T]`` for the weight viewed as ``[M, C * prod(kernel)]``."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order: begins then ends
+    dilations: tuple[int, ...]
+
+    @staticmethod
+    def to_json(v: Any) -> Any:
+        return {"conv_patches": [list(v.kernel), list(v.strides), list(v.pads), list(v.dilations)]} \
+            if isinstance(v, ConvPatches) else v
+
+    @staticmethod
+    def from_json(v: Any) -> Any:
+        if isinstance(v, dict) and "conv_patches" in v:
+            return ConvPatches(*(tuple(int(x) for x in part) for part in v["conv_patches"]))
+        return v
+
+    def columns(self, arr: np.ndarray, name: str) -> int:
+        if arr.ndim != 2 + len(self.kernel):
+            raise BadInputError(f"tensor '{name}' has shape {list(arr.shape)}; Conv patches of kernel "
+                                f"{list(self.kernel)} need [N, C, {len(self.kernel)} spatial dims]")
+        return int(arr.shape[1] * np.prod(self.kernel))
+
+    def rows(self, arr: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        """Patch rows, a few output rows at a time (bounded temporaries)."""
+        k = len(self.kernel)
+        x = arr if k == 2 else arr[:, :, None, :]  # 1-D as 2-D with height 1
+        kernel = self.kernel if k == 2 else (1, *self.kernel)
+        strides = self.strides if k == 2 else (1, *self.strides)
+        dil = self.dilations if k == 2 else (1, *self.dilations)
+        pads = self.pads if k == 2 else (0, self.pads[0], 0, self.pads[1])
+        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        span = [(kernel[i] - 1) * dil[i] + 1 for i in range(2)]
+        win = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
+        win = win[:, :, ::strides[0], ::strides[1], ::dil[0], ::dil[1]]  # [N, C, OH, OW, kh, kw]
+        n, c, oh, ow = win.shape[:4]
+        per_row = max(1, n * ow * c * kernel[0] * kernel[1])
+        step = max(1, chunk // per_row)
+        for r in range(0, oh, step):
+            part = win[:, :, r:r + step].transpose(0, 2, 3, 1, 4, 5)
+            yield part.reshape(-1, c * kernel[0] * kernel[1])
 
 
 @dataclass
@@ -52,7 +100,7 @@ class TensorStats:
     samples: int = 0  # calibration samples in which the tensor had at least one value
     mean_axis: int | None = None  # set when per-channel means were asked for (``means=``)
     channel_mean: np.ndarray | None = None  # float64 mean of the finite values of each channel
-    gram_axis: int | None = None  # set when a Gram matrix was asked for (``grams=``)
+    gram_axis: int | ConvPatches | None = None  # set when a Gram matrix was asked for (``grams=``)
     gram: np.ndarray | None = None  # float64 [C, C]: sum over rows of x x^T, x = the values along gram_axis
     gram_rows: int = 0  # rows (vectors along gram_axis without a non-finite value) summed into ``gram``
 
@@ -108,7 +156,7 @@ class TensorStats:
             "channel_min": arr(self.channel_min), "channel_max": arr(self.channel_max),
             "hist": arr(self.hist), **_edges_to_json(self.hist_edges),
             "mean_axis": self.mean_axis, "channel_mean": arr(self.channel_mean),
-            "gram_axis": self.gram_axis, "gram": arr(self.gram), "gram_rows": int(self.gram_rows),
+            "gram_axis": ConvPatches.to_json(self.gram_axis), "gram": arr(self.gram), "gram_rows": int(self.gram_rows),
         }
 
     @classmethod
@@ -124,7 +172,8 @@ class TensorStats:
             channel_min=arr(d.get("channel_min"), np.float64), channel_max=arr(d.get("channel_max"), np.float64),
             hist=arr(d.get("hist"), np.int64), hist_edges=_edges_from_json(d),
             mean_axis=d.get("mean_axis"), channel_mean=arr(d.get("channel_mean"), np.float64),
-            gram_axis=d.get("gram_axis"), gram=arr(d.get("gram"), np.float64), gram_rows=int(d.get("gram_rows", 0)),
+            gram_axis=ConvPatches.from_json(d.get("gram_axis")), gram=arr(d.get("gram"), np.float64),
+            gram_rows=int(d.get("gram_rows", 0)),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -210,7 +259,7 @@ class _Accumulator:
     """Running reductions of one tensor; ``update`` takes one sample's array and keeps nothing of it."""
 
     def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None,
-                 mean_axis: int | None = None, gram_axis: int | None = None):
+                 mean_axis: int | None = None, gram_axis: int | ConvPatches | None = None):
         self.name = name
         self.channel_axis = channel_axis
         self.mean_axis = mean_axis
@@ -311,20 +360,24 @@ class _Accumulator:
 
     def _update_gram(self, arr: np.ndarray) -> None:
         assert self.gram_axis is not None
-        others = self._reduce_axes(arr, self.gram_axis, "Gram axis")
-        axis = next(i for i in range(arr.ndim) if i not in others)
-        rows = np.moveaxis(arr, axis, -1).reshape(-1, arr.shape[axis])
-        c = rows.shape[1]
+        if isinstance(self.gram_axis, ConvPatches):
+            c, chunks = self.gram_axis.columns(arr, self.name), self.gram_axis.rows(arr, _CHUNK)
+        else:
+            others = self._reduce_axes(arr, self.gram_axis, "Gram axis")
+            axis = next(i for i in range(arr.ndim) if i not in others)
+            rows = np.moveaxis(arr, axis, -1).reshape(-1, arr.shape[axis])
+            c = rows.shape[1]
+            step = max(1, _CHUNK // max(c, 1))  # float64 temporaries of at most _CHUNK values
+            chunks = (rows[start:start + step] for start in range(0, rows.shape[0], step))
         if self.gram is None:
             self.gram = np.zeros((c, c), dtype=np.float64)
         elif self.gram.shape[0] != c:
             raise BadInputError(
-                f"tensor '{self.name}' has {c} channels on axis {self.gram_axis} in one sample and "
+                f"tensor '{self.name}' has {c} Gram columns ({self.gram_axis}) in one sample and "
                 f"{self.gram.shape[0]} in another; a Gram matrix needs a fixed channel count"
             )
-        step = max(1, _CHUNK // max(c, 1))  # float64 temporaries of at most _CHUNK values
-        for start in range(0, rows.shape[0], step):
-            x = rows[start:start + step].astype(np.float64)
+        for chunk in chunks:
+            x = chunk.astype(np.float64)
             keep = np.isfinite(x).all(axis=1)
             if not keep.all():
                 x = x[keep]

@@ -53,6 +53,9 @@ class Optimize:
         p.add_argument("--quantize", choices=["int8"],
                        help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); "
                             "needs --calib")
+        p.add_argument("--quantize-option", dest="quantize_options", action="append", metavar="KEY=VALUE",
+                       help="with --quantize int8: an option of quantize_int8_static (repeatable; the default "
+                            "lossless pipeline still runs first, unlike -p); `onnxslim passes` lists them")
         p.add_argument("--target-cpu", dest="target_cpu", metavar="NAME",
                        choices=["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"],
                        help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
@@ -101,14 +104,17 @@ class Optimize:
             passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
             if not any(p.name == "quantize_int8_static" for p in passes):
                 passes.append(PassSpec("quantize_int8_static"))
+            extra = PassSpec.parse("quantize_int8_static:" + ",".join(getattr(args, "quantize_options", None) or []))
             if getattr(args, "target_cpu", None):
-                for p in passes:
-                    if p.name == "quantize_int8_static":
-                        p.options = {**p.options, "target": args.target_cpu}
+                extra.options["target"] = args.target_cpu
+            for p in passes:
+                if p.name == "quantize_int8_static":
+                    p.options = {**p.options, **extra.options}
             settings.passes = passes
-        elif getattr(args, "target_cpu", None):
-            raise UsageError("--target-cpu applies to int8 quantization; add --quantize int8 --calib DIR (or drop "
-                             "--target-cpu)")
+        elif getattr(args, "target_cpu", None) or getattr(args, "quantize_options", None):
+            flag = "--target-cpu" if getattr(args, "target_cpu", None) else "--quantize-option"
+            raise UsageError(f"{flag} applies to int8 quantization; add --quantize int8 --calib DIR (or drop "
+                             f"{flag})")
         return settings
 
     @staticmethod

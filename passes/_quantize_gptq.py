@@ -10,11 +10,12 @@ symmetric max-abs ones of ``_quantize_math.quantize_weight``; only the rounding 
   rounded, so that ``E[((W - W_q) x)^2]`` (the layer's output error) is what gets minimized, not the
   weight error. The float model's inputs are used (not the quantized model's).
 
-Where GPTQ applies: MatMul/Gemm with a constant 2-D weight (``H`` of the input's feature axis), and the W
-(input ``X``) and R (hidden state: the ``Y`` output, every step; the zero initial state adds nothing) weights
-of LSTM/RNN, and of GRU when ``linear_before_reset=1`` (otherwise R multiplies ``r * h``, which is not
-exposed). Bidirectional RNNs use one ``H`` for both directions. Conv, Gather tables and weights read
-through a Gather stay round-to-nearest. A weight read by several layers gets the mean of their ``H``.
+Where GPTQ applies: MatMul/Gemm with a constant 2-D weight (``H`` of the input's feature axis); Conv 1-D/2-D
+with group 1 and explicit pads (``H`` of the input patches, ``calibration_stats.ConvPatches``: the weight is
+``[M, C * k...]``); the W (input ``X``) and R (hidden state: the ``Y`` output, every step; the zero initial
+state adds nothing) weights of LSTM/RNN, and of GRU when ``linear_before_reset=1`` (otherwise R multiplies
+``r * h``, which is not exposed). Bidirectional RNNs use one ``H`` for both directions. Grouped/depthwise
+Conv, ConvTranspose, Gather tables and weights read through a Gather stay round-to-nearest. A weight read by several layers gets the mean of their ``H``.
 Columns that never saw a non-zero input (``H_jj = 0``) keep round-to-nearest values: calibration data may
 simply never reach them (an image border), and GPTQ's usual "zero the dead weight" would break the model on
 data that does.
@@ -30,6 +31,8 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxslim.calibration_stats import ConvPatches
 
 from ._quantize_math import quantize_weight
 
@@ -52,14 +55,14 @@ class WeightQuantizer:
 
     def __init__(self, qmax: int, damping: float = 0.01, act_order: bool = True):
         self.qmax, self.damping, self.act_order = qmax, damping, act_order
-        self.inputs: dict[tuple[str, int | None], list[tuple[np.ndarray, int]]] = {}  # key -> [(H, in_axis)]
+        self.inputs: dict[tuple[str, int | None], list[tuple[np.ndarray, tuple[int, ...]]]] = {}  # -> [(H, in_axes)]
         self.cache: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = {}
         self.gptq_weights = 0
 
-    def register(self, w: np.ndarray, axis: int | None, in_axis: int, hessian: np.ndarray) -> None:
-        """Ask for GPTQ rounding of ``w`` (per-channel ``axis``): ``in_axis`` is its input-feature axis and
-        ``hessian`` the mean ``x x^T`` of that input."""
-        self.inputs.setdefault((_digest(w), axis), []).append((hessian, in_axis))
+    def register(self, w: np.ndarray, axis: int | None, in_axes: tuple[int, ...], hessian: np.ndarray) -> None:
+        """Ask for GPTQ rounding of ``w`` (per-channel ``axis``): ``in_axes`` are its input-feature axes (their
+        flattened order is ``hessian``'s) and ``hessian`` the mean ``x x^T`` of that input."""
+        self.inputs.setdefault((_digest(w), axis), []).append((hessian, tuple(in_axes)))
 
     def quantize(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         w = np.asarray(w, dtype=np.float32)
@@ -68,26 +71,30 @@ class WeightQuantizer:
             q, scale = quantize_weight(w, axis, self.qmax)
             found = self.inputs.get(key)
             if found:
-                in_axes = {a for _, a in found}
-                if len(in_axes) == 1:  # one reading of the weight's layout (always, in practice)
+                layouts = {a for _, a in found}
+                if len(layouts) == 1:  # one reading of the weight's layout (always, in practice)
                     hessian = sum(h for h, _ in found) / len(found)
-                    q = self._gptq(w, axis, in_axes.pop(), hessian, scale)
+                    q = self._gptq(w, axis, layouts.pop(), hessian, scale)
                     self.gptq_weights += 1
             self.cache[key] = (q, scale)
         return self.cache[key]
 
-    def _gptq(self, w: np.ndarray, axis: int | None, in_axis: int, hessian: np.ndarray,
+    def _gptq(self, w: np.ndarray, axis: int | None, in_axes: tuple[int, ...], hessian: np.ndarray,
               scale: np.ndarray) -> np.ndarray:
         shape = [1] * w.ndim
         if axis is not None:
             shape[axis] = -1
         full_scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(shape), w.shape)
-        moved = np.moveaxis(w, in_axis, -1)
-        cols = moved.shape[-1]
+        in_axes = tuple(a % w.ndim for a in in_axes)
+        order = [a for a in range(w.ndim) if a not in in_axes] + list(in_axes)
+        moved = w.transpose(order)
+        cols = int(np.prod([w.shape[a] for a in in_axes]))
+        if hessian.shape != (cols, cols):
+            return quantize_weight(w, axis, self.qmax)[0]  # the input's features do not match the weight's
         rows_w = moved.reshape(-1, cols).astype(np.float64)
-        rows_s = np.moveaxis(full_scale, in_axis, -1).reshape(-1, cols)[:, 0].astype(np.float64)
+        rows_s = full_scale.transpose(order).reshape(-1, cols)[:, 0].astype(np.float64)
         q = gptq_round(rows_w, rows_s, hessian, self.qmax, self.damping, self.act_order)
-        return np.moveaxis(q.reshape(moved.shape), -1, in_axis).astype(np.int8)
+        return q.reshape(moved.shape).transpose(np.argsort(order)).astype(np.int8)
 
 
 def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int, damping: float = 0.01,
@@ -127,9 +134,10 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int,
     return q[:, np.argsort(perm)]
 
 
-def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, int, str, int]]:
-    """(node, weight input index, per-channel axis, weight in_axis, activation name, its feature axis) for
-    every planned weight GPTQ can round."""
+def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, tuple[int, ...], str, object]]:
+    """(node, weight input index, per-channel axis, the weight's input-feature axes, activation name, its Gram
+    request for ``collect_statistics(grams=)``: a feature axis or a ``ConvPatches``) for every planned weight
+    GPTQ can round."""
     out = []
     for p in plans:
         node = p.node
@@ -137,19 +145,40 @@ def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, int, s
             found = planner.constant_of(node.inputs[i])
             if found is None:
                 continue
-            rank = len(found[0].shape)
+            shape = list(found[0].shape)
+            rank = len(shape)
             x = node.inputs[0]
             if node.op in ("MatMul", "Gemm") and i == 1 and rank == 2 and x.name:
                 if node.op == "MatMul":
-                    out.append((node, i, axis, 0, x.name, -1))
+                    out.append((node, i, axis, (0,), x.name, -1))
                 else:
                     trans_a = int(node.attrs.get("transA", 0))
                     trans_b = int(node.attrs.get("transB", 0))
-                    out.append((node, i, axis, 1 if trans_b else 0, x.name, 0 if trans_a else 1))
+                    out.append((node, i, axis, (1 if trans_b else 0,), x.name, 0 if trans_a else 1))
+            elif node.op == "Conv" and i == 1 and rank in (3, 4) and x.name:
+                spec = _conv_patches(node, shape)
+                if spec is not None:
+                    out.append((node, i, axis, tuple(range(1, rank)), x.name, spec))
             elif node.op in ("LSTM", "RNN", "GRU") and rank == 3:
                 if i == 1 and x.name:
-                    out.append((node, i, axis, 2, x.name, -1))
+                    out.append((node, i, axis, (2,), x.name, -1))
                 elif i == 2 and node.outputs and node.outputs[0].name and (
                         node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1):
-                    out.append((node, i, axis, 2, node.outputs[0].name, -1))
+                    out.append((node, i, axis, (2,), node.outputs[0].name, -1))
     return out
+
+
+def _conv_patches(node: gs.Node, wshape: list[int]) -> ConvPatches | None:
+    """The patch geometry of a group-1 Conv with explicit (or no) padding; None for what GPTQ leaves alone."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if int(node.attrs.get("group", 1)) != 1 or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    kernel = tuple(int(k) for k in wshape[2:])
+    k = len(kernel)
+    strides = tuple(int(v) for v in node.attrs.get("strides", [1] * k))
+    dilations = tuple(int(v) for v in node.attrs.get("dilations", [1] * k))
+    pads = tuple(int(v) for v in node.attrs.get("pads", [0] * 2 * k)) if auto_pad == "NOTSET" else (0,) * (2 * k)
+    if len(strides) != k or len(dilations) != k or len(pads) != 2 * k:
+        return None
+    return ConvPatches(kernel, strides, pads, dilations)

@@ -96,7 +96,8 @@ def test_conv_matches_numpy_fake_quant_reference():
                [_vi("x", [1, 3, 6, 6])], [_vi("y", None)],
                [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
     calib = _calib((1, 3, 6, 6))
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false"], calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"],
+                        calibration=calib)
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.modified and rec.stats["weights_quantized"] == 1 and rec.stats["activations_quantized"] == 1
@@ -136,7 +137,8 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
         inits = [numpy_helper.from_array(wt, "W")]
     m = _model([node], [_vi("x", [3, 5])], [_vi("y", None)], inits)
     calib = _calib((3, 5), seed=3)
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false"], calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"],
+                        calibration=calib)
     check_model(out, full=True)
     axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axes[0] == axis
@@ -337,6 +339,16 @@ def test_cli_quantize_respects_given_passes():
     assert names("--quantize", "int8", "--calib", "d") == [*DEFAULT_PASSES, QUANT]
     assert names("-p", "fold_constants", "--quantize", "int8", "--calib", "d") == ["fold_constants", QUANT]
     assert names("-p", "quantize_int8_static:activations=int8", "--quantize", "int8", "--calib", "d") == [QUANT]
+    # --quantize-option configures the pass and keeps the default lossless pipeline in front of it
+    args = build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--quantize", "int8", "--calib", "d",
+                                      "--quantize-option", "weight_rounding=nearest", "--quantize-option",
+                                      "bias_correction=false", "--target-cpu", "arm"])
+    specs = Optimize.settings(args).passes
+    assert [p.name for p in specs] == [*DEFAULT_PASSES, QUANT]
+    assert specs[-1].options == {"weight_rounding": "nearest", "bias_correction": "false", "target": "arm"}
+    with pytest.raises(UsageError, match="--quantize-option applies to int8"):
+        Optimize.settings(build_parser().parse_args(["optimize", "in.onnx", "-o", "o.onnx", "--quantize-option",
+                                                     "weight_rounding=nearest"]))
 
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
@@ -472,3 +484,35 @@ def test_layers_below_min_macs_get_weights_only():
     assert "layers_weight_only_small" not in rep0.passes[0].stats
     p0 = {o: n for n in out0.graph.node for o in n.output}
     assert p0[next(n for n in out0.graph.node if n.op_type == "Gemm").input[0]].op_type == "DequantizeLinear"
+
+
+def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
+    # One output holds box coordinates (0..320 px) next to class scores (0..1): one 8-bit scale for both would
+    # leave the scores ~1.25 wide steps. The output stays float, and every layer still runs in int8.
+    r = np.random.default_rng(21)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((r.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["f"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["f"], ["fr"]),
+             helper.make_node("Conv", ["fr", "WB"], ["b"]), helper.make_node("Sigmoid", ["b"], ["bs"]),
+             helper.make_node("Mul", ["bs", "px"], ["boxes"]),
+             helper.make_node("Conv", ["fr", "WS"], ["s"]), helper.make_node("Sigmoid", ["s"], ["scores"]),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1)]
+    m = _model(nodes, [_vi("x", [1, 3, 16, 16])], [_vi("y", None)],
+               [w("W1", 8, 3, 3, 3), w("WB", 4, 8, 1, 1), w("WS", 5, 8, 1, 1),
+                numpy_helper.from_array(np.array(320.0, np.float32), "px")])
+    calib = _calib((1, 3, 16, 16), n=16, seed=22)
+    x = _calib((1, 3, 16, 16), n=1, seed=23)[0]
+    ref = _run(m, x)[0]
+
+    def errors(opts):
+        out, rep = optimize(m, [f"{FULL}{opts}"], calibration=calib)
+        got = _run(out, x, optimize_graph=True)[0]
+        return np.abs(got[:, :4] - ref[:, :4]).max(), np.abs(got[:, 4:] - ref[:, 4:]).max(), rep
+
+    box_err, score_err, rep = errors("")
+    assert rep.passes[0].stats["activations_quantized"] == 2  # x and the shared feature map fr: all 3 convs int8
+    # < 1 % of each part's range (one 8-bit scale over 0..320 would allow score errors up to ~0.6)
+    assert box_err < 3.2 and score_err < 0.01, (box_err, score_err)

@@ -89,7 +89,7 @@ def test_quantizer_rounds_to_nearest_without_a_hessian_and_is_keyed_by_content()
     q0, s0 = quantize_weight(w, 1, 127)
     assert np.array_equal(q, q0) and np.array_equal(s, s0) and wq.gptq_weights == 0
     x = _correlated(rng, 128, 6).astype(np.float64)
-    wq.register(w.copy(), 1, 0, x.T @ x / len(x))  # MatMul layout [K, N]: input features on axis 0
+    wq.register(w.copy(), 1, (0,), x.T @ x / len(x))  # MatMul layout [K, N]: input features on axis 0
     wq.cache.clear()
     q1, s1 = wq.quantize(w.copy(), 1)  # another array with the same bytes
     assert wq.gptq_weights == 1 and np.array_equal(s1, s0) and q1.dtype == np.int8 and not np.array_equal(q1, q0)
@@ -234,3 +234,57 @@ def test_external_data_model_quantizes_like_the_inline_one(tmp_path):
     x = {"input": eval_feeds(entry)[0]["input"]}
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_array_equal(got, _run(inline, x, optimize_graph=True))
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,shape", [
+    ((3, 2), (2, 1), (1, 0, 1, 1), (1, 2), (2, 3, 7, 6)),
+    ((3,), (2,), (1, 1), (1,), (2, 4, 9)),
+    ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), (1, 5, 4, 4)),
+])
+def test_conv_patch_rows_are_what_the_conv_multiplies(kernel, strides, pads, dilations, shape):
+    # Oracle: onnxruntime's Conv output equals W.reshape(M, -1) @ patch for every output position, so the rows
+    # (and the Gram matrix built from them) use the weight's own column order.
+    from onnxslim.calibration_stats import ConvPatches
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((4, shape[1], *kernel)).astype(np.float32)
+    m = _model([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                                 pads=list(pads), dilations=list(dilations))],
+               [_vi("x", list(shape))], [_vi("y", None)], [numpy_helper.from_array(w, "W")])
+    y = _run(m, {"x": x})  # [N, M, *out]
+    spec = ConvPatches(kernel, strides, pads, dilations)
+    rows = np.concatenate(list(spec.rows(x, chunk=10**9)))  # one piece: rows in (n, out positions) order
+    assert rows.shape[1] == spec.columns(x, "x")
+    expect = np.moveaxis(y, 1, -1).reshape(-1, 4)
+    np.testing.assert_allclose(rows @ w.reshape(4, -1).T, expect, rtol=1e-4, atol=1e-4)
+    pieces = list(spec.rows(x, chunk=7))  # a tiny chunk: the same rows, a few output rows at a time
+    gram = sum(p.astype(np.float64).T @ p for p in pieces)
+    np.testing.assert_allclose(gram, rows.astype(np.float64).T @ rows, rtol=1e-10)
+    stats = collect_statistics(m, [{"x": x}], ["x"], grams={"x": spec}, histograms=False)
+    np.testing.assert_allclose(stats["x"].gram, gram, rtol=1e-10)
+    assert stats["x"].gram_rows == len(rows)
+
+
+def test_conv_gptq_lowers_held_out_error_on_smooth_images():
+    rng = np.random.default_rng(9)
+
+    def smooth(n):  # neighbouring pixels and channels correlated, as in images
+        base = rng.standard_normal((n, 1, 10, 10))
+        k = np.ones((3, 3)) / 9
+        out = np.stack([np.stack([np.convolve(r, k[0], "same") for r in img[0]]) for img in base])[:, None]
+        return np.concatenate([out, 0.8 * out + 0.2 * rng.standard_normal(out.shape)], 1).astype(np.float32)
+
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    m = _model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], [_vi("x", [None, 2, 10, 10])],
+               [_vi("y", None)], [numpy_helper.from_array(w, "W")])
+    calib = [{"x": smooth(2)} for _ in range(16)]
+    held_out = {"x": smooth(8)}
+    q = f"{QUANT}:min_macs_for_activation_quantization={10**9},bias_correction=false"  # weights only
+    near, _ = optimize(m, [f"{q},weight_rounding=nearest"], calibration=calib)
+    gptq, rep = optimize(m, [q], calibration=calib)
+    assert rep.passes[0].stats["weights_gptq_rounded"] == 1
+    ref = _run(m, held_out)
+    e_near = float(np.mean((_run(near, held_out) - ref) ** 2))
+    e_gptq = float(np.mean((_run(gptq, held_out) - ref) ** 2))
+    assert e_gptq < 0.7 * e_near, (e_near, e_gptq)
