@@ -220,14 +220,23 @@ def _quant_cmd(tool: str, src: Path, dst: Path, calib: Path) -> list[str]:
 
 
 def _op_summary(path: Path) -> dict:
+    """Node counts (every graph), Q/DQ-family nodes, and weights stored as 8-bit integers (initializers or
+    Constant values of rank >= 2), however they are decoded (DequantizeLinear, or Cast + Mul for weights-only
+    layers)."""
     import collections
 
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
     c: collections.Counter = collections.Counter()
+    int8 = 0
 
     def walk(g):
+        nonlocal int8
+        tensors = list(g.initializer) + [a.t for x in g.node if x.op_type == "Constant" for a in x.attribute
+                                         if a.name == "value"]
+        int8 += sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                    and len(t.dims) >= 2)
         for n in g.node:
             c[n.op_type] += 1
             for a in n.attribute:
@@ -239,31 +248,7 @@ def _op_summary(path: Path) -> dict:
     walk(m.graph)
     q = sum(v for k, v in c.items() if k in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                                "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"))
-    return {"nodes": sum(c.values()), "q_nodes": q, "int8_weights": _int8_weights(m)}
-
-
-def _int8_weights(m) -> int:
-    """Weights stored as 8-bit integers (initializers or Constant values of rank >= 2, any graph), however they
-    are decoded (DequantizeLinear, or Cast + Mul for weights-only layers)."""
-    import onnx
-
-    n = 0
-
-    def walk(g):
-        nonlocal n
-        tensors = list(g.initializer) + [a.t for x in g.node if x.op_type == "Constant" for a in x.attribute
-                                         if a.name == "value"]
-        n += sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-                 and len(t.dims) >= 2)
-        for x in g.node:
-            for a in x.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-
-    walk(m.graph)
-    return n
+    return {"nodes": sum(c.values()), "q_nodes": q, "int8_weights": int8}
 
 
 def _versions() -> dict:

@@ -116,8 +116,8 @@ class QuantizeInt8Static(Pass):
         weight_rounding: Literal["gptq", "nearest"] = field(
             default="gptq", metadata={"help": "int8 weight values: gptq = GPTQ, rounded column by column with the "
                                               "error pushed onto later columns to minimize the layer's output "
-                                              "error on calibration data (MatMul/Gemm, group-1 Conv, LSTM/GRU/RNN); nearest = "
-                                              "round to nearest"})
+                                              "error on calibration data (MatMul/Gemm, group-1 Conv, "
+                                              "LSTM/GRU/RNN); nearest = round to nearest"})
         gptq_damping: float = field(
             default=0.01, metadata={"help": "GPTQ: added to the diagonal of E[x x^T], relative to its mean"})
         gptq_max_gram_mb: int = field(

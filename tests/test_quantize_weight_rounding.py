@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from _fusion_testlib import model
 from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
@@ -22,14 +23,7 @@ QUANT = "quantize_int8_static"
 
 
 def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
-    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=inits),
-                          opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(m)
-    for o, io in zip(m.graph.output, inferred.graph.output):
-        o.CopyFrom(io)
-    check_model(m, full=True)
-    return m
+    return model(nodes, inputs, outputs, inits, opset=opset)
 
 
 def _vi(name, shape):
