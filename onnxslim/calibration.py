@@ -118,7 +118,12 @@ class _Runner:
 
         instrumented, self.routes = expose_tensors(self.proto, self.names, flatten_loops=flatten_loops)
         src, files = self.stack.enter_context(_session_source(instrumented, self.data_dir))
-        self.session = make_session(src, "cpu", optimize=False, external_files=files).session
+        try:
+            self.session = make_session(src, "cpu", optimize=False, external_files=files).session
+        except BadInputError as e:
+            raise BadInputError(f"calibration runs the model in onnxruntime, which cannot load it: {e}. Check "
+                                "that the original model runs in onnxruntime (an exporter may have written an "
+                                "op it does not know) and fix the export") from e
         self.outputs = list(dict.fromkeys(r.output for r in self.routes.values()))
         import onnxruntime as ort
 

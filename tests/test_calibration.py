@@ -497,3 +497,13 @@ def test_external_data_models_are_read_by_onnxruntime_from_disk(tmp_path, monkey
     (ext_dir / "w.bin").unlink()
     with pytest.raises(BadInputError, match="w.bin"):
         collect_statistics(proto, feeds, names, base_dir=ext_dir)
+
+
+def test_model_onnxruntime_cannot_load_gets_a_calibration_error_that_says_so():
+    # tf2onnx has written Gelu as an 'Erfc' node, which is not an ONNX op: calibration must name the cause.
+    g = helper.make_graph([helper.make_node("Erfc", ["x"], ["e"]), helper.make_node("Relu", ["e"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(BadInputError, match="calibration runs the model in onnxruntime.*Erfc"):
+        collect_statistics(m, [{"x": np.ones((2, 4), np.float32)}], ["e"])
