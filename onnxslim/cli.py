@@ -122,8 +122,9 @@ class Optimize:
         from .pipeline import optimize
 
         settings = Optimize.settings(args)
-        _, report = optimize(args.model, output=args.output, overwrite_input=args.overwrite_input,
-                             **settings.api_kwargs())
+        with _progress() as progress:
+            _, report = optimize(args.model, output=args.output, overwrite_input=args.overwrite_input,
+                                 progress=progress, **settings.api_kwargs())
         rc = 0
         if args.check_data:
             from .parity_metrics import merge_floors
@@ -272,7 +273,7 @@ class _progress:
         self._bar.__enter__()
         return self._update
 
-    def _update(self, stage: str, done: int, total: int) -> None:
+    def _update(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self._tasks:
             self._tasks[stage] = self._bar.add_task(stage, total=total)
         self._bar.update(self._tasks[stage], completed=done)

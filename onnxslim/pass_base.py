@@ -16,7 +16,7 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import onnx_graphsurgeon as gs
 
@@ -76,6 +76,7 @@ class PassContext:
     calibration: Any = None
     seed: int = 0
     shared: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int, int | None], None] | None = None  # (stage, done, total) for long stages
 
     def opset_of(self, domain: str = "") -> int | None:
         if domain in ("", "ai.onnx"):

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -232,6 +232,7 @@ def optimize(
     overwrite_input: bool = False,
     shape_annotations: Literal["keep", "all"] = "keep",
     seed: int = 0,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
 
@@ -241,6 +242,7 @@ def optimize(
     check: onnx.checker level for the result; "auto" uses the strictest level the input passes.
     shape_annotations: "keep" writes value_info only for tensors the input annotated (shapes inferred on the
     way help the passes but would make the file bigger); "all" writes every inferred annotation.
+    progress: ``progress(stage, done, total)`` for long stages inside passes (calibration runs); total may be None.
     """
     t_start = time.perf_counter()
     pass_list = resolve_passes(passes)
@@ -267,7 +269,7 @@ def optimize(
     if fixed_point is None:
         fixed_point = all(p.exact for p in pass_list)
     run = dict(loaded=loaded, pass_list=pass_list, feeds=feeds, seed=seed, fixed_point=fixed_point,
-               max_iterations=max_iterations, on_pass_error=on_pass_error)
+               max_iterations=max_iterations, on_pass_error=on_pass_error, progress=progress)
     records, ran, graph = _run_passes(**run)
     out = _export(graph, loaded, contract, records, shape_annotations)
     problems = contract.differences(out)
@@ -317,10 +319,12 @@ def _keep_annotated_only(model: onnx.ModelProto, original: onnx.ModelProto) -> N
 
 
 def _run_passes(loaded: LoadedModel, pass_list: list[Pass], feeds, seed: int, fixed_point: bool,
-                max_iterations: int, on_pass_error: str, verify=None) -> tuple[list[PassRecord], list[str], gs.Graph]:
+                max_iterations: int, on_pass_error: str, verify=None,
+                progress=None) -> tuple[list[PassRecord], list[str], gs.Graph]:
     graph = import_graph(loaded)
     opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed)
+    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed,
+                      progress=progress)
     records: list[PassRecord] = []
     ran: list[str] = []
     failed: set[str] = set()

@@ -264,8 +264,10 @@ class QuantizeInt8Static(Pass):
         from onnxslim.calibration import collect_statistics
 
         method = "minmax" if self.options.range_method == "auto" else self.options.range_method
+        report = ctx.progress
         return collect_statistics(model, ctx.calibration, wanted, means=means, grams=grams,
-                                  histograms=names if method != "minmax" else False, base_dir=ctx.base_dir)
+                                  histograms=names if method != "minmax" else False, base_dir=ctx.base_dir,
+                                  progress=(lambda done, total: report("calibration", done, total)) if report else None)
 
     def _activation_qparams(self, stats, names: list[str], result: PassResult,
                             signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:

@@ -516,3 +516,13 @@ def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
     assert rep.passes[0].stats["activations_quantized"] == 2  # x and the shared feature map fr: all 3 convs int8
     # < 1 % of each part's range (one 8-bit scale over 0..320 would allow score errors up to ~0.6)
     assert box_err < 3.2 and score_err < 0.01, (box_err, score_err)
+
+
+def test_calibration_reports_progress_through_optimize():
+    entry = next(m for m in MODELS if m["name"] == "cnn_digits")
+    seen: list[tuple[str, int, int | None]] = []
+    optimize(SAMPLES / entry["path"], [QUANT], calibration=SAMPLES / entry["calib"],
+             progress=lambda stage, done, total: seen.append((stage, done, total)))
+    n = entry["n_calib"]
+    assert [d for s, d, _ in seen if s == "calibration"] == list(range(1, n + 1))
+    assert {t for _, _, t in seen} == {n}
