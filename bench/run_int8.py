@@ -26,6 +26,7 @@ batches), quantization wall time and peak RSS, and the first error line on failu
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import statistics
@@ -223,29 +224,16 @@ def _op_summary(path: Path) -> dict:
     """Node counts (every graph), Q/DQ-family nodes, and weights stored as 8-bit integers (initializers or
     Constant values of rank >= 2), however they are decoded (DequantizeLinear, or Cast + Mul for weights-only
     layers)."""
-    import collections
-
     import onnx
 
+    from onnxslim.graph import iter_graph_protos
+
     m = onnx.load(str(path), load_external_data=False)
-    c: collections.Counter = collections.Counter()
-    int8 = 0
-
-    def walk(g):
-        nonlocal int8
-        tensors = list(g.initializer) + [a.t for x in g.node if x.op_type == "Constant" for a in x.attribute
-                                         if a.name == "value"]
-        int8 += sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-                    and len(t.dims) >= 2)
-        for n in g.node:
-            c[n.op_type] += 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-
-    walk(m.graph)
+    graphs = list(iter_graph_protos(m.graph))
+    c = collections.Counter(n.op_type for g in graphs for n in g.node)
+    tensors = [t for g in graphs for t in g.initializer] + \
+        [a.t for g in graphs for x in g.node if x.op_type == "Constant" for a in x.attribute if a.name == "value"]
+    int8 = sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
     q = sum(v for k, v in c.items() if k in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                                "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"))
     return {"nodes": sum(c.values()), "q_nodes": q, "int8_weights": int8}

@@ -161,23 +161,15 @@ def _first_error_line(err: str, out: str) -> str:
 def _model_stats(path: Path) -> dict:
     import onnx
 
+    from onnxslim.graph import iter_graph_protos
+
     m = onnx.load(str(path), load_external_data=False)
-    hist: collections.Counter = collections.Counter()
-
-    def walk(g):
-        for n in g.node:
-            hist[(n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type] += 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-
-    walk(m.graph)
+    graphs = list(iter_graph_protos(m.graph))
+    hist = collections.Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                               for g in graphs for n in g.node)
     locs = set()
     n_init = 0
-    for g in _graphs(m.graph):
+    for g in graphs:
         n_init += len(g.initializer)
         for t in g.initializer:
             for e in t.external_data:
@@ -185,27 +177,13 @@ def _model_stats(path: Path) -> dict:
                     locs.add(e.value)
     size = path.stat().st_size + sum((path.parent / l).stat().st_size for l in locs if (path.parent / l).exists())
     docs = len(m.doc_string) + len(m.domain) + sum(len(g.doc_string) + sum(len(n.doc_string) for n in g.node)
-                                                   for g in _graphs(m.graph))
+                                                   for g in graphs)
     return {"nodes": sum(hist.values()), "ops": dict(sorted(hist.items())), "bytes": size, "initializers": n_init,
             "external_files": sorted(locs), "proto_bytes": path.stat().st_size, "doc_bytes": docs,
-            "value_info": sum(len(g.value_info) for g in _graphs(m.graph)),
+            "value_info": sum(len(g.value_info) for g in graphs),
             "metadata_bytes": sum(len(p.key) + len(p.value) for p in m.metadata_props)}
 
 
-def _graphs(g):
-    import onnx
-
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _graphs(sg)
-
-
-# ============================================================================== models and tools
 def _models(selection: list[str]) -> list[dict]:
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
     samples = {m["name"]: {"name": m["name"], "path": SAMPLES / m["path"], "eval": SAMPLES / m["eval"], "limit": None,

@@ -18,6 +18,7 @@ from typing import Callable
 import onnx
 
 from .errors import BadInputError
+from .graph import iter_graph_protos
 
 __all__ = ["expose_tensors"]
 
@@ -199,8 +200,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         log.debug("shape inference failed (%s); using declared types only", e)
         inferred = model
     types: dict[str, int] = {}
-
-    def walk(g: onnx.GraphProto) -> None:
+    for g in iter_graph_protos(inferred.graph):  # names are unique across scopes (ONNX forbids shadowing)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types.setdefault(vi.name, vi.type.tensor_type.elem_type)
@@ -211,12 +211,4 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
                 for a in n.attribute:
                     if a.name == "value":
                         types.setdefault(n.output[0], a.t.data_type)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub)
-
-    walk(inferred.graph)
     return types

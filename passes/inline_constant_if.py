@@ -124,14 +124,7 @@ class InlineConstantIf(Pass):
                 used.add(id(b))
                 prod = b.inputs[0]
                 idx = prod.outputs.index(b)
-                for sub in [graph, *[s for n in moved for v in n.attrs.values() if isinstance(v, gs.Graph) for s in iter_graphs(v)]]:
-                    for n in sub.nodes:
-                        for i, t in enumerate(n.inputs):
-                            if t is b:
-                                n.inputs[i] = o
-                    for i, t in enumerate(sub.outputs):
-                        if t is b:
-                            sub.outputs[i] = o
+                _replace_uses(graph, b, o)  # the moved nodes are in ``graph`` now, their bodies below it
                 prod.outputs[idx] = o
                 if o.dtype is None:
                     o.dtype = b.dtype

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from _fusion_testlib import model
 from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import UsageError
@@ -21,11 +22,7 @@ FULL = f"{QUANT}:min_macs_for_activation_quantization=0,weight_rounding=nearest"
 
 
 def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
-    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    check_model(m, full=True)
-    return m
+    return model(nodes, inputs, outputs, inits)
 
 
 def _vi(name, shape):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim.graph import check_model
+from _fusion_testlib import model
 from onnxslim.passes.equalize_cross_layer import EqualizeCrossLayer
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
@@ -17,11 +17,7 @@ def _vi(name, shape):
 
 
 def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
-    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    check_model(m, full=True)
-    return m
+    return model(nodes, inputs, outputs, inits)
 
 
 def _imbalanced(shape, rng, axis):
