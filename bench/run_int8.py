@@ -226,10 +226,10 @@ def _op_summary(path: Path) -> dict:
     layers)."""
     import onnx
 
-    from onnxslim.graph import iter_graph_protos
+    from onnxslim.graph import iter_graphs
 
     m = onnx.load(str(path), load_external_data=False)
-    graphs = list(iter_graph_protos(m.graph))
+    graphs = list(iter_graphs(m.graph))
     c = collections.Counter(n.op_type for g in graphs for n in g.node)
     tensors = [t for g in graphs for t in g.initializer] + \
         [a.t for g in graphs for x in g.node if x.op_type == "Constant" for a in x.attribute if a.name == "value"]

@@ -161,10 +161,10 @@ def _first_error_line(err: str, out: str) -> str:
 def _model_stats(path: Path) -> dict:
     import onnx
 
-    from onnxslim.graph import iter_graph_protos
+    from onnxslim.graph import iter_graphs
 
     m = onnx.load(str(path), load_external_data=False)
-    graphs = list(iter_graph_protos(m.graph))
+    graphs = list(iter_graphs(m.graph))
     hist = collections.Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type
                                for g in graphs for n in g.node)
     locs = set()

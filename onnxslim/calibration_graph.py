@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 
 from .errors import BadInputError
-from .graph import iter_graph_protos
+from .graph import iter_graphs
 
 __all__ = ["expose_tensors"]
 
@@ -200,7 +200,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         log.debug("shape inference failed (%s); using declared types only", e)
         inferred = model
     types: dict[str, int] = {}
-    for g in iter_graph_protos(inferred.graph):  # names are unique across scopes (ONNX forbids shadowing)
+    for g in iter_graphs(inferred.graph):  # names are unique across scopes (ONNX forbids shadowing)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types.setdefault(vi.name, vi.type.tensor_type.elem_type)

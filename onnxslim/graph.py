@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
@@ -28,17 +29,9 @@ __all__ = [
     "load_model",
     "save_model",
     "check_model",
-    "iter_graph_protos",
+    "iter_graphs",
     "iter_tensor_protos",
     "tensor_nbytes",
-    "import_graph",
-    "export_graph",
-    "value_types",
-    "graph_signature",
-    "peek_values",
-    "quiet_graphsurgeon",
-    "ExternalLazyValues",
-    "RawAttribute",
     "PROTOBUF_LIMIT",
 ]
 
@@ -50,25 +43,35 @@ _COPY_CHUNK = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- walking
-def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies) under it, depth first."""
+def iter_graphs(graph: onnx.GraphProto | gs.Graph, *, functions: bool = False) -> Iterator:
+    """The graph, then every subgraph (If/Loop/Scan bodies) below it, depth first, in node order.
+
+    The one walker over graphs, for protos (``onnx.GraphProto``) and graphsurgeon graphs alike;
+    ``functions`` adds the bodies of a graphsurgeon graph's model-local functions (and their subgraphs).
+    """
     yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graph_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graph_protos(g)
-
-
-def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    yield from iter_graph_protos(model.graph)
+    if isinstance(graph, onnx.GraphProto):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from iter_graphs(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from iter_graphs(g)
+        return
+    for node in list(graph.nodes):
+        for attr in node.attrs.values():
+            for sub in attr if isinstance(attr, (list, tuple)) else [attr]:
+                if isinstance(sub, gs.Graph):
+                    yield from iter_graphs(sub)
+    if functions:
+        for fn in getattr(graph, "functions", []) or []:
+            yield from iter_graphs(fn)
 
 
 def iter_tensor_protos(model: onnx.ModelProto, *, constants: bool = True) -> Iterator[TensorProto]:
     """Every stored tensor: initializers of all graphs and, optionally, Constant-node / attribute tensors."""
-    for g in _all_graphs(model):
+    for g in iter_graphs(model.graph):
         yield from g.initializer
         if constants:
             for node in g.node:
@@ -459,9 +462,3 @@ def check_model(path_or_model: str | os.PathLike | onnx.ModelProto, *, full: boo
     """onnx.checker on a saved file (handles external data and > 2 GB) or a small in-memory model."""
     target = str(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
     onnx.checker.check_model(target, full_check=full)
-
-
-# Graph import/export lives in gs_bridge; re-exported here because passes and tools import it from graph.
-from .gs_bridge import (ExternalLazyValues, RawAttribute, export_graph, graph_signature,  # noqa: E402
-                        import_graph, peek_values, quiet_graphsurgeon, value_types)
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import LoadedModel, ModelContract, _is_external, iter_graph_protos, tensor_to_array
+from .graph import LoadedModel, ModelContract, _is_external, iter_graphs, tensor_to_array
 
 __all__ = [
     "ExternalLazyValues",
@@ -116,7 +116,7 @@ def import_graph(loaded: LoadedModel) -> gs.Graph:
     _attach_raw_attributes(loaded.proto.graph, graph)
     if loaded.has_external_data:
         for g in [graph, *graph.functions]:
-            for sub in _iter_gs_graphs(g):
+            for sub in iter_graphs(g):
                 for t in sub.tensors().values():
                     if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and _is_external(t._values.tensor):
                         t._values = ExternalLazyValues(t._values.tensor, loaded.base_dir)
@@ -126,25 +126,13 @@ def import_graph(loaded: LoadedModel) -> gs.Graph:
     return graph
 
 
-def _iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    yield graph
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                yield from _iter_gs_graphs(attr)
-            elif isinstance(attr, (list, tuple)):
-                for a in attr:
-                    if isinstance(a, gs.Graph):
-                        yield from _iter_gs_graphs(a)
-
-
 _GS_EXPORTABLE = {"tensor_type", "sequence_type", "sparse_tensor_type"}
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Declared types of every named value (graph I/O and value_info, subgraphs included)."""
     types: dict[str, onnx.TypeProto] = {}
-    for g in iter_graph_protos(model.graph):
+    for g in iter_graphs(model.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.WhichOneof("value") and vi.name not in types:
                 types[vi.name] = vi.type
@@ -159,7 +147,7 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
     declared type back from ``types`` (the source model's value types, by name).
     """
     hidden: list[tuple[gs.Variable, Any]] = []
-    for g in _iter_gs_graphs(graph):
+    for g in iter_graphs(graph):
         for t in g.tensors().values():
             if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE:
                 hidden.append((t, t.dtype))
@@ -175,7 +163,7 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
             t.dtype = dtype
         _reattach_raw_attributes(detached, model.graph if model is not None else None)
     if types:
-        for g in iter_graph_protos(model.graph):
+        for g in iter_graphs(model.graph):
             for vi in list(g.input) + list(g.output) + list(g.value_info):
                 if not vi.type.WhichOneof("value") and vi.name in types:
                     vi.type.CopyFrom(types[vi.name])

@@ -16,11 +16,13 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import onnx_graphsurgeon as gs
 
 from .errors import UsageError
+from .graph import iter_graphs
+from .graph_edit import GraphEditor, Names
 
 __all__ = ["Pass", "PassResult", "PassContext", "SkippedNode", "iter_graphs", "option_specs", "OptionSpec"]
 
@@ -77,25 +79,29 @@ class PassContext:
     seed: int = 0
     shared: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int | None], None] | None = None  # (stage, done, total) for long stages
+    # Per-run state (fresh names, the statistics a pass asked for) lives here, never on the pass instance.
+    _names: Names | None = field(default=None, init=False, repr=False)
 
     def opset_of(self, domain: str = "") -> int | None:
         if domain in ("", "ai.onnx"):
             return self.opset
         return next((d.version for d in self.graph.import_domains or [] if d.domain == domain), None)
 
+    @property
+    def names(self) -> Names:
+        """Fresh names unique in the whole model, for this pass run (made on first use)."""
+        if self._names is None:
+            self._names = Names(self.graph)
+        return self._names
 
-def iter_graphs(graph: gs.Graph, *, functions: bool = False) -> Iterator[gs.Graph]:
-    """The graph, then every subgraph below it (depth first); function bodies when asked."""
-    yield graph
-    for node in list(graph.nodes):
-        for attr in node.attrs.values():
-            subs = attr if isinstance(attr, (list, tuple)) else [attr]
-            for sub in subs:
-                if isinstance(sub, gs.Graph):
-                    yield from iter_graphs(sub)
-    if functions:
-        for fn in getattr(graph, "functions", []) or []:
-            yield from iter_graphs(fn)
+    def edit(self, graph: gs.Graph | None = None) -> GraphEditor:
+        """An editor for ``graph`` (default: the main graph), with names unique in the whole model."""
+        return GraphEditor(self.graph if graph is None else graph, self.names)
+
+    def for_graph(self, graph: gs.Graph) -> "PassContext":
+        """A context for a fresh run on ``graph`` (a copy being tried out): the same model facts, data and shared
+        services, its own per-run state."""
+        return dataclasses.replace(self, graph=graph)
 
 
 # --------------------------------------------------------------------------------------------- options

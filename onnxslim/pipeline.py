@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from .data import FeedData, load_feeds
 from .errors import OnnxSlimError, PassError, UsageError
-from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, iter_graph_protos, iter_tensor_protos,
+from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, iter_graphs, iter_tensor_protos,
                     load_model, save_model, tensor_nbytes)
 from .gs_bridge import export_graph, graph_signature, import_graph, quiet_graphsurgeon, value_types
 from .pass_base import Pass, PassContext, PassResult
@@ -162,6 +162,7 @@ def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
 def _run_pass(p: Pass, ctx: PassContext, before: list[str], iteration: int,
               on_error: str, verify=None) -> tuple[PassRecord, gs.Graph]:
     record = PassRecord(p.name, p.options_dict(), p.exact, iteration=iteration)
+    ctx = ctx.for_graph(ctx.graph)  # per-run state (fresh names) starts empty for every pass run
     snapshot = ctx.graph.copy() if on_error == "rollback" else None
     t0 = time.perf_counter()
     try:
@@ -310,8 +311,8 @@ def optimize(
 
 
 def _keep_annotated_only(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    annotated = {vi.name for g in iter_graph_protos(original.graph) for vi in g.value_info}
-    for g in iter_graph_protos(model.graph):
+    annotated = {vi.name for g in iter_graphs(original.graph) for vi in g.value_info}
+    for g in iter_graphs(model.graph):
         keep = [vi for vi in g.value_info if vi.name in annotated]
         if len(keep) != len(g.value_info):
             del g.value_info[:]

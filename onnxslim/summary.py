@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .graph import iter_graph_protos, iter_tensor_protos, tensor_nbytes
+from .graph import iter_graphs, iter_tensor_protos, tensor_nbytes
 
 __all__ = ["ModelSummary", "summarize"]
 
@@ -58,7 +58,7 @@ def _op_key(node: onnx.NodeProto) -> str:
 
 def summarize(model: onnx.ModelProto, file_size: int | None = None) -> ModelSummary:
     ops: Counter[str] = Counter()
-    graphs = list(iter_graph_protos(model.graph))
+    graphs = list(iter_graphs(model.graph))
     for g in graphs:
         ops.update(_op_key(n) for n in g.node)
     for fn in model.functions:

@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from _fusion_testlib import init, model, ops, run_pass
-from onnxslim.passes.collapse_reshape_chains import CollapseReshapeChains
+from onnxslim.passes.slim.collapse_reshape_chains import CollapseReshapeChains
 from onnxslim.pipeline import optimize
 
 

@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from _fusion_testlib import model
-from onnxslim.passes.equalize_cross_layer import EqualizeCrossLayer
+from onnxslim.passes.quantize.equalize_cross_layer import EqualizeCrossLayer
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim.passes.fold_constants import FoldConstants
+from onnxslim.passes.slim.fold_constants import FoldConstants
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 

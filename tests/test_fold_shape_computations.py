@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim.passes.fold_shape_computations import FoldShapeComputations
+from onnxslim.passes.slim.fold_shape_computations import FoldShapeComputations
 from onnxslim.testing import check_pass_contract
 
 from _graphs import op_types as _ops, optimize_sample_model, parse_checked as _model

@@ -5,7 +5,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from _fusion_testlib import init, model, ops, rng, run_pass
-from onnxslim.passes.fuse_batchnorm_into_conv import FuseBatchnormIntoConv
+from onnxslim.passes.slim.fuse_batchnorm_into_conv import FuseBatchnormIntoConv
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 

@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from _fusion_testlib import init, model, ops, rng, run_pass
-from onnxslim.passes.fuse_bias_add_into_conv import FuseBiasAddIntoConv
+from onnxslim.passes.slim.fuse_bias_add_into_conv import FuseBiasAddIntoConv
 from onnxslim.pipeline import optimize
 
 

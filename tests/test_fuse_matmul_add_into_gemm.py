@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from _fusion_testlib import init, model, ops, rng, run_pass
-from onnxslim.passes.fuse_matmul_add_into_gemm import FuseMatmulAddIntoGemm
+from onnxslim.passes.slim.fuse_matmul_add_into_gemm import FuseMatmulAddIntoGemm
 from onnxslim.pipeline import optimize
 
 

@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from _fusion_testlib import init, model, ops, rng, run_pass
-from onnxslim.passes.fuse_pad_into_conv import FusePadIntoConv
+from onnxslim.passes.slim.fuse_pad_into_conv import FusePadIntoConv
 from onnxslim.pipeline import optimize
 
 X = [1, 3, 6, 6]

@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from _fusion_testlib import init, model, ops, rng, run_pass
-from onnxslim.passes.fuse_scale_into_conv import FuseScaleIntoConv
+from onnxslim.passes.slim.fuse_scale_into_conv import FuseScaleIntoConv
 from onnxslim.pipeline import optimize
 
 

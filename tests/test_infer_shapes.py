@@ -10,8 +10,9 @@ import onnx
 import pytest
 
 from onnxslim.data import load_feeds
-from onnxslim.graph import import_graph, load_model
-from onnxslim.passes.infer_shapes import InferShapes, export_weightless
+from onnxslim.graph import load_model
+from onnxslim.gs_bridge import import_graph
+from onnxslim.passes.slim.infer_shapes import InferShapes, export_weightless
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, check_pass_contract, run_model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxslim.passes.inline_constant_if import InlineConstantIf
+from onnxslim.passes.slim.inline_constant_if import InlineConstantIf
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 

@@ -13,7 +13,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxslim.graph import iter_graph_protos
+from onnxslim.graph import iter_graphs
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, run_model
 
@@ -99,7 +99,7 @@ FEEDS = [{"x0": np.array([[-1.0, 0.0, 2.5], [3.0, -0.0, -4.0]], np.float32),
 
 
 def _count_nodes(model: onnx.ModelProto) -> int:
-    return sum(len(g.node) for g in iter_graph_protos(model.graph))
+    return sum(len(g.node) for g in iter_graphs(model.graph))
 
 
 def _assert_same(model: onnx.ModelProto, passes) -> onnx.ModelProto:
@@ -149,5 +149,5 @@ def test_sample_models_keep_outputs_and_do_not_grow(sample, passes):
         feed = {k: v for k, v in feed.items() if not k.startswith("__")}
         assert_outputs_close(run_model(model, feed), run_model(out, feed), names, rtol=1e-5, atol=1e-5)
     assert _count_nodes(out) <= _count_nodes(model)
-    stored = sum(t.ByteSize() for g in iter_graph_protos(out.graph) for t in g.initializer)
-    assert stored <= sum(t.ByteSize() for g in iter_graph_protos(model.graph) for t in g.initializer)
+    stored = sum(t.ByteSize() for g in iter_graphs(out.graph) for t in g.initializer)
+    assert stored <= sum(t.ByteSize() for g in iter_graphs(model.graph) for t in g.initializer)

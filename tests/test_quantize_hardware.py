@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.cli import main as cli_main
 from onnxslim.errors import UsageError
-from onnxslim.graph import check_model, iter_graph_protos
-from onnxslim.passes._quantize_hardware import detect_target, host_target, resolve_hardware, target_settings
+from onnxslim.graph import check_model, iter_graphs
+from onnxslim.passes.quantize._hardware import detect_target, host_target, resolve_hardware, target_settings
 from onnxslim.pipeline import optimize
 
 QUANT = "quantize_int8_static"
@@ -112,7 +112,7 @@ def _calib(n=8):
 
 
 def _int8_weights(m: onnx.ModelProto) -> list[np.ndarray]:
-    return [numpy_helper.to_array(t) for g in iter_graph_protos(m.graph) for t in g.initializer
+    return [numpy_helper.to_array(t) for g in iter_graphs(m.graph) for t in g.initializer
             if t.data_type == TensorProto.INT8 and len(t.dims) >= 2]
 
 

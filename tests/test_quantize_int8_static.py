@@ -13,8 +13,8 @@ from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.cli import main as cli_main
 from onnxslim.errors import UsageError
-from onnxslim.graph import check_model, iter_graph_protos
-from onnxslim.passes.quantize_int8_static import QuantizeInt8Static
+from onnxslim.graph import check_model, iter_graphs
+from onnxslim.passes.quantize.quantize_int8_static import QuantizeInt8Static
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 
 QUANT = "quantize_int8_static"
@@ -50,7 +50,7 @@ def _run(m, feed, optimize_graph=False):
 
 
 def _ops(m: onnx.ModelProto) -> Counter:
-    return Counter(n.op_type for g in iter_graph_protos(m.graph) for n in g.node)
+    return Counter(n.op_type for g in iter_graphs(m.graph) for n in g.node)
 
 
 def _inits(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -63,7 +63,7 @@ def _inits(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 
 def _all_inits(m: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     out: dict[str, onnx.TensorProto] = {}
-    for g in iter_graph_protos(m.graph):
+    for g in iter_graphs(m.graph):
         out.update(_inits(g))
     return out
 
@@ -261,7 +261,7 @@ def test_sample_model_quantizes_loads_and_keeps_accuracy(entry, tmp_path):
     out = onnx.load(str(dst))
     int8 = [t for t in _all_inits(out).values() if t.data_type == TensorProto.INT8]
     assert int8
-    has_axis = any(a.name == "axis" for g in iter_graph_protos(out.graph) for n in g.node
+    has_axis = any(a.name == "axis" for g in iter_graphs(out.graph) for n in g.node
                    if n.op_type == "DequantizeLinear" for a in n.attribute)
     assert has_axis == (entry["opset"] >= 13)  # per-channel only where DequantizeLinear has 'axis'
     if entry["name"] in ("cnn_digits", "transformer_text", "gru_digits"):

@@ -13,7 +13,7 @@ from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.errors import UsageError
 from onnxslim.graph import check_model
 from onnxslim.parity_metrics import cosine_similarity
-from onnxslim.passes.quantize_int8_static import QuantizeInt8Static
+from onnxslim.passes.quantize.quantize_int8_static import QuantizeInt8Static
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 from onnxslim.testing import check_pass_contract
 

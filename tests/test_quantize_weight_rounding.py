@@ -15,8 +15,8 @@ from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import BadInputError
 from onnxslim.graph import check_model, save_model
-from onnxslim.passes._quantize_gptq import WeightQuantizer, gptq_round
-from onnxslim.passes._quantize_math import quantize_weight
+from onnxslim.passes.quantize._gptq import WeightQuantizer, gptq_round
+from onnxslim.passes.quantize._math import quantize_weight
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 
 QUANT = "quantize_int8_static"

@@ -9,7 +9,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxslim.graph import iter_graph_protos
+from onnxslim.graph import iter_graphs
 from onnxslim.pipeline import optimize
 from onnxslim.registry import get_pass
 from onnxslim.testing import check_pass_contract
@@ -24,7 +24,7 @@ def _record(model, **options):
 
 
 def _initializers(model: onnx.ModelProto) -> list[str]:
-    return [t.name for g in iter_graph_protos(model.graph) for t in g.initializer]
+    return [t.name for g in iter_graphs(model.graph) for t in g.initializer]
 
 
 def test_two_1m_element_initializers_one_read_inside_an_if_branch():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import peek_values
+from onnxslim.graph_edit import peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["EqualizeCrossLayer"]

@@ -32,11 +32,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.graph import ModelContract, export_graph
+from onnxslim.graph import ModelContract
+from onnxslim.gs_bridge import export_graph
 from onnxslim.parity_metrics import cosine_similarity
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
-from ._quantize_plan import _ELEMENTWISE_PASS_THROUGH, _SINGLE_INPUT_PASS_THROUGH, NodePlan, QuantizePlanner
+from ._plan import _ELEMENTWISE_PASS_THROUGH, _SINGLE_INPUT_PASS_THROUGH, NodePlan, QuantizePlanner
 
 __all__ = ["RUNGS", "apply_precision_ladder"]
 
@@ -406,10 +407,10 @@ def _cloner(proto):
 
 
 def _original_constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    from onnxslim.graph import iter_graph_protos
+    from onnxslim.graph import iter_graphs
 
     out: dict[str, onnx.TensorProto] = {}
-    for g in iter_graph_protos(model.graph):
+    for g in iter_graphs(model.graph):
         out.update({t.name: t for t in g.initializer})
         for n in g.node:
             if n.op_type == "Constant" and not n.domain:

@@ -23,11 +23,11 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import peek_values
+from onnxslim.graph_edit import peek_values
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
-from ._quantize_gptq import WeightQuantizer
-from ._quantize_plan import NodePlan, QuantizePlanner
+from ._gptq import WeightQuantizer
+from ._plan import NodePlan, QuantizePlanner
 
 __all__ = ["bias_correction_means", "correct_biases"]
 

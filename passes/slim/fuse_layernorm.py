@@ -24,9 +24,10 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor, const_value
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, const_value
+from ._fusion_helpers import FusionPass
 
 __all__ = ["FuseLayernorm"]
 
@@ -77,13 +78,14 @@ class FuseLayernorm(FusionPass):
 
     name = "fuse_layernorm"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        graph = edit.graph
         result = PassResult()
         opset = ctx.opset_of("") or 0
         for mean in [n for n in graph.nodes if _op(n, "ReduceMean")]:
-            if not self.owns(mean):
+            if not edit.owns(mean):
                 continue
-            match = self._match(graph, mean)
+            match = self._match(edit, mean)
             if isinstance(match, str):
                 if match:  # "" = not a LayerNorm at all, nothing worth reporting
                     result.skip(mean, f"not fused into LayerNormalization: {match}", graph)
@@ -91,7 +93,7 @@ class FuseLayernorm(FusionPass):
             if opset < 17:
                 result.skip(mean, f"not fused: LayerNormalization needs opset >= 17, the model has {opset}", graph)
                 continue
-            self._rewrite(graph, mean, match)
+            self._rewrite(edit, mean, match)
             result.count("layernorms_fused")
             result.modified = True
         return result
@@ -127,7 +129,7 @@ class FuseLayernorm(FusionPass):
         readers = _readers(t)
         return readers[0] if len(readers) == 1 else None
 
-    def _match(self, graph: gs.Graph, mean: gs.Node) -> dict | str:
+    def _match(self, edit: GraphEditor, mean: gs.Node) -> dict | str:
         x = mean.inputs[0]
         rank = len(x.shape) if x.shape is not None else None
         axes = self._axes(mean, rank)
@@ -185,10 +187,10 @@ class FuseLayernorm(FusionPass):
             out = nxt.outputs[0]
         # Every intermediate (all outputs but the last) must be read inside the pattern only.
         for n in nodes[:-1]:
-            if any(id(o) in self._output_ids for o in n.outputs):
+            if any(edit.is_output(o) for o in n.outputs):
                 return f"'{n.outputs[0].name}' is a graph output"
         for n in nodes:
-            if not self.owns(n):
+            if not edit.owns(n):
                 return ""
         if x.dtype not in _FLOATS:
             return f"input dtype {x.dtype} (float32/float16 only)"
@@ -210,26 +212,24 @@ class FuseLayernorm(FusionPass):
                 "gamma": params[0], "beta": params[1], "gamma_t": gamma_t, "beta_t": beta_t}
 
     # ------------------------------------------------------------------------------------ rewriting
-    def _param(self, t: gs.Tensor | None, values: np.ndarray, base: str) -> gs.Tensor:
+    def _param(self, edit: GraphEditor, t: gs.Tensor | None, values: np.ndarray, base: str) -> gs.Tensor:
         """The pattern's own constant when it already has the normalized shape, else a new constant."""
         v = const_value(t) if t is not None else None
         if v is not None and v.shape == values.shape:
             return t
-        return self.new_constant(base, values)
+        return edit.new_constant(base, values)
 
-    def _rewrite(self, graph: gs.Graph, mean: gs.Node, match: dict) -> None:
+    def _rewrite(self, edit: GraphEditor, mean: gs.Node, match: dict) -> None:
         nodes: list[gs.Node] = match["nodes"]
         tail = nodes[-1]
         base = mean.name or "LayerNorm"
-        gamma = self._param(match["gamma_t"], match["gamma"], f"{base}_scale")
-        beta = self._param(match["beta_t"], match["beta"], f"{base}_bias")
+        gamma = self._param(edit, match["gamma_t"], match["gamma"], f"{base}_scale")
+        beta = self._param(edit, match["beta_t"], match["beta"], f"{base}_bias")
         out = match["out"]
         tail.outputs.clear()
-        ln = gs.Node(op="LayerNormalization", name=self.fresh_name(f"{base}_fused"),
+        ln = gs.Node(op="LayerNormalization", name=edit.fresh_name(f"{base}_fused"),
                      attrs={"axis": match["axis"], "epsilon": float(match["eps"])},
                      inputs=[match["x"], gamma, beta], outputs=[out])
-        pos = next(i for i, n in enumerate(graph.nodes) if n is tail)
-        graph.nodes.insert(pos, ln)
-        self._members.add(id(ln))
+        edit.insert_node(ln, before=tail)
         for n in nodes:
-            self.remove_node(graph, n)
+            edit.remove_node(n)

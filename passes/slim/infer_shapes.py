@@ -19,8 +19,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxslim.graph import ModelContract, export_graph, iter_graph_protos, tensor_nbytes
-from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
+from onnxslim.graph import ModelContract, iter_graphs, tensor_nbytes
+from onnxslim.gs_bridge import export_graph
+from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["InferShapes", "infer_graph_types"]
 
@@ -94,7 +95,7 @@ def infer_graph_types(graph: gs.Graph, opset: int, *, keep_value_info: bool = Tr
     """
     model = export_weightless(graph, opset)
     if not keep_value_info:
-        for g in iter_graph_protos(model.graph):
+        for g in iter_graphs(model.graph):
             del g.value_info[:]
             for vi in g.output:  # a declared output shape is not evidence either
                 if vi.type.WhichOneof("value") == "tensor_type":
@@ -109,7 +110,7 @@ def infer_graph_types(graph: gs.Graph, opset: int, *, keep_value_info: bool = Tr
     if inferred is None:
         return {}
     out: dict[str, tuple[int, Dims | None]] = {}
-    for g in iter_graph_protos(inferred.graph):
+    for g in iter_graphs(inferred.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.WhichOneof("value") != "tensor_type" or vi.name in out:
                 continue

@@ -20,10 +20,10 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor, const_value, is_shared
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import (FusionPass, const_value, conv_out_channels, conv_weights,
-                              is_shared, scale_out_channels, take_output)
+from ._fusion_helpers import FusionPass, conv_out_channels, conv_weights, grows, scale_out_channels, set_conv_weights, take_output
 
 __all__ = ["FuseBatchnormIntoConv"]
 
@@ -58,35 +58,36 @@ class FuseBatchnormIntoConv(FusionPass):
 
     name = "fuse_batchnorm_into_conv"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        graph = edit.graph
         result = PassResult()
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and not n.domain]:
             if not bn.inputs or not bn.inputs[0].inputs:
                 continue
             prod = bn.inputs[0].inputs[0]
-            if prod.op not in _PRODUCERS or prod.domain or not self.owns(prod):
+            if prod.op not in _PRODUCERS or prod.domain or not edit.owns(prod):
                 continue
-            reason = self._fuse(graph, prod, bn)
+            reason = self._fuse(edit, prod, bn)
             if reason:
                 result.skip(bn, f"not fused into {prod.op} '{prod.name}': {reason}", graph)
                 continue
-            self.remove_node(graph, bn)
+            edit.remove_node(bn)
             log.debug("fused %s into %s %s", bn.name, prod.op, prod.name)
             result.count(f"fused_into_{prod.op.lower()}")
             result.modified = True
         return result
 
-    def _fuse(self, graph: gs.Graph, prod: gs.Node, bn: gs.Node) -> str | None:
-        if self.sole_consumer(graph, prod.outputs[0]) is not bn or len(prod.outputs) != 1:
+    def _fuse(self, edit: GraphEditor, prod: gs.Node, bn: gs.Node) -> str | None:
+        if edit.sole_consumer(prod.outputs[0]) is not bn or len(prod.outputs) != 1:
             return "the producer's output has other readers"
-        if not self.outputs_unused(bn):
+        if not edit.outputs_unused(bn):
             return "BN mean/var outputs are used"
         aff = _bn_affine(bn)
         if isinstance(aff, str):
             return aff
         s, mean, beta = aff
         if prod.op == "Gemm":
-            return self._fuse_gemm(graph, prod, bn, s, mean, beta)
+            return self._fuse_gemm(edit, prod, bn, s, mean, beta)
         got = conv_weights(prod)
         if isinstance(got, str):
             return got
@@ -98,14 +99,14 @@ class FuseBatchnormIntoConv(FusionPass):
         b64 = np.zeros(cout) if b is None else b.astype(np.float64).reshape(cout)
         new_w = scale_out_channels(prod.op, w, s, group).astype(w.dtype)
         new_b = ((b64 - mean) * s + beta).astype(w.dtype)
-        gain = self.grows([new_w, new_b], [*prod.inputs[1:3], *bn.inputs[1:]])
+        gain = grows([new_w, new_b], [*prod.inputs[1:3], *bn.inputs[1:]])
         if gain > 0:
             return f"the model would grow by {gain} bytes (shared constants)"
-        self.set_conv_weights(graph, prod, new_w, new_b)
+        set_conv_weights(edit, prod, new_w, new_b)
         take_output(prod, bn)
         return None
 
-    def _fuse_gemm(self, graph: gs.Graph, gemm: gs.Node, bn: gs.Node, s: np.ndarray, mean: np.ndarray,
+    def _fuse_gemm(self, edit: GraphEditor, gemm: gs.Node, bn: gs.Node, s: np.ndarray, mean: np.ndarray,
                    beta: np.ndarray) -> str | None:
         b = const_value(gemm.inputs[1]) if len(gemm.inputs) > 1 else None
         if b is None or b.ndim != 2 or b.dtype.kind != "f":
@@ -129,12 +130,12 @@ class FuseBatchnormIntoConv(FusionPass):
         scale = s.reshape(-1, 1) if trans_b else s.reshape(1, -1)
         new_b = (b.astype(np.float64) * scale).astype(b.dtype)
         new_c = new_c.astype(b.dtype)
-        gain = self.grows([new_b, new_c], [*gemm.inputs[1:3], *bn.inputs[1:]])
+        gain = grows([new_b, new_c], [*gemm.inputs[1:3], *bn.inputs[1:]])
         if gain > 0:
             return f"the model would grow by {gain} bytes (shared constants or a broadcast C)"
         base = gemm.name or "Gemm"
-        self.set_constant_input(graph, gemm, 1, new_b, f"{base}_B")
-        self.set_constant_input(graph, gemm, 2, new_c, f"{base}_C")
+        edit.set_constant_input(gemm, 1, new_b, f"{base}_B")
+        edit.set_constant_input(gemm, 2, new_c, f"{base}_C")
         gemm.attrs["beta"] = 1.0
         take_output(gemm, bn)
         return None

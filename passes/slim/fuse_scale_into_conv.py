@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import (FusionPass, scale_out_channels, take_output)
+from ._fusion_helpers import FusionPass, fuse_into_preceding_conv, grows, per_channel_operand, scale_out_channels, set_conv_weights, take_output
 
 __all__ = ["FuseScaleIntoConv"]
 
@@ -29,14 +30,14 @@ class FuseScaleIntoConv(FusionPass):
 
     name = "fuse_scale_into_conv"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
         # Div only divides the Conv output (d / Conv(x) is not affine).
-        return self.fuse_into_preceding_conv(
-            graph, ("Mul", "Div"), self._fuse, lambda node, conv: f"{node.op.lower()}_fused_into_{conv.op.lower()}",
+        return fuse_into_preceding_conv(
+            edit, ("Mul", "Div"), self._fuse, lambda node, conv: f"{node.op.lower()}_fused_into_{conv.op.lower()}",
             positions=lambda node: (0, 1) if node.op == "Mul" else (0,))
 
-    def _fuse(self, graph: gs.Graph, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
-        got = self.per_channel_operand(graph, conv, node, other)
+    def _fuse(self, edit: GraphEditor, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
+        got = per_channel_operand(edit, conv, node, other)
         if isinstance(got, str):
             return got
         w, b, cout, vec = got
@@ -49,9 +50,9 @@ class FuseScaleIntoConv(FusionPass):
             return "non-finite scale"
         new_w = scale_out_channels(conv.op, w, s, int(conv.attrs.get("group", 1))).astype(w.dtype)
         new_b = None if b is None else (b.astype(np.float64).reshape(cout) * s).astype(w.dtype)
-        gain = self.grows([new_w, new_b], [*conv.inputs[1:3], other])
+        gain = grows([new_w, new_b], [*conv.inputs[1:3], other])
         if gain > 0:
             return f"the model would grow by {gain} bytes (shared constants)"
-        self.set_conv_weights(graph, conv, new_w, new_b)
+        set_conv_weights(edit, conv, new_w, new_b)
         take_output(conv, node)
         return None

@@ -15,9 +15,9 @@ quantized too; weights may be initializers, Constant nodes, or outer-scope const
 Activation ranges: ``range_method=auto`` is minmax. On the sample models minmax, percentile (99.999) and mse
 gave the same accuracy and logits cosine within 1e-5 of each other, entropy was worse (cosine 0.954 on
 cnn_digits); minmax needs no histograms, so it is the default.
-Hardware (``target``, see ``_quantize_hardware``): x86 without VNNI gets 7-bit weights (reduce_range; u8s8
+Hardware (``target``, see ``_hardware``): x86 without VNNI gets 7-bit weights (reduce_range; u8s8
 AVX2 kernels saturate int16 pair sums otherwise), ARM gets int8 (s8s8) activations; ``auto`` = this machine.
-Bias correction (``_quantize_bias_correction``): each quantized Conv/Gemm/MatMul(+Add) bias is shifted by
+Bias correction (``_bias_correction``): each quantized Conv/Gemm/MatMul(+Add) bias is shifted by
 ``-(W_q - W) E[x]`` with ``E[x]`` the calibrated per-channel input mean. Measured (x86-vnni, 450 eval samples):
 cnn_digits mean |logit error| 0.0421 -> 0.0274 (cosine 0.999925 -> 0.999967); transformer_text, gru_digits,
 wine_ifloop within +-1% of uncorrected; accuracy unchanged on all four. On by default.
@@ -34,7 +34,7 @@ weights as ``Mul(Cast(int8), scale)`` (``weight_only_encoding=cast_mul``): the s
 any opset, and onnxruntime folds the two nodes into a float initializer when the session loads, so such a layer
 runs as fast as in fp32 (measured @1t: gru_digits 1.046 -> 0.989, wine_ifloop 1.159 -> 1.002; with
 DequantizeLinear, onnxruntime rewrites DQ -> MatMul/Gemm into MatMulNBits, which also re-quantizes the input).
-Weight values: GPTQ rounding from calibration Gram matrices (``_quantize_gptq``; MatMul/Gemm, Conv, LSTM/GRU/RNN), on
+Weight values: GPTQ rounding from calibration Gram matrices (``_gptq``; MatMul/Gemm, Conv, LSTM/GRU/RNN), on
 by default; gru_digits 0.9733 -> 0.9756 accuracy (= fp32), mean |logit error| 0.0121 -> 0.0098.
 Calibration: activation ranges, bias-correction means and GPTQ Gram matrices come from one run over the data.
 Lossy: parity is judged by ``metric_floors``.
@@ -51,16 +51,18 @@ import onnx
 
 from onnxslim.calibration_stats import ConvPatches
 from onnxslim.errors import UsageError
-from onnxslim.graph import ModelContract, export_graph, peek_values
+from onnxslim.graph import ModelContract
+from onnxslim.graph_edit import peek_values
+from onnxslim.gs_bridge import export_graph
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
-from ._quantize_bias_correction import bias_correction_means, correct_biases
-from ._quantize_gptq import WeightQuantizer, gptq_requests
-from ._quantize_hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
-from ._quantize_math import WEIGHT_QMAX, activation_qparams
-from ._quantize_ladder import apply_precision_ladder
-from ._quantize_plan import QuantizePlanner
-from ._quantize_rewrite import Rewriter
+from ._bias_correction import bias_correction_means, correct_biases
+from ._gptq import WeightQuantizer, gptq_requests
+from ._hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
+from ._math import WEIGHT_QMAX, activation_qparams
+from ._ladder import apply_precision_ladder
+from ._plan import QuantizePlanner
+from ._rewrite import Rewriter
 
 __all__ = ["QuantizeInt8Static"]
 
@@ -304,7 +306,7 @@ def _export_for_statistics(ctx: PassContext) -> onnx.ModelProto:
 def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
     """elem_type and shape (dims int or None) by tensor name (subgraphs included), from the model's
     annotations plus shape inference."""
-    from onnxslim.graph import iter_graph_protos
+    from onnxslim.graph import iter_graphs
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -313,7 +315,7 @@ def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, l
         inferred = model
     types: dict[str, int] = {}
     shapes: dict[str, list] = {}
-    for g in iter_graph_protos(inferred.graph):
+    for g in iter_graphs(inferred.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types.setdefault(vi.name, vi.type.tensor_type.elem_type)

@@ -27,7 +27,9 @@ import onnxruntime
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxslim.graph import RawAttribute, tensor_nbytes
+from onnxslim.graph import tensor_nbytes
+
+from onnxslim.gs_bridge import RawAttribute
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 from onnxslim.runtime import make_session
 

@@ -18,9 +18,10 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor, const_value
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, const_value
+from ._fusion_helpers import FusionPass
 
 __all__ = ["FusePadIntoConv"]
 
@@ -63,22 +64,23 @@ class FusePadIntoConv(FusionPass):
 
     name = "fuse_pad_into_conv"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        graph = edit.graph
         result = PassResult()
         for pad in [n for n in graph.nodes if n.op == "Pad" and not n.domain]:
-            target = self.sole_consumer(graph, pad.outputs[0])
-            if target is None or target.op not in _TARGETS or target.domain or not self.owns(target):
+            target = edit.sole_consumer(pad.outputs[0])
+            if target is None or target.op not in _TARGETS or target.domain or not edit.owns(target):
                 continue
-            reason = self._fuse(graph, pad, target, ctx.opset)
+            reason = self._fuse(edit, pad, target, ctx.opset)
             if reason:
                 result.skip(pad, f"not fused into {target.op} '{target.name}': {reason}", graph)
                 continue
-            self.remove_node(graph, pad)
+            edit.remove_node(pad)
             result.count(f"fused_into_{target.op.lower()}")
             result.modified = True
         return result
 
-    def _fuse(self, graph: gs.Graph, pad: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _fuse(self, edit: GraphEditor, pad: gs.Node, node: gs.Node, opset: int) -> str | None:
         if node.inputs[0] is not pad.outputs[0] or any(t is pad.outputs[0] for t in node.inputs[1:]):
             return "the Pad output is not only the data input"
         if node.op == "ConvTranspose":
@@ -115,7 +117,7 @@ class FusePadIntoConv(FusionPass):
                 return f"pad value {value} is not -inf (MaxPool pads act as -inf)"
             if int(node.attrs.get("ceil_mode", 0)):
                 return "ceil_mode=1"
-            if len(node.outputs) > 1 and not self.outputs_unused(node):
+            if len(node.outputs) > 1 and not edit.outputs_unused(node):
                 return "MaxPool Indices output is used (indices would shift)"
         new = [old[i] + pads[2 + i] for i in range(nsp)] + [old[nsp + i] + pads[rank + 2 + i] for i in range(nsp)]
         node.attrs["pads"] = [int(v) for v in np.asarray(new)]

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.pass_base import Pass, PassContext, PassResult
-from onnxslim.passes.infer_shapes import infer_graph_types
+from onnxslim.passes.slim.infer_shapes import infer_graph_types
 
 __all__ = ["FoldShapeComputations"]
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor, const_value
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, const_value, take_output
+from ._fusion_helpers import FusionPass, take_output
 
 __all__ = ["FuseMatmulAddIntoGemm"]
 
@@ -51,7 +52,8 @@ class FuseMatmulAddIntoGemm(FusionPass):
 
     name = "fuse_matmul_add_into_gemm"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        graph = edit.graph
         result = PassResult()
         if ctx.opset < 7:
             return result  # Gemm before opset 7 needs the broadcast attribute; not worth it
@@ -61,18 +63,18 @@ class FuseMatmulAddIntoGemm(FusionPass):
                 if not t.inputs or t.inputs[0].op != "MatMul" or t.inputs[0].domain:
                     continue
                 mm = t.inputs[0]
-                reason = self._fuse(graph, mm, add, other)
+                reason = self._fuse(edit, mm, add, other)
                 if reason:
                     result.skip(mm, f"MatMul + Add '{add.name}' not fused: {reason}", graph)
                     break
-                self.remove_node(graph, add)
+                edit.remove_node(add)
                 result.count("gemm_created")
                 result.modified = True
                 break
         return result
 
-    def _fuse(self, graph: gs.Graph, mm: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
-        if not self.owns(mm) or self.sole_consumer(graph, mm.outputs[0]) is not add:
+    def _fuse(self, edit: GraphEditor, mm: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
+        if not edit.owns(mm) or edit.sole_consumer(mm.outputs[0]) is not add:
             return "the MatMul output has other readers"
         a = mm.inputs[0]
         rank = _rank(a)

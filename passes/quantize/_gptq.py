@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.calibration_stats import ConvPatches
 
-from ._quantize_math import quantize_weight
+from ._math import quantize_weight
 
 __all__ = ["WeightQuantizer", "gptq_requests", "gptq_round"]
 

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import peek_values
+from onnxslim.graph_edit import peek_values
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
-from ._quantize_gptq import WeightQuantizer
-from ._quantize_math import WEIGHT_QMAX, quantize_bias
-from ._quantize_plan import NodePlan, QuantizePlanner
+from ._gptq import WeightQuantizer
+from ._math import WEIGHT_QMAX, quantize_bias
+from ._plan import NodePlan, QuantizePlanner
 
 __all__ = ["Rewriter"]
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import (FusionPass, take_output)
+from ._fusion_helpers import FusionPass, fuse_into_preceding_conv, grows, per_channel_operand, set_conv_weights, take_output
 
 __all__ = ["FuseBiasAddIntoConv"]
 
@@ -28,19 +29,19 @@ class FuseBiasAddIntoConv(FusionPass):
 
     name = "fuse_bias_add_into_conv"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        return self.fuse_into_preceding_conv(graph, ("Add",), self._fuse, lambda add, conv: f"fused_into_{conv.op.lower()}")
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        return fuse_into_preceding_conv(edit, ("Add",), self._fuse, lambda add, conv: f"fused_into_{conv.op.lower()}")
 
-    def _fuse(self, graph: gs.Graph, conv: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
-        got = self.per_channel_operand(graph, conv, add, other, scales_weight=False, kind="a per-output-channel bias")
+    def _fuse(self, edit: GraphEditor, conv: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
+        got = per_channel_operand(edit, conv, add, other, scales_weight=False, kind="a per-output-channel bias")
         if isinstance(got, str):
             return got
         w, b, cout, vec = got
         b64 = np.zeros(cout) if b is None else b.astype(np.float64).reshape(cout)
         new_b = (b64 + vec.astype(np.float64)).astype(w.dtype)
-        gain = self.grows([new_b], [conv.inputs[2] if len(conv.inputs) > 2 else None, other])
+        gain = grows([new_b], [conv.inputs[2] if len(conv.inputs) > 2 else None, other])
         if gain > 0:
             return f"the model would grow by {gain} bytes (a shared or scalar constant becomes a [C] bias)"
-        self.set_conv_weights(graph, conv, None, new_b)
+        set_conv_weights(edit, conv, None, new_b)
         take_output(conv, add)
         return None

@@ -20,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import GraphEditor, const_value
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, const_value
+from ._fusion_helpers import FusionPass
 
 __all__ = ["CollapseReshapeChains"]
 
@@ -56,22 +57,23 @@ class CollapseReshapeChains(FusionPass):
 
     name = "collapse_reshape_chains"
 
-    def fuse_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
+        graph = edit.graph
         result = PassResult()
         for node in list(graph.nodes):
             # A merged node may now follow another mergeable node: keep going until nothing applies.
-            while self.owns(node) and node.inputs and node.inputs[0].inputs:
+            while edit.owns(node) and node.inputs and node.inputs[0].inputs:
                 prev = node.inputs[0].inputs[0]
-                if not self.owns(prev) or prev.domain or node.domain:
+                if not edit.owns(prev) or prev.domain or node.domain:
                     break
                 rule = self._rule(node, prev)
                 if rule is None:
                     break
-                if self.sole_consumer(graph, prev.outputs[0]) is not node or len(prev.outputs) != 1:
+                if edit.sole_consumer(prev.outputs[0]) is not node or len(prev.outputs) != 1:
                     result.skip(node, f"{prev.op}→{node.op}: the intermediate has other readers", graph)
                     break
                 key = f"{prev.op.lower()}_{node.op.lower()}_collapsed"  # before the rule renames ops
-                reason = rule(graph, prev, node, ctx.opset)
+                reason = rule(edit, prev, node, ctx.opset)
                 if reason:
                     result.skip(node, f"{prev.op}→{node.op}: {reason}", graph)
                     break
@@ -93,7 +95,7 @@ class CollapseReshapeChains(FusionPass):
         return None
 
     # ---------------------------------------------------------------------------------------- rules
-    def _reshape_after(self, graph: gs.Graph, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _reshape_after(self, edit: GraphEditor, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
         s2 = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if s2 is None:
             return "target shape is not a constant"
@@ -115,26 +117,26 @@ class CollapseReshapeChains(FusionPass):
                 else:
                     return f"target dim {i} is 0 and the intermediate dim is unknown"
             if new != s2:
-                self._set_input(graph, node, 1,
-                                self.new_constant(f"{node.name or 'Reshape'}_shape", np.asarray(new, np.int64)))
-        self._skip_prev(graph, prev, node)
+                self._set_input(edit, node, 1,
+                                edit.new_constant(f"{node.name or 'Reshape'}_shape", np.asarray(new, np.int64)))
+        self._skip_prev(edit, prev, node)
         return None
 
-    def _flatten_after(self, graph: gs.Graph, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _flatten_after(self, edit: GraphEditor, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
         axis = int(node.attrs.get("axis", 1))
         y = prev.outputs[0].shape
         rank = len(y) if y is not None else None
         if prev.op == "Flatten" and axis in (1, -1):
             # Flatten of a 2-D tensor at axis 1 changes nothing: keep the first Flatten's result.
-            if id(node.outputs[0]) in self._output_ids:
+            if edit.is_output(node.outputs[0]):
                 return "its output is a graph output"
             out = node.outputs[0]
-            self.remove_node(graph, node)
-            self.bypass(graph, out, prev.outputs[0])
+            edit.remove_node(node)
+            edit.rewire_readers(out, prev.outputs[0])
             return None
         if axis == 0 or (prev.op == "Flatten" and axis == -2):
             node.attrs["axis"] = 0
-            self._skip_prev(graph, prev, node)
+            self._skip_prev(edit, prev, node)
             return None
         if opset < 5 or rank is None:
             return "intermediate rank unknown"
@@ -149,11 +151,11 @@ class CollapseReshapeChains(FusionPass):
             return "intermediate dims on both sides of the axis are dynamic"
         node.op = "Reshape"
         node.attrs.clear()
-        node.inputs.append(self.new_constant(f"{node.name or 'Flatten'}_shape", np.asarray(shape, np.int64)))
-        self._skip_prev(graph, prev, node)
+        node.inputs.append(edit.new_constant(f"{node.name or 'Flatten'}_shape", np.asarray(shape, np.int64)))
+        self._skip_prev(edit, prev, node)
         return None
 
-    def _transposes(self, graph: gs.Graph, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _transposes(self, edit: GraphEditor, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
         p1, p2 = prev.attrs.get("perm"), node.attrs.get("perm")
         y = prev.outputs[0].shape
         if (p1 is None or p2 is None) and y is None:
@@ -165,12 +167,12 @@ class CollapseReshapeChains(FusionPass):
             return "perms of different length"
         perm = [int(p1[i]) for i in p2]
         if perm == list(range(rank)):
-            return self._cancel(graph, prev, node)
+            return self._cancel(edit, prev, node)
         node.attrs["perm"] = perm
-        self._skip_prev(graph, prev, node)
+        self._skip_prev(edit, prev, node)
         return None
 
-    def _squeeze_pair(self, graph: gs.Graph, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _squeeze_pair(self, edit: GraphEditor, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
         a1, a2 = _axes(prev, opset), _axes(node, opset)
         if a1 is None or a2 is None:
             return "axes absent or not constant"
@@ -180,9 +182,9 @@ class CollapseReshapeChains(FusionPass):
         n1, n2 = _norm(a1, rank), _norm(a2, rank)
         if n1 is None or n2 is None or n1 != n2 or len(set(n1)) != len(n1):
             return f"axes {a1} and {a2} do not cancel"
-        return self._cancel(graph, prev, node)
+        return self._cancel(edit, prev, node)
 
-    def _same_squeezes(self, graph: gs.Graph, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
+    def _same_squeezes(self, edit: GraphEditor, prev: gs.Node, node: gs.Node, opset: int) -> str | None:
         a1, a2 = _axes(prev, opset), _axes(node, opset)
         if a1 is None or a2 is None:
             return "axes absent or not constant"
@@ -202,36 +204,36 @@ class CollapseReshapeChains(FusionPass):
         free_list = list(free)
         axes = sorted(set(outer) | {free_list[p] for p in inner})
         if opset >= 13 and "axes" not in node.attrs:
-            self._set_input(graph, node, 1, self.new_constant(f"{node.name or node.op}_axes", np.asarray(axes, np.int64)))
+            self._set_input(edit, node, 1, edit.new_constant(f"{node.name or node.op}_axes", np.asarray(axes, np.int64)))
         else:
             node.attrs["axes"] = axes
-        self._skip_prev(graph, prev, node)
+        self._skip_prev(edit, prev, node)
         return None
 
     # ------------------------------------------------------------------------------------ rewrites
-    def _set_input(self, graph: gs.Graph, node: gs.Node, i: int, t: gs.Tensor) -> None:
+    def _set_input(self, edit: GraphEditor, node: gs.Node, i: int, t: gs.Tensor) -> None:
         old = node.inputs[i]
         node.inputs[i] = t
-        self.drop_dead_constant(graph, old)
+        edit.drop_dead_constant(old)
 
-    def _skip_prev(self, graph: gs.Graph, prev: gs.Node, node: gs.Node) -> None:
+    def _skip_prev(self, edit: GraphEditor, prev: gs.Node, node: gs.Node) -> None:
         """``node`` reads ``prev``'s input directly; ``prev`` goes."""
         node.inputs[0] = prev.inputs[0]
-        self.remove_node(graph, prev)
+        edit.remove_node(prev)
 
-    def _cancel(self, graph: gs.Graph, prev: gs.Node, node: gs.Node) -> str | None:
+    def _cancel(self, edit: GraphEditor, prev: gs.Node, node: gs.Node) -> str | None:
         """node(prev(x)) == x: readers of node's output read x; an Identity stays for a graph output."""
         x, out = prev.inputs[0], node.outputs[0]
-        if id(out) in self._output_ids:
+        if edit.is_output(out):
             extra = list(node.inputs[1:])
             node.op = "Identity"
             node.attrs.clear()
             node.inputs.clear()
             node.inputs.append(x)
             for t in extra:
-                self.drop_dead_constant(graph, t)
+                edit.drop_dead_constant(t)
         else:
-            self.remove_node(graph, node)
-            self.bypass(graph, out, x)
-        self.remove_node(graph, prev)
+            edit.remove_node(node)
+            edit.rewire_readers(out, x)
+        edit.remove_node(prev)
         return None

@@ -1,0 +1,1 @@
+"""Lossless passes: the default pipeline (exact up to float rounding; never a bigger model)."""
