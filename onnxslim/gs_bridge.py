@@ -29,6 +29,7 @@ __all__ = [
     "export_graph",
     "value_types",
     "graph_signature",
+    "export_standalone",
 ]
 
 
@@ -177,6 +178,23 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
             if t.name not in declared:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return model
+
+
+def export_standalone(graph: gs.Graph, opset: int) -> onnx.ModelProto:
+    """The graph as it is mid-pipeline, as a model of its own (to run it in onnxruntime or infer its shapes):
+    the graph's opset imports (``opset`` when it has none), the lowest IR version they allow (at least 7),
+    no metadata. Not for saving: the pipeline's export puts the model's contract back instead."""
+    opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in (graph.import_domains or [])]
+    if not opsets:
+        opsets = [onnx.helper.make_opsetid("", opset)]
+    try:
+        ir = max(7, int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    except Exception:  # noqa: BLE001 - unknown domains
+        ir = onnx.IR_VERSION
+    contract = ModelContract(inputs=[], outputs=[], ir_version=ir, opset_import=opsets, producer_name="onnxslim",
+                             producer_version="", domain="", model_version=0, doc_string="",
+                             graph_name=graph.name or "graph", graph_doc_string="", metadata_props=[])
+    return export_graph(graph, contract)
 
 
 def _hoist_sibling_copies(root: onnx.GraphProto) -> None:

@@ -32,8 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.graph import ModelContract
-from onnxslim.gs_bridge import export_graph
+from onnxslim.gs_bridge import export_standalone
 from onnxslim.parity_metrics import cosine_similarity
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
@@ -458,11 +457,5 @@ def _restore_float_biases(root: gs.Graph, rungs: dict[Key, str], originals: dict
 
 
 def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
-    opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains] \
-        if graph.import_domains else [onnx.helper.make_opsetid("", ctx.opset)]
-    ir = max(int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
-    contract = ModelContract(inputs=[], outputs=[], ir_version=ir, opset_import=opsets, producer_name="onnxslim",
-                             producer_version="", domain="", model_version=0, doc_string="",
-                             graph_name=graph.name or "graph", graph_doc_string="", metadata_props=[])
     graph.toposort(recurse_subgraphs=True)  # a scratch copy: the new Q/DQ nodes were appended at the end
-    return export_graph(graph, contract)
+    return export_standalone(graph, ctx.opset)

@@ -51,9 +51,8 @@ import onnx
 
 from onnxslim.calibration_stats import ConvPatches
 from onnxslim.errors import UsageError
-from onnxslim.graph import ModelContract
 from onnxslim.graph_edit import peek_values
-from onnxslim.gs_bridge import export_graph
+from onnxslim.gs_bridge import export_standalone
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 from ._bias_correction import bias_correction_means, correct_biases
@@ -177,7 +176,7 @@ class QuantizeInt8Static(Pass):
             raise UsageError(f"{self.name}: QuantizeLinear needs opset >= 10 and this model uses opset {ctx.opset}; "
                              "convert it first (onnx.version_converter)")
         # The graph is in topological order here (the pipeline sorts it after every pass; a file's order is).
-        model = _export_for_statistics(ctx)
+        model = export_standalone(ctx.graph, ctx.opset)  # the graph as it is now, for calibration
         types, shapes = _inferred_types(model)
         per_channel = opts.weights_per_channel and ctx.opset >= 13
         if opts.weights_per_channel and not per_channel:
@@ -291,18 +290,6 @@ class QuantizeInt8Static(Pass):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _export_for_statistics(ctx: PassContext) -> onnx.ModelProto:
-    """The current graph as a model ORT can run, for calibration (the pipeline's own export path)."""
-    graph = ctx.graph
-    opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains] if graph.import_domains \
-        else [onnx.helper.make_opsetid("", ctx.opset)]
-    ir = max(int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
-    contract = ModelContract(inputs=[], outputs=[], ir_version=ir, opset_import=opsets, producer_name="onnxslim",
-                             producer_version="", domain="", model_version=0, doc_string="",
-                             graph_name=graph.name or "graph", graph_doc_string="", metadata_props=[])
-    return export_graph(graph, contract)
-
-
 def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
     """elem_type and shape (dims int or None) by tensor name (subgraphs included), from the model's
     annotations plus shape inference."""

@@ -20,8 +20,8 @@ from typing import Any, Hashable
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxslim.graph_edit import peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["EliminateCommonSubexpressions"]
@@ -33,12 +33,6 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "Rando
 _KNOWN_DOMAINS = {None, "", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
 
-def _array(c: gs.Constant) -> np.ndarray:
-    """A constant's values without caching them on the tensor (it stays lazy, so export keeps its proto)."""
-    v = c._values
-    return np.asarray(v.load() if isinstance(v, LazyValues) else v)
-
-
 class _Unmergeable(Exception):
     """An attribute we can't compare by value (subgraphs): the node is never merged."""
 
@@ -48,7 +42,7 @@ def _constant_key(t: gs.Constant, limit: int) -> Hashable:
     nbytes = int(getattr(t._values, "nbytes", 0) or 0) if not isinstance(t._values, np.ndarray) else t._values.nbytes
     if nbytes > limit:
         return ("const-id", id(t))
-    arr = np.ascontiguousarray(_array(t))
+    arr = np.ascontiguousarray(peek_values(t))
     # The declared shape, not arr.shape: gs loads some scalars as shape (1,).
     payload = tuple(arr.reshape(-1).tolist()) if arr.dtype.kind == "O" else arr.tobytes()  # strings by value
     return ("const", str(t.dtype), str(arr.dtype), tuple(int(d) for d in t.shape), payload)
@@ -123,9 +117,8 @@ class EliminateCommonSubexpressions(Pass):
 
     def _merge_all(self, graph: gs.Graph, pinned: set[int]) -> PassResult:
         result = PassResult()
-        self._pinned = pinned
         while True:
-            merged = self._merge_round(graph, result)
+            merged = self._merge_round(graph, result, pinned)
             if not merged:
                 break
             result.count("nodes_merged", merged)
@@ -148,7 +141,7 @@ class EliminateCommonSubexpressions(Pass):
         outputs = tuple(bool(t.name) for t in node.outputs)
         return (node.op, node.domain or "", attrs, inputs, outputs)
 
-    def _merge_round(self, graph: gs.Graph, result: PassResult) -> int:
+    def _merge_round(self, graph: gs.Graph, result: PassResult, pinned: set[int]) -> int:
         seen: dict[Hashable, gs.Node] = {}
         removed: set[int] = set()
         swapped = False
@@ -160,8 +153,8 @@ class EliminateCommonSubexpressions(Pass):
             if kept is None:
                 seen[key] = node
                 continue
-            kept_pinned = any(id(t) in self._pinned for t in kept.outputs)
-            node_pinned = any(id(t) in self._pinned for t in node.outputs)
+            kept_pinned = any(id(t) in pinned for t in kept.outputs)
+            node_pinned = any(id(t) in pinned for t in node.outputs)
             if kept_pinned and node_pinned:
                 result.skip(node, "it and its twin both produce graph outputs", graph)
                 continue

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["EliminateIdentityOps"]
@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
 _STANDARD = (None, "", "ai.onnx")
-
-
-def _array(c: gs.Constant) -> np.ndarray:
-    """A constant's values without caching them on the tensor (it stays lazy, so export keeps its proto)."""
-    v = c._values
-    return np.asarray(v.load() if isinstance(v, LazyValues) else v)
 
 
 # ------------------------------------------------------------------------------------------- tensor facts
@@ -71,7 +65,7 @@ def _ints(t: gs.Tensor) -> list[int] | None:
     """A small constant integer tensor as a list (None when not a constant)."""
     if not isinstance(t, gs.Constant):
         return None
-    arr = _array(t)
+    arr = peek_values(t)
     if arr.dtype.kind not in "iu" or arr.ndim > 1:
         return None
     return [int(v) for v in arr.reshape(-1)]
@@ -104,7 +98,7 @@ def _dropout(node: gs.Node, ctx: PassContext, opts) -> int | None:
         return None
     if len(node.inputs) >= 3 and not _is_empty(node.inputs[2]):
         mode = node.inputs[2]
-        if not isinstance(mode, gs.Constant) or np.any(_array(mode)):
+        if not isinstance(mode, gs.Constant) or np.any(peek_values(mode)):
             return None
     return 0
 
@@ -227,7 +221,7 @@ def _elementwise(node: gs.Node, ctx: PassContext, opts) -> int | None:
             continue
         if not _broadcast_keeps(list(c.shape), _shape(x)):
             continue
-        arr = _array(c)
+        arr = peek_values(c)
         if arr.size == 0 or not np.all(arr == unit):
             continue
         if unit == 0 and arr.dtype.kind in "fc" and not opts.ignore_zero_sign:
@@ -271,21 +265,17 @@ class EliminateIdentityOps(Pass):
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
-        graphs = list(iter_graphs(ctx.graph))
-        # Which graphs return a tensor (by id): a tensor may be an output of a subgraph of another graph.
-        self._returned_by: dict[int, list[gs.Graph]] = {}
-        self._graph_inputs: set[int] = set()
-        for g in graphs:
-            for t in g.outputs:
-                self._returned_by.setdefault(id(t), []).append(g)
-            self._graph_inputs.update(id(t) for t in g.inputs)
-        for g in graphs:
-            result.merge(self.run_graph(g, ctx))
+        scope = _Outputs.of(ctx.graph)
+        for g in list(iter_graphs(ctx.graph)):
+            result.merge(self._run_graph(g, ctx, scope))
         return result
 
     def run_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        return self._run_graph(graph, ctx, _Outputs.of(ctx.graph))
+
+    def _run_graph(self, graph: gs.Graph, ctx: PassContext, scope: "_Outputs") -> PassResult:
         result = PassResult()
-        self._local = {id(n) for n in graph.nodes}
+        local = {id(n) for n in graph.nodes}
         removed: set[int] = set()
         for node in list(graph.nodes):
             check = _CHECKS.get(node.op)
@@ -294,14 +284,14 @@ class EliminateIdentityOps(Pass):
             if any(_is_empty(t) for t in node.outputs[:1]):
                 continue
             extra = [t for t in node.outputs[1:] if not _is_empty(t)]
-            if any(t.outputs or id(t) in self._returned_by for t in extra):
+            if any(t.outputs or id(t) in scope.returned_by for t in extra):
                 if node.op in ("Identity", "Dropout"):
                     result.skip(node, "its second output (mask) is used", graph)
                 continue
             src_index = check(node, ctx, self.options)
             if src_index is None:
                 continue
-            reason = self._bypass(graph, node, node.inputs[src_index])
+            reason = self._bypass(graph, node, node.inputs[src_index], scope, local)
             if reason:
                 result.skip(node, reason, graph)
                 continue
@@ -314,23 +304,23 @@ class EliminateIdentityOps(Pass):
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
         return result
 
-    def _bypass(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor) -> str | None:
+    def _bypass(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor, scope: "_Outputs", local: set[int]) -> str | None:
         """Make y's readers read x and drop the node; a reason when y's name must stay and can't."""
         y = node.outputs[0]
-        owners = self._returned_by.get(id(y), [])
+        owners = scope.returned_by.get(id(y), [])
         if any(g is not graph for g in owners):
             return "its output is returned by another graph"
         if owners:
             # y's name is a graph output: give x that name instead, when x is free to take it.
             if not isinstance(x, gs.Variable) or _is_empty(x) or not x.inputs:
                 return "its output is a graph output and its input is a graph input or constant"
-            if not any(id(p) in self._local for p in x.inputs):
+            if not any(id(p) in local for p in x.inputs):
                 return "its output is a graph output and its input comes from an outer graph"
-            if id(x) in self._returned_by or id(x) in self._graph_inputs:
+            if id(x) in scope.returned_by or id(x) in scope.graph_inputs:
                 return "its output and its input are both graph inputs/outputs"
             name = y.name
             for consumer in list(y.outputs):
-                _replace_input(consumer, y, x)
+                replace_input(consumer, y, x)
             node.inputs.clear()
             node.outputs.clear()
             x.name = name
@@ -339,18 +329,30 @@ class EliminateIdentityOps(Pass):
             if x.shape is None:
                 x.shape = y.shape
             graph.outputs = [x if t is y else t for t in graph.outputs]
-            self._returned_by[id(x)] = self._returned_by.pop(id(y))
+            scope.returned_by[id(x)] = scope.returned_by.pop(id(y))
             log.debug("removed %s (%s); renamed its input to %s", node.name, node.op, name)
             return None
         for consumer in list(y.outputs):
-            _replace_input(consumer, y, x)
+            replace_input(consumer, y, x)
         node.inputs.clear()
         node.outputs.clear()
         log.debug("removed %s (%s)", node.name, node.op)
         return None
 
 
-def _replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, t in enumerate(consumer.inputs):
-        if t is old:
-            consumer.inputs[i] = new
+@dataclass
+class _Outputs:
+    """One run's facts about graph boundaries: which graphs return a tensor (by id; a tensor may be an output
+    of a subgraph of another graph) and which tensors are graph inputs."""
+
+    returned_by: dict[int, list[gs.Graph]] = field(default_factory=dict)
+    graph_inputs: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, root: gs.Graph) -> "_Outputs":
+        out = cls()
+        for g in iter_graphs(root):
+            for t in g.outputs:
+                out.returned_by.setdefault(id(t), []).append(g)
+            out.graph_inputs.update(id(t) for t in g.inputs)
+        return out

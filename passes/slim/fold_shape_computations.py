@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.pass_base import Pass, PassContext, PassResult
-from onnxslim.passes.slim.infer_shapes import infer_graph_types
+from onnxslim.shape_inference import infer_graph_types
 
 __all__ = ["FoldShapeComputations"]
 
@@ -69,35 +69,33 @@ class FoldShapeComputations(Pass):
         _walk(ctx.graph, True, graphs)
         if not any(n.op in ("Shape", "Size") for g, _ in graphs for n in g.nodes):
             return result
-        self._types = infer_graph_types(ctx.graph, ctx.opset, keep_value_info=False)
-        self._opset = ctx.opset
-        self._values: dict[int, _Value] = {}
-        self._trusted: set[int] = set()
+        trusted_ids: set[int] = set()
         for g, trusted in graphs:
             if trusted:
-                self._trusted.update(id(t) for t in g.inputs)
-                self._trusted.update(id(t) for n in g.nodes for t in n.outputs)
+                trusted_ids.update(id(t) for t in g.inputs)
+                trusted_ids.update(id(t) for n in g.nodes for t in n.outputs)
+        ev = _Evaluator(infer_graph_types(ctx.graph, ctx.opset, keep_value_info=False), ctx.opset, trusted_ids)
         for g, _ in graphs:
             folded = []
             for node in list(g.nodes):
                 if node.domain not in (None, "", "ai.onnx") or node.op not in _SHAPE_OPS or len(node.outputs) != 1:
                     continue
                 try:
-                    value = self._evaluate(node)
+                    value = ev.evaluate(node)
                 except Exception as e:  # noqa: BLE001 - odd attrs/inputs: leave the node alone
                     log.debug("cannot evaluate %s (%s): %s", node.name, node.op, e)
                     value = None
                 out = node.outputs[0]
                 if value is None or not out.name or isinstance(out, gs.Constant):
                     continue
-                self._values[id(out)] = value
+                ev.values[id(out)] = value
                 if value.known and len(value.elems) <= _MAX_ELEMENTS:
                     folded.append(node)
             upstream = []
             for node in folded:
                 upstream.extend(p for t in node.inputs for p in t.inputs)
                 out = node.outputs[0]
-                v = self._values[id(out)]
+                v = ev.values[id(out)]
                 arr = np.array(v.elems, dtype=v.dtype)
                 node.outputs.clear()
                 node.inputs.clear()
@@ -126,10 +124,19 @@ class FoldShapeComputations(Pass):
             removed += 1
         return removed
 
-    # ------------------------------------------------------------------ symbolic evaluation
+
+
+class _Evaluator:
+    """Symbolic values of shape computations during one run: ``types`` from shape inference, ``trusted`` the
+    tensors whose inferred dims may be relied on, ``values`` what was worked out so far (by tensor id)."""
+
+    def __init__(self, types: dict, opset: int, trusted: set[int]):
+        self._types, self._opset, self._trusted = types, opset, trusted
+        self.values: dict[int, _Value] = {}
+
     def _value(self, t: gs.Tensor) -> _Value | None:
-        if id(t) in self._values:
-            return self._values[id(t)]
+        if id(t) in self.values:
+            return self.values[id(t)]
         if not isinstance(t, gs.Constant) and len(t.inputs) == 1 and t.inputs[0].op == "Constant" \
                 and isinstance(t.inputs[0].attrs.get("value"), gs.Constant):
             t = t.inputs[0].attrs["value"]  # a Constant node's value, before fold_constants made it an initializer
@@ -137,7 +144,7 @@ class FoldShapeComputations(Pass):
                 and len(t.shape) <= 1 and int(np.prod(t.shape)) <= _MAX_ELEMENTS:
             arr = np.asarray(t.values)
             v = _Value(arr.dtype, arr.ndim == 0, [int(x) for x in arr.reshape(-1)])
-            self._values[id(t)] = v
+            self.values[id(t)] = v
             return v
         return None
 
@@ -155,7 +162,7 @@ class FoldShapeComputations(Pass):
         dims = self._types[t.name][1]
         return None if dims is None else [d if isinstance(d, int) else None for d in dims]
 
-    def _evaluate(self, node: gs.Node) -> _Value | None:
+    def evaluate(self, node: gs.Node) -> _Value | None:
         op, ins, a = node.op, node.inputs, node.attrs
         if op == "Shape":
             dims = self._dims(ins[0])

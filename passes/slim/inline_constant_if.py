@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import replace_uses
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["InlineConstantIf"]
@@ -50,18 +51,6 @@ def _all_names(root: gs.Graph, skip: set[int]) -> dict[str, set[int]]:
                 if t.name:
                     names.setdefault(t.name, set()).add(id(t))
     return names
-
-
-def _replace_uses(root: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every reader of ``old`` (any graph, graph outputs included) read ``new``."""
-    for g in iter_graphs(root):
-        for node in g.nodes:
-            for i, t in enumerate(node.inputs):
-                if t is old:
-                    node.inputs[i] = new
-        for i, t in enumerate(g.outputs):
-            if t is old:
-                g.outputs[i] = new
 
 
 class InlineConstantIf(Pass):
@@ -124,14 +113,14 @@ class InlineConstantIf(Pass):
                 used.add(id(b))
                 prod = b.inputs[0]
                 idx = prod.outputs.index(b)
-                _replace_uses(graph, b, o)  # the moved nodes are in ``graph`` now, their bodies below it
+                replace_uses(graph, b, o)  # the moved nodes are in ``graph`` now, their bodies below it
                 prod.outputs[idx] = o
                 if o.dtype is None:
                     o.dtype = b.dtype
             elif id(o) in graph_outputs or id(b) in used:
                 extra.append(gs.Node("Identity", name=f"{o.name}__inl_identity", inputs=[b], outputs=[o]))
             else:
-                _replace_uses(root, o, b)
+                replace_uses(root, o, b)
         branch.outputs.clear()
         graph.nodes[pos + len(moved):pos + len(moved)] = extra
         result.count("ifs_inlined")

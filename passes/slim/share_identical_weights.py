@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxslim.graph_edit import peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["ShareIdenticalWeights"]
@@ -41,12 +42,6 @@ _CHUNK = 4 * 2**20
 # Hash this many leading bytes first: distinct weights almost always differ there, so only tensors whose
 # prefixes collide pay for a full hash (and the byte-for-byte check).
 _PREFIX = 64 * 2**10
-
-
-def _array(c: gs.Constant) -> np.ndarray:
-    """A constant's values without caching them on the tensor (it stays lazy, so export keeps its proto)."""
-    v = c._values
-    return np.asarray(v.load() if isinstance(v, LazyValues) else v)
 
 
 # ------------------------------------------------------------------------------------------- bytes
@@ -74,7 +69,7 @@ def _chunks(c: gs.Constant, base_dir: Path | None, limit: int | None = None) -> 
         if t.HasField("raw_data") or t.raw_data:
             yield memoryview(t.raw_data)[:limit]
             return
-    arr = np.ascontiguousarray(_array(c))
+    arr = np.ascontiguousarray(peek_values(c))
     yield memoryview(arr.reshape(-1).view(np.uint8))[:limit] if arr.size else b""
 
 
