@@ -57,3 +57,14 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _pin_host_cpu(monkeypatch):
+    """Every test sees the same CPU: an x86 without VNNI (``target=auto`` -> x86-avx2: uint8 activations, 7-bit
+    weights), whatever machine runs the suite. Those weights are safe for onnxruntime's int8 kernels on any CPU;
+    tests that assume full 8-bit weights say ``target=x86-vnni`` and compare with ORT's reference semantics
+    (graph optimizations off). Detection itself is tested with faked cpuinfo texts (test_quantize_hardware)."""
+    from onnxslim.passes.quantize import _hardware
+
+    monkeypatch.setattr(_hardware, "host_target", lambda *args, **kwargs: "x86-avx2")
