@@ -24,25 +24,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph_edit import peek_values
-from onnxslim.pass_base import PassContext, PassResult, iter_graphs
+from onnxslim.pass_base import PassContext, PassResult
 
 from ._gptq import WeightQuantizer
+from ._ops import FOLLOWING_ADD, OPS, input_axis
 from ._plan import NodePlan, QuantizePlanner
 
 __all__ = ["bias_correction_means", "correct_biases"]
 
 log = logging.getLogger(__name__)
-
-_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def _mean_axis(node: gs.Node) -> int:
-    if node.op == "Conv":
-        return 1
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transA", 0)) else 1
-    return -1
-
 
 def _weight_error_shift(node: gs.Node, w: np.ndarray, wq: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
     """``(W_q - W) E[x]`` per output channel (float64), or None when the shapes do not fit."""
@@ -70,19 +60,11 @@ def _weight_error_shift(node: gs.Node, w: np.ndarray, wq: np.ndarray, mu: np.nda
     return alpha * (mu @ dw)
 
 
-def _fresh(root: gs.Graph, base: str) -> str:
-    taken = {t for g in iter_graphs(root) for t in g.tensors()}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def _bias_slot(p: NodePlan, planner: QuantizePlanner) -> tuple[gs.Node, int] | None:
     """(node, input index) of the float bias that shifts this node's output, when there is a usable one."""
     node = p.node
-    if node.op in ("Conv", "Gemm"):
-        return (node, 2) if p.bias == 2 else None
+    if OPS[node.op].bias != FOLLOWING_ADD:
+        return (node, p.bias) if p.bias is not None else None
     out = node.outputs[0]
     if len(out.outputs) != 1 or out in p.graph.outputs:
         return None
@@ -95,7 +77,7 @@ def _bias_slot(p: NodePlan, planner: QuantizePlanner) -> tuple[gs.Node, int] | N
 
 
 def _corrected(plans: list[NodePlan]) -> list[NodePlan]:
-    return [p for p in plans if p.node.op in _OPS and not p.node.domain and 0 in p.activations
+    return [p for p in plans if input_axis(p.node) is not None and not p.node.domain and 0 in p.activations
             and any(i == 1 for i, _ in p.weights)]
 
 
@@ -103,7 +85,7 @@ def bias_correction_means(plans: list[NodePlan]) -> dict[str, int]:
     """Input tensor -> channel axis whose calibrated mean bias correction needs (``collect_statistics(means=)``)."""
     axes: dict[str, int] = {}
     for p in _corrected(plans):
-        axes.setdefault(p.node.inputs[0].name, _mean_axis(p.node))
+        axes.setdefault(p.node.inputs[0].name, input_axis(p.node))
     return axes
 
 
@@ -118,7 +100,7 @@ def correct_biases(ctx: PassContext, stats, plans: list[NodePlan], planner: Quan
     for p in todo:
         node = p.node
         x = node.inputs[0].name
-        if axes[x] != _mean_axis(node):
+        if axes[x] != input_axis(node):
             continue  # the same tensor read along another axis (rare): no mean for this reading
         st = stats.get(x)
         mu = None if st is None else st.channel_mean
@@ -147,7 +129,7 @@ def correct_biases(ctx: PassContext, stats, plans: list[NodePlan], planner: Quan
         if len(readers) == 1:
             const.values = new_values  # this node's own bias: change it in place
         else:  # shared with other layers, whose errors differ: a private copy
-            owner.inputs[idx] = gs.Constant(_fresh(ctx.graph, f"{const.name}_corrected"), new_values)
+            owner.inputs[idx] = gs.Constant(ctx.names.fresh(f"{const.name}_corrected"), new_values)
         result.count("biases_corrected")
         shifts.append(float(np.abs(delta).max(initial=0.0)))
     if shifts:

@@ -32,9 +32,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.calibration_stats import ConvPatches
-
 from ._math import quantize_weight
+from ._ops import gram_request
 
 __all__ = ["WeightQuantizer", "gptq_requests", "gptq_round"]
 
@@ -137,7 +136,7 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int,
 def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, tuple[int, ...], str, object]]:
     """(node, weight input index, per-channel axis, the weight's input-feature axes, activation name, its Gram
     request for ``collect_statistics(grams=)``: a feature axis or a ``ConvPatches``) for every planned weight
-    GPTQ can round."""
+    GPTQ can round (``_ops.OPS[op].gptq`` says how each op's weight meets its input)."""
     out = []
     for p in plans:
         node = p.node
@@ -145,40 +144,8 @@ def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, tuple[
             found = planner.constant_of(node.inputs[i])
             if found is None:
                 continue
-            shape = list(found[0].shape)
-            rank = len(shape)
-            x = node.inputs[0]
-            if node.op in ("MatMul", "Gemm") and i == 1 and rank == 2 and x.name:
-                if node.op == "MatMul":
-                    out.append((node, i, axis, (0,), x.name, -1))
-                else:
-                    trans_a = int(node.attrs.get("transA", 0))
-                    trans_b = int(node.attrs.get("transB", 0))
-                    out.append((node, i, axis, (1 if trans_b else 0,), x.name, 0 if trans_a else 1))
-            elif node.op == "Conv" and i == 1 and rank in (3, 4) and x.name:
-                spec = _conv_patches(node, shape)
-                if spec is not None:
-                    out.append((node, i, axis, tuple(range(1, rank)), x.name, spec))
-            elif node.op in ("LSTM", "RNN", "GRU") and rank == 3:
-                if i == 1 and x.name:
-                    out.append((node, i, axis, (2,), x.name, -1))
-                elif i == 2 and node.outputs and node.outputs[0].name and (
-                        node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1):
-                    out.append((node, i, axis, (2,), node.outputs[0].name, -1))
+            got = gram_request(node, i, list(found[0].shape))
+            if got is not None:
+                in_axes, x, request = got
+                out.append((node, i, axis, in_axes, x, request))
     return out
-
-
-def _conv_patches(node: gs.Node, wshape: list[int]) -> ConvPatches | None:
-    """The patch geometry of a group-1 Conv with explicit (or no) padding; None for what GPTQ leaves alone."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if int(node.attrs.get("group", 1)) != 1 or auto_pad not in ("NOTSET", "VALID"):
-        return None
-    kernel = tuple(int(k) for k in wshape[2:])
-    k = len(kernel)
-    strides = tuple(int(v) for v in node.attrs.get("strides", [1] * k))
-    dilations = tuple(int(v) for v in node.attrs.get("dilations", [1] * k))
-    pads = tuple(int(v) for v in node.attrs.get("pads", [0] * 2 * k)) if auto_pad == "NOTSET" else (0,) * (2 * k)
-    if len(strides) != k or len(dilations) != k or len(pads) != 2 * k:
-        return None
-    return ConvPatches(kernel, strides, pads, dilations)

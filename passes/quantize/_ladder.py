@@ -33,9 +33,11 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
 from onnxslim.gs_bridge import export_standalone
+from onnxslim.graph_edit import Names, constant_source
 from onnxslim.parity_metrics import cosine_similarity
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
+from ._ops import FOLLOWING_ADD, OPS
 from ._plan import _ELEMENTWISE_PASS_THROUGH, _SINGLE_INPUT_PASS_THROUGH, NodePlan, QuantizePlanner
 
 __all__ = ["RUNGS", "apply_precision_ladder"]
@@ -133,17 +135,10 @@ def _int16_domain(ctx: PassContext) -> str | None:
     return None
 
 
-def _widen(root: gs.Graph, rungs: dict[Key, str], domain: str, result: PassResult | None) -> int:
+def _widen(root: gs.Graph, rungs: dict[Key, str], domain: str, result: PassResult | None, names: Names) -> int:
     """Replace the 8-bit activation Q/DQ in front of int16-rung nodes with 16-bit pairs; returns nodes widened."""
     by_id, by_key = _keys(root)
-    taken = {t for g in iter_graphs(root) for t in g.tensors()} | {n.name for g in iter_graphs(root) for n in g.nodes}
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
+    fresh = names.fresh
 
     cache: dict[tuple[int, str], gs.Variable] = {}
     widened = 0
@@ -237,10 +232,10 @@ def apply_precision_ladder(ctx: PassContext, model: onnx.ModelProto, plans: list
         if id(p.node) not in kept and rungs.get(keys[id(p.node)]) == "float":
             result.skip(p.node, "kept float (float_nodes or auto_precision)", p.graph)
     if "float" in rungs.values():
-        _restore_float_biases(ctx.graph, rungs, _original_constants(model))
+        _restore_float_biases(ctx.graph, rungs, _original_constants(model), ctx.names)
     rewriter.apply(final, planner)
     if domain is not None and "int16" in rungs.values():
-        _widen(ctx.graph, rungs, domain, result)
+        _widen(ctx.graph, rungs, domain, result, ctx.names)
     planned = {keys[id(p.node)] for p in plans}
     for rung in ("int16", "weight_only", "float"):
         n = sum(1 for k, r in rungs.items() if r == rung and k in planned)
@@ -316,10 +311,10 @@ class _Search:
                                   self.planner.shapes)
         keys, _ = _keys(g)
         plans = _adjust(planner.plan(g), rungs, keys, planner, g)
-        _restore_float_biases(g, rungs, self.originals)
+        _restore_float_biases(g, rungs, self.originals, c.names)
         self.rewriter(c, scratch).apply(plans, planner)
         if self.domain is not None:
-            _widen(g, rungs, self.domain, None)
+            _widen(g, rungs, self.domain, None, c.names)
         return _export(g, self.ctx)
 
     def layers(self, start: dict[Key, str]) -> list[_Layer]:
@@ -417,28 +412,29 @@ def _original_constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return out
 
 
-def _restore_float_biases(root: gs.Graph, rungs: dict[Key, str], originals: dict[str, onnx.TensorProto]) -> None:
+def _restore_float_biases(root: gs.Graph, rungs: dict[Key, str], originals: dict[str, onnx.TensorProto],
+                          names: Names) -> None:
     """Float-rung nodes get back the bias they had before bias correction (their weights stay float, so the
     correction for weight rounding would be an error). A corrected bias is the same name changed in place or a
     private ``<name>_corrected`` copy; a changed one is replaced by a new constant (never mutated: the graph may
     be a trial copy sharing constants with the real one)."""
     _, by_key = _keys(root)
-    taken = {t for g in iter_graphs(root) for t in g.tensors()}
     for key, rung in rungs.items():
         if rung != "float" or key not in by_key:
             continue
         _, node = by_key[key]
-        slots = [(node, 2)] if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 else []
-        out = node.outputs[0] if node.op == "MatMul" and node.outputs else None
+        bias = OPS[node.op].bias if node.op in OPS else None
+        slots = [(node, bias)] if bias is not None and 0 <= bias < len(node.inputs) else []
+        out = node.outputs[0] if bias == FOLLOWING_ADD and node.outputs else None
         if out is not None and len(out.outputs) == 1 and out.outputs[0].op == "Add":
             add = out.outputs[0]
             slots += [(add, i) for i, t in enumerate(add.inputs) if t is not out]
         for owner, i in slots:
             t = owner.inputs[i]
-            const = t if isinstance(t, gs.Constant) else (t.inputs[0].attrs.get("value") if len(t.inputs) == 1
-                                                          and t.inputs[0].op == "Constant" else None)
-            if not isinstance(const, gs.Constant):
+            found = constant_source(t, through_identity=False)
+            if found is None:
                 continue
+            const = found.constant
             base = re.sub(r"_corrected(_\d+)?$", "", t.name)
             orig = originals.get(t.name if t.name in originals else base)
             if orig is None:
@@ -449,11 +445,7 @@ def _restore_float_biases(root: gs.Graph, rungs: dict[Key, str], originals: dict
             except Exception:  # noqa: BLE001 - external data not at hand: leave it
                 continue
             if values.shape == current.shape and not np.array_equal(values, current):
-                name, n = f"{t.name}_float", 1
-                while name in taken:
-                    name, n = f"{t.name}_float_{n}", n + 1
-                taken.add(name)
-                owner.inputs[i] = gs.Constant(name, values)
+                owner.inputs[i] = gs.Constant(names.fresh(f"{t.name}_float"), values)
 
 
 def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:

@@ -14,19 +14,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import constant_source
 from onnxslim.pass_base import PassResult, iter_graphs
+
+from ._ops import OPS, TRANSPARENT, ops_with_role, weight_axis
 
 __all__ = ["NodePlan", "QuantizePlanner"]
 
-_WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
-_RNN = {"LSTM", "GRU", "RNN"}
-_ELEMENTWISE_PASS_THROUGH = {"Add", "Mul", "Concat"}
-_SINGLE_INPUT_PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize"}
-# Ops a quantized value passes through unchanged in kind (onnxruntime folds them into the int8 chain).
-_TRANSPARENT = {"Relu", "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"}
+_WEIGHTED = ops_with_role("weighted")
+_RNN = ops_with_role("recurrent")
+_ELEMENTWISE_PASS_THROUGH = ops_with_role("elementwise")
+_SINGLE_INPUT_PASS_THROUGH = ops_with_role("single_input")
 # Pooling ops onnxruntime runs in int8 (QLinearAveragePool / QLinearGlobalAveragePool) only when their output is
 # Q/DQ'd too: their consumers read the quantized output.
-_QUANTIZED_OUTPUT_POOLS = {"AveragePool", "GlobalAveragePool"}
+_QUANTIZED_OUTPUT_POOLS = frozenset(op for op, q in OPS.items() if q.quantized_output)
 _FLOAT = onnx.TensorProto.FLOAT
 _MIN_TABLE = 256  # elements
 
@@ -88,14 +89,12 @@ class QuantizePlanner:
         return self.types.get(t.name) == _FLOAT
 
     def constant_of(self, t: gs.Tensor) -> tuple[gs.Constant, gs.Node | None, gs.Graph | None] | None:
-        """The constant behind ``t``: itself, or the value of the Constant node producing it."""
-        if isinstance(t, gs.Constant):
-            return t, None, None
-        if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and not t.inputs[0].domain:
-            value = t.inputs[0].attrs.get("value")
-            if isinstance(value, gs.Constant):
-                return value, t.inputs[0], self.owner.get(id(t.inputs[0]))
-        return None
+        """The constant behind ``t`` (itself, or the value of the Constant node producing it), that node, and the
+        graph the node lives in."""
+        found = constant_source(t, through_identity=False)
+        if found is None:
+            return None
+        return found.constant, found.node, self.owner.get(id(found.node)) if found.node is not None else None
 
     def float_weight(self, t: gs.Tensor) -> gs.Constant | None:
         found = self.constant_of(t) if t is not None and t.name else None
@@ -126,20 +125,17 @@ class QuantizePlanner:
             if any(isinstance(t, gs.Constant) for t in node.inputs) or node.attrs:
                 self.result.skip(node, f"op from domain '{node.domain}' has no int8 form; it stays float", g)
             return None
-        if op not in _WEIGHTED and op not in _RNN and op != "Gather":
+        role = OPS[op].role if op in OPS else None
+        if role not in ("weighted", "recurrent", "table"):
             return None
         if op not in self.op_types:
-            if op in _WEIGHTED or op in _RNN:
+            if role != "table":
                 self.result.skip(node, f"op type {op} is excluded (op_types/exclude_op_types)", g)
             return None
         if node.name in self.excluded_nodes:
             self.result.skip(node, "excluded by name (exclude_nodes)", g)
             return None
-        if op in _WEIGHTED:
-            return self.plan_weighted(g, node)
-        if op in _RNN:
-            return self.plan_rnn(g, node)
-        return self.plan_gather(g, node)
+        return {"weighted": self.plan_weighted, "recurrent": self.plan_rnn, "table": self.plan_gather}[role](g, node)
 
     def plan_weighted(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
         op, p = node.op, NodePlan(g, node)
@@ -165,11 +161,12 @@ class QuantizePlanner:
             self.result.skip(node, f"weight '{w.name}' is neither a float32 constant nor a float activation; "
                                    "the node stays float", g)
             return None
-        if weight is not None and op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
-            b = self.float_weight(node.inputs[2])
+        bias = OPS[op].bias
+        if weight is not None and bias is not None and bias >= 0 and len(node.inputs) > bias and node.inputs[bias].name:
+            b = self.float_weight(node.inputs[bias])
             beta = float(node.attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
-            if b is not None and len(b.shape) == 1 and beta == 1.0 and op != "ConvTranspose":
-                p.bias = 2
+            if b is not None and len(b.shape) == 1 and beta == 1.0:
+                p.bias = bias
         if weight is None and self.gathered_weight(w):
             gather = w.inputs[0]  # one slice of a stacked table (a Loop body's per-iteration weight)
             table = self.gather_table(gather)
@@ -225,23 +222,15 @@ class QuantizePlanner:
     def weight_axis(self, node: gs.Node, w: gs.Constant, weight_only: bool = False) -> int | None:
         if not (self.per_channel or (weight_only and self.cast_mul)):
             return None
-        rank = len(w.shape)
-        if node.op == "Conv":
-            return 0 if rank >= 2 else None
-        if node.op == "ConvTranspose":
-            return 1 if rank >= 2 and int(node.attrs.get("group", 1)) == 1 else None
-        if node.op == "Gemm":
-            return (0 if int(node.attrs.get("transB", 0)) else 1) if rank == 2 else None
-        if node.op == "MatMul":
-            return rank - 1 if rank >= 2 else None
-        return None
+        return weight_axis(node, len(w.shape))
 
     def plan_rnn(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
         # Weight-only: onnxruntime has no QDQ RNN kernels; the int8 weights still shrink the file.
         p = NodePlan(g, node)
-        for i in (1, 2):
-            if i < len(node.inputs) and self.float_weight(node.inputs[i]) is not None:
-                p.weights.append((i, 1 if self.weight_only_per_channel() else None))
+        for i in OPS[node.op].weights:
+            w = self.float_weight(node.inputs[i]) if i < len(node.inputs) else None
+            if w is not None:
+                p.weights.append((i, weight_axis(node, len(w.shape)) if self.weight_only_per_channel() else None))
         if not p.weights:
             self.result.skip(node, "W/R are not float32 constants; the node stays float", g)
         return p
@@ -251,9 +240,8 @@ class QuantizePlanner:
         table = self.gather_table(node)
         if table is None:
             return None
-        axis = int(node.attrs.get("axis", 0)) % max(len(table.shape), 1)
-        return NodePlan(g, node, weights=[(0, axis if self.weight_only_per_channel() and len(table.shape) >= 2
-                                           else None)])
+        axis = weight_axis(node, len(table.shape)) if self.weight_only_per_channel() else None
+        return NodePlan(g, node, weights=[(0, axis)])
 
     def plan_pass_through(self, root: gs.Graph, plans: list[NodePlan]) -> list[NodePlan]:
         """Add/Mul/Concat/pooling/Resize whose inputs come from quantized nodes: Q/DQ on them lets the runtime
@@ -279,7 +267,7 @@ class QuantizePlanner:
                     if (id(g), t.name) in planned_acts or any(id(n) in planned_nodes for n in t.inputs):
                         return True
                     src = t.inputs[0] if len(t.inputs) == 1 else None
-                    return (src is not None and src.op in _TRANSPARENT and not src.domain and depth < 8
+                    return (src is not None and src.op in TRANSPARENT and not src.domain and depth < 8
                             and bool(src.inputs) and adjacent(src.inputs[0], depth + 1))
 
                 if not all(adjacent(t) for t in ins):

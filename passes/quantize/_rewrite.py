@@ -29,8 +29,7 @@ class Rewriter:
 
     def __init__(self, ctx: PassContext, result: PassResult, qparams, opts, types: dict[str, int]):
         self.ctx, self.result, self.qparams, self.opts, self.types = ctx, result, qparams, opts, types
-        self.taken = {t for g in iter_graphs(ctx.graph) for t in g.tensors()} | \
-            {n.name for g in iter_graphs(ctx.graph) for n in g.nodes}
+        self.names = ctx.names  # unique in the whole model, shared with the rest of the pass run
         self.act_cache: dict[tuple[int, str], gs.Variable] = {}
         self.made: dict[int, str] = {}  # id of a DQ output this rewriter made -> the activation it stands for
         self.weight_cache: dict[tuple[int, int, int | None], tuple[gs.Variable, np.ndarray]] = {}
@@ -38,11 +37,7 @@ class Rewriter:
         self.replaced: dict[int, tuple[gs.Constant, gs.Node | None, gs.Graph | None]] = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     def apply(self, plans: list[NodePlan], planner: QuantizePlanner) -> None:
         for p in plans:

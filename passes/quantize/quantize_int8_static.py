@@ -59,6 +59,7 @@ from ._bias_correction import bias_correction_means, correct_biases
 from ._gptq import WeightQuantizer, gptq_requests
 from ._hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
 from ._math import WEIGHT_QMAX, activation_qparams
+from ._ops import DEFAULT_OP_TYPES
 from ._ladder import apply_precision_ladder
 from ._plan import QuantizePlanner
 from ._rewrite import Rewriter
@@ -67,10 +68,6 @@ __all__ = ["QuantizeInt8Static"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-WEIGHT_ONLY_OPS = ("LSTM", "GRU", "RNN", "Gather")
-PASS_THROUGH_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize")
-DEFAULT_OP_TYPES = WEIGHTED_OPS + WEIGHT_ONLY_OPS + PASS_THROUGH_OPS
 
 
 class QuantizeInt8Static(Pass):
