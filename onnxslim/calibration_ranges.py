@@ -7,9 +7,12 @@ uniformly (the CDF is interpolated linearly between edges).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
-__all__ = ["percentile_range", "entropy_range", "mse_range"]
+__all__ = ["percentile_range", "entropy_range", "mse_range", "RangeMethod", "RANGE_METHODS"]
 
 _INT8_LEVELS = 256
 
@@ -140,3 +143,26 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, vmin: float, vmax: float) -> 
     if errors(np.array([1.0]))[0] <= errs.min():
         f = 1.0
     return max(f * lo0, vmin), min(f * hi0, vmax)
+
+
+@dataclass(frozen=True)
+class RangeMethod:
+    """A way to pick an activation's clip range: ``select(hist, edges, vmin, vmax, **options)``, or None for the
+    observed [min, max] (no histogram needed); ``options`` names the keyword options ``select`` takes."""
+
+    select: Callable[..., tuple[float, float]] | None
+    options: tuple[str, ...] = ()
+
+    @property
+    def needs_histogram(self) -> bool:
+        return self.select is not None
+
+
+# Every range method, by name: adding one is one entry here (the quantizer's range_method choices, the
+# calibration service's histogram requests and ``TensorStats.range`` all read this table).
+RANGE_METHODS: dict[str, RangeMethod] = {
+    "minmax": RangeMethod(None),
+    "percentile": RangeMethod(percentile_range, ("percentile", "symmetric")),
+    "entropy": RangeMethod(entropy_range, ("num_quantized_bins",)),
+    "mse": RangeMethod(mse_range),
+}

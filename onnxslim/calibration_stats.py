@@ -31,7 +31,7 @@ from .errors import BadInputError, UsageError
 
 __all__ = ["TensorStats", "Statistics", "ConvPatches", "RANGE_METHODS"]
 
-RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+RANGE_METHODS = _ranges.RANGE_METHODS
 _FORMAT = "onnxslim.calibration.v1"
 _CHUNK = 1 << 20  # values binned at a time: bounds the temporaries of huge activations
 
@@ -121,22 +121,19 @@ class TensorStats:
                 f"no values were seen for tensor '{self.name}' (calibration data never ran the subgraph "
                 "branch that computes it, or it is always empty); give data that exercises it"
             )
-        if method == "minmax":
-            return float(self.min), float(self.max)
-        if method not in RANGE_METHODS:
+        how = RANGE_METHODS.get(method)
+        if how is None:
             raise UsageError(f"unknown range method '{method}'; use one of {', '.join(RANGE_METHODS)}")
+        if how.select is None:
+            return float(self.min), float(self.max)
         if self.hist is None or self.hist_edges is None:
             raise UsageError(
                 f"range method '{method}' needs histograms, but tensor '{self.name}' was collected with "
                 "histograms=False; collect again with histograms=True"
             )
-        args = (self.hist, self.hist_edges, float(self.min), float(self.max))
-        if method == "percentile":
-            lo, hi = _ranges.percentile_range(*args, percentile=percentile, symmetric=symmetric)
-        elif method == "entropy":
-            lo, hi = _ranges.entropy_range(*args, num_quantized_bins=num_quantized_bins)
-        else:
-            lo, hi = _ranges.mse_range(*args)
+        given = {"percentile": percentile, "symmetric": symmetric, "num_quantized_bins": num_quantized_bins}
+        lo, hi = how.select(self.hist, self.hist_edges, float(self.min), float(self.max),
+                            **{k: given[k] for k in how.options})
         # Guard the contract against float noise in the searches.
         lo = min(max(float(lo), float(self.min)), float(self.max))
         hi = min(max(float(hi), lo), float(self.max))

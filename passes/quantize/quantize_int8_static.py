@@ -49,6 +49,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from onnxslim.calibration_ranges import RANGE_METHODS
 from onnxslim.calibration_stats import ConvPatches
 from onnxslim.errors import UsageError
 from onnxslim.graph_edit import peek_values
@@ -65,6 +66,9 @@ from ._plan import QuantizePlanner
 from ._rewrite import Rewriter
 
 __all__ = ["QuantizeInt8Static"]
+
+# "auto" and every method of calibration_ranges.RANGE_METHODS (a new method there is a new choice here).
+RangeMethodName = Literal[("auto", *RANGE_METHODS)]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class QuantizeInt8Static(Pass):
                                               "auto = from target"})
         weights_per_channel: bool = field(
             default=True, metadata={"help": "one weight scale per output channel (opset >= 13; else per tensor)"})
-        range_method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = field(
+        range_method: RangeMethodName = field(
             default="auto", metadata={"help": "activation range from calibration; auto = minmax (weights are "
                                               "always minmax)"})
         percentile: float = field(default=99.999, metadata={"help": "percentile for range_method=percentile"})
@@ -264,7 +268,7 @@ class QuantizeInt8Static(Pass):
         method = "minmax" if self.options.range_method == "auto" else self.options.range_method
         report = ctx.progress
         return collect_statistics(model, ctx.calibration, wanted, means=means, grams=grams,
-                                  histograms=names if method != "minmax" else False, base_dir=ctx.base_dir,
+                                  histograms=names if RANGE_METHODS[method].needs_histogram else False, base_dir=ctx.base_dir,
                                   progress=(lambda done, total: report("calibration", done, total)) if report else None)
 
     def _activation_qparams(self, stats, names: list[str], result: PassResult,
@@ -278,8 +282,7 @@ class QuantizeInt8Static(Pass):
             if st is None or not getattr(st, "count", 0):
                 continue  # never computed on the calibration data (e.g. an If branch no sample took)
             try:
-                lo, hi = st.range(method, percentile=self.options.percentile) if method == "percentile" \
-                    else st.range(method)
+                lo, hi = st.range(method, percentile=self.options.percentile)
                 out[name] = activation_qparams(lo, hi, signed=signed)
             except (ValueError, TypeError) as e:
                 result.notes.append(f"activation '{name}' not quantized: {e}")
