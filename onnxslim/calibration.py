@@ -45,6 +45,9 @@ def collect_statistics(
     per_channel: Mapping[str, int] | None = None,
     means: Mapping[str, int] | None = None,
     grams: Mapping[str, int | ConvPatches] | None = None,
+    norms: Mapping[str, int] | None = None,
+    keep: Iterable[str] = (),
+    keep_samples: int = 0,
     histograms: bool | Iterable[str] = True,
     bins: int = 2048,
     max_samples: int | None = None,
@@ -59,7 +62,11 @@ def collect_statistics(
     own (sub)graph sees it. ``means``: tensor name -> channel axis whose per-channel mean is wanted
     (``TensorStats.channel_mean``; bias correction uses it). ``grams``: tensor name -> feature axis whose
     second-moment matrix ``sum x x^T`` over all other positions is wanted (``TensorStats.gram``, C x C float64;
-    GPTQ weight rounding uses it), or a ``ConvPatches`` (the Gram of a Conv's input patches). ``histograms``: True (every tensor), False, or the names that need one
+    GPTQ weight rounding uses it), or a ``ConvPatches`` (the Gram of a Conv's input patches). ``norms``: tensor
+    name -> channel axis whose per-channel L2 norm is wanted (``TensorStats.channel_norm``; importance for
+    pruning). ``keep``: tensors whose values are kept, sample by sample, for the first ``keep_samples`` samples
+    (``Statistics.values``: a teacher's intermediate outputs; memory grows with ``keep_samples``, not with
+    the data). ``histograms``: True (every tensor), False, or the names that need one
     (percentile / entropy / mse ranges). ``progress(done, total)`` is called after
     each sample (``total`` is None when
     the source does not know its length). ``cache``: a JSON file; when it holds statistics collected with
@@ -75,8 +82,13 @@ def collect_statistics(
         raise UsageError(f"per_channel names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
     means = dict(means or {})
     grams = dict(grams or {})
+    norms = dict(norms or {})
+    keep = list(dict.fromkeys(keep))
+    if keep and keep_samples < 1:
+        raise UsageError("keep names tensors to keep but keep_samples is 0; give how many samples to keep")
     hist_names = set(names) if histograms is True else set() if histograms is False else set(histograms)
-    for what, asked in (("means", means), ("grams", grams), ("histograms", hist_names)):
+    for what, asked in (("means", means), ("grams", grams), ("norms", norms), ("keep", keep),
+                        ("histograms", hist_names)):
         unknown = sorted(set(asked) - set(names))
         if unknown:
             raise UsageError(f"{what} names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
@@ -88,15 +100,15 @@ def collect_statistics(
     feeds = _stream(data).bind(proto)
     request = {"model_sha256": _fingerprint(proto), "data": feeds.description, "bins": bins if hist_names else None,
                "max_samples": max_samples}
-    if cache is not None:
-        hit = _from_cache(Path(cache), request, names, per_channel, means, grams, hist_names)
+    if cache is not None and not keep:  # kept values are never cached
+        hit = _from_cache(Path(cache), request, names, per_channel, means, grams, hist_names, norms)
         if hit is not None:
             return hit
 
     with contextlib.ExitStack() as stack:  # temporary external-data files live as long as their session
         runner = _Runner(proto, names, per_channel, stack, data_dir)
         stats = _run(runner, feeds, names, per_channel, {n: bins for n in hist_names}, max_samples, progress,
-                     means, grams)
+                     means, grams, norms, keep, keep_samples)
     stats.meta.update(request)
     if cache is not None:
         stats.save(cache)
@@ -158,10 +170,12 @@ class _Runner:
 
 def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[str, int], bins: dict[str, int],
          max_samples: int | None, progress: Callable[[int, int | None], None] | None,
-         means: dict[str, int] | None = None, grams: dict[str, int] | None = None) -> Statistics:
-    means, grams = means or {}, grams or {}
-    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins.get(n), means.get(n), grams.get(n))
-            for n in names}
+         means: dict[str, int] | None = None, grams: dict[str, int] | None = None, norms: dict[str, int] | None = None,
+         keep: list[str] | None = None, keep_samples: int = 0) -> Statistics:
+    means, grams, norms, keep = means or {}, grams or {}, norms or {}, keep or []
+    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins.get(n), means.get(n), grams.get(n),
+                            norms.get(n)) for n in names}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in keep}
     total = feeds.count
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
@@ -173,6 +187,9 @@ def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[s
         for n, acc in accs.items():
             acc.stacked = runner.routes[n].stacked
             acc.update(values[runner.routes[n].output])
+        if done < keep_samples:
+            for n in keep:
+                kept[n].append(np.array(values[runner.routes[n].output]))
         del values, sample  # drop this sample's activations before the next run
         done += 1
         if progress is not None:
@@ -184,7 +201,9 @@ def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[s
         meta["means"] = means
     if grams:
         meta["grams"] = {k: ConvPatches.to_json(v) for k, v in grams.items()}
-    return Statistics({n: accs[n].result() for n in names}, meta)
+    if norms:
+        meta["norms"] = norms
+    return Statistics({n: accs[n].result() for n in names}, meta, kept)
 
 
 def _stream(data: Any) -> FeedData:
@@ -225,8 +244,8 @@ def _fingerprint(model: onnx.ModelProto) -> str:
 
 def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[str, int],
                 means: dict[str, int] | None = None, grams: dict[str, int] | None = None,
-                hist_names: set[str] | None = None) -> Statistics | None:
-    means, grams, hist_names = means or {}, grams or {}, hist_names or set()
+                hist_names: set[str] | None = None, norms: dict[str, int] | None = None) -> Statistics | None:
+    means, grams, hist_names, norms = means or {}, grams or {}, hist_names or set(), norms or {}
     if not path.exists():
         return None
     try:
@@ -240,6 +259,7 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
     if any(n not in cached or cached[n].channel_axis != per_channel.get(n)
            or (n in means and cached[n].mean_axis != means[n])
            or (n in grams and cached[n].gram_axis != grams[n])
+           or (n in norms and cached[n].norm_axis != norms[n])
            or (n in hist_names and cached[n].count and cached[n].hist is None) for n in names):
         log.info("calibration cache %s lacks some requested tensors; collecting again", path)
         return None
@@ -247,10 +267,13 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
     meta = {**cached.meta, "per_channel": per_channel}
     meta.pop("means", None)
     meta.pop("grams", None)
+    meta.pop("norms", None)
     if means:
         meta["means"] = means
     if grams:
         meta["grams"] = {k: ConvPatches.to_json(v) for k, v in grams.items()}
+    if norms:
+        meta["norms"] = norms
     return Statistics({n: cached[n] for n in names}, meta)
 
 

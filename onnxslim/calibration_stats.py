@@ -103,6 +103,8 @@ class TensorStats:
     gram_axis: int | ConvPatches | None = None  # set when a Gram matrix was asked for (``grams=``)
     gram: np.ndarray | None = None  # float64 [C, C]: sum over rows of x x^T, x = the values along gram_axis
     gram_rows: int = 0  # rows (vectors along gram_axis without a non-finite value) summed into ``gram``
+    norm_axis: int | None = None  # set when per-channel norms were asked for (``norms=``)
+    channel_norm: np.ndarray | None = None  # float64 L2 norm of each channel's finite values (importance |x|)
 
     def range(self, method: str = "minmax", *, percentile: float = 99.999,
               symmetric: bool = False, num_quantized_bins: int = 128) -> tuple[float, float]:
@@ -154,6 +156,7 @@ class TensorStats:
             "hist": arr(self.hist), **_edges_to_json(self.hist_edges),
             "mean_axis": self.mean_axis, "channel_mean": arr(self.channel_mean),
             "gram_axis": ConvPatches.to_json(self.gram_axis), "gram": arr(self.gram), "gram_rows": int(self.gram_rows),
+            "norm_axis": self.norm_axis, "channel_norm": arr(self.channel_norm),
         }
 
     @classmethod
@@ -171,6 +174,7 @@ class TensorStats:
             mean_axis=d.get("mean_axis"), channel_mean=arr(d.get("channel_mean"), np.float64),
             gram_axis=ConvPatches.from_json(d.get("gram_axis")), gram=arr(d.get("gram"), np.float64),
             gram_rows=int(d.get("gram_rows", 0)),
+            norm_axis=d.get("norm_axis"), channel_norm=arr(d.get("channel_norm"), np.float64),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -206,9 +210,13 @@ class Statistics(Mapping[str, TensorStats]):
     ``save``/``load`` write JSON; floats are written with ``repr`` precision so a round trip is exact.
     """
 
-    def __init__(self, stats: Mapping[str, TensorStats] | None = None, meta: Mapping[str, Any] | None = None):
+    def __init__(self, stats: Mapping[str, TensorStats] | None = None, meta: Mapping[str, Any] | None = None,
+                 values: Mapping[str, list[np.ndarray]] | None = None):
         self._stats: dict[str, TensorStats] = dict(stats or {})
         self.meta: dict[str, Any] = dict(meta or {})
+        # Kept values of chosen tensors, sample by sample (``keep=``: a teacher's intermediate outputs for
+        # reconstruction); never written by ``save``.
+        self.values: dict[str, list[np.ndarray]] = {k: list(v) for k, v in (values or {}).items()}
 
     def __getitem__(self, name: str) -> TensorStats:
         return self._stats[name]
@@ -256,10 +264,13 @@ class _Accumulator:
     """Running reductions of one tensor; ``update`` takes one sample's array and keeps nothing of it."""
 
     def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None,
-                 mean_axis: int | None = None, gram_axis: int | ConvPatches | None = None):
+                 mean_axis: int | None = None, gram_axis: int | ConvPatches | None = None,
+                 norm_axis: int | None = None):
         self.name = name
         self.channel_axis = channel_axis
         self.mean_axis = mean_axis
+        self.norm_axis = norm_axis
+        self.csq: np.ndarray | None = None  # per-channel running sums of squares (norms=)
         self.csum: np.ndarray | None = None  # per-channel running sums / counts (means=)
         self.gram_axis = gram_axis
         self.gram: np.ndarray | None = None
@@ -298,6 +309,8 @@ class _Accumulator:
             self._update_channels(arr, None if all_finite else finite)
         if self.mean_axis is not None:
             self._update_means(arr, None if all_finite else finite)
+        if self.norm_axis is not None:
+            self._update_norms(arr, None if all_finite else finite)
         if self.gram_axis is not None:
             self._update_gram(arr)
         if self.bins:
@@ -334,6 +347,20 @@ class _Accumulator:
             )
         self.cmin = np.fmin(self.cmin, cmin)
         self.cmax = np.fmax(self.cmax, cmax)
+
+    def _update_norms(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
+        assert self.norm_axis is not None
+        others = self._reduce_axes(arr, self.norm_axis, "norm axis")
+        x = arr.astype(np.float64) if finite is None else np.where(finite, arr, 0).astype(np.float64)
+        csq = np.square(x).sum(axis=others)
+        if self.csq is None:
+            self.csq = np.zeros_like(csq)
+        elif self.csq.shape != csq.shape:
+            raise BadInputError(
+                f"tensor '{self.name}' has {csq.shape[0]} channels on axis {self.norm_axis} in one sample "
+                f"and {self.csq.shape[0]} in another; per-channel norms need a fixed channel count"
+            )
+        self.csq += csq
 
     def _update_means(self, arr: np.ndarray, finite: np.ndarray | None) -> None:
         assert self.mean_axis is not None
@@ -442,4 +469,6 @@ class _Accumulator:
             mean_axis=self.mean_axis if self.csum is not None else None, channel_mean=mean,
             gram_axis=self.gram_axis if self.gram is not None else None,
             gram=None if self.gram is None else self.gram.copy(), gram_rows=self.gram_rows,
+            norm_axis=self.norm_axis if self.csq is not None else None,
+            channel_norm=None if self.csq is None else np.sqrt(self.csq),
         )

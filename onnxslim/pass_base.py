@@ -79,7 +79,10 @@ class PassContext:
     seed: int = 0
     shared: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int | None], None] | None = None  # (stage, done, total) for long stages
-    # Per-run state (fresh names, the statistics a pass asked for) lives here, never on the pass instance.
+    # The run's calibration service (``calibration_service.CalibrationService``; the pipeline makes one, shared
+    # by every pass of the run): ``statistics()`` asks it.
+    statistics_service: Any = None
+    # Per-run state (fresh names) lives here, never on the pass instance.
     _names: Names | None = field(default=None, init=False, repr=False)
 
     def opset_of(self, domain: str = "") -> int | None:
@@ -97,6 +100,20 @@ class PassContext:
     def edit(self, graph: gs.Graph | None = None) -> GraphEditor:
         """An editor for ``graph`` (default: the main graph), with names unique in the whole model."""
         return GraphEditor(self.graph if graph is None else graph, self.names)
+
+    def statistics(self, request: Any, model: Any = None) -> Any:
+        """Calibration statistics for a ``StatisticsRequest``, from one streaming run over ``calibration`` (or
+        none, when the same numbers were collected on this model state before). ``model``: the graph as a
+        model (default: ``ctx.graph`` exported as it is now)."""
+        if self.statistics_service is None:
+            from .calibration_service import CalibrationService
+
+            self.statistics_service = CalibrationService(self.calibration, self.base_dir, self.progress)
+        if model is None:
+            from .gs_bridge import export_standalone
+
+            model = export_standalone(self.graph, self.opset)
+        return self.statistics_service.statistics(model, request)
 
     def for_graph(self, graph: gs.Graph) -> "PassContext":
         """A context for a fresh run on ``graph`` (a copy being tried out): the same model facts, data and shared

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
+from .calibration_service import CalibrationService
 from .data import FeedData, load_feeds
 from .errors import OnnxSlimError, PassError, UsageError
 from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, iter_graphs, iter_tensor_protos,
@@ -325,7 +326,7 @@ def _run_passes(loaded: LoadedModel, pass_list: list[Pass], feeds, seed: int, fi
     graph = import_graph(loaded)
     opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed,
-                      progress=progress)
+                      progress=progress, statistics_service=CalibrationService(feeds, loaded.base_dir, progress))
     records: list[PassRecord] = []
     ran: list[str] = []
     failed: set[str] = set()

@@ -50,6 +50,7 @@ import numpy as np
 import onnx
 
 from onnxslim.calibration_ranges import RANGE_METHODS
+from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.calibration_stats import ConvPatches
 from onnxslim.errors import UsageError
 from onnxslim.graph_edit import peek_values
@@ -257,19 +258,15 @@ class QuantizeInt8Static(Pass):
     def _collect(self, ctx: PassContext, model: onnx.ModelProto, names: list[str], means: dict[str, int],
                  grams: dict[str, int]):
         """Everything the pass needs from the calibration data (activation ranges, bias-correction means, GPTQ
-        Gram matrices) in ONE run over it."""
-        wanted = list(dict.fromkeys([*names, *means, *grams]))
-        if not wanted:
+        Gram matrices) as ONE request: one run over the data."""
+        if not (names or means or grams):
             return {}
         if ctx.calibration is None:
             raise UsageError(f"{self.name} needs calibration data; give --calib DIR (or calibration=...)")
-        from onnxslim.calibration import collect_statistics
-
         method = "minmax" if self.options.range_method == "auto" else self.options.range_method
-        report = ctx.progress
-        return collect_statistics(model, ctx.calibration, wanted, means=means, grams=grams,
-                                  histograms=names if RANGE_METHODS[method].needs_histogram else False, base_dir=ctx.base_dir,
-                                  progress=(lambda done, total: report("calibration", done, total)) if report else None)
+        return ctx.statistics(StatisticsRequest(
+            tensors=tuple(names), means=means, grams=grams,
+            histograms=frozenset(names) if RANGE_METHODS[method].needs_histogram else frozenset()), model=model)
 
     def _activation_qparams(self, stats, names: list[str], result: PassResult,
                             signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:
