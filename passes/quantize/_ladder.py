@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxslim.errors import UsageError
 from onnxslim.gs_bridge import export_standalone
 from onnxslim.graph_edit import Names, constant_source
-from onnxslim.parity_metrics import cosine_similarity
+from onnxslim.sensitivity import SensitivityEngine
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
 from ._ops import FOLLOWING_ADD, OPS
@@ -258,54 +258,20 @@ class _Search:
     def __init__(self, ctx, model, plans, planner, opts, result, rewriter, domain, keys):
         self.ctx, self.model, self.plans, self.planner = ctx, model, plans, planner
         self.opts, self.result, self.rewriter, self.domain, self.keys = opts, result, rewriter, domain, keys
-        self.sessions = 0
-        self.feeds = self._feeds()
-        self.outputs = [o.name for o in model.graph.output]
-        # One reference per mode: ORT's fusions of the float model itself are not quantization error.
-        self.reference = {opt: self._run(model, opt) for opt in (False, True)}
+        # The float model's outputs on the first sensitivity_samples calibration feeds, with ORT's optimizations
+        # off and on: a rung is judged by the worse (ORT's own fusions can undo one: DQ(int8 W) -> MatMul becomes
+        # MatMulNBits, which re-quantizes the float activation).
+        self.engine = SensitivityEngine(model, ctx.calibration, samples=opts.sensitivity_samples)
         self.originals = _original_constants(model)
 
-    def _feeds(self) -> list[dict[str, np.ndarray]]:
-        data = self.ctx.calibration
-        out = []
-        for feed in data:
-            out.append({k: np.asarray(v) for k, v in feed.items() if not str(k).startswith("__")})
-            if len(out) >= self.opts.sensitivity_samples:
-                break
-        return out
-
-    def _run(self, model: onnx.ModelProto, optimize: bool = False) -> dict[str, list[np.ndarray]]:
-        from onnxslim.runtime import make_session
-
-        sess = make_session(model, optimize=optimize, threads=1).session  # one thread: deterministic sums
-        self.sessions += 1
-        outs: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
-        for f in self.feeds:
-            for n, v in zip(self.outputs, sess.run(self.outputs, f)):
-                outs[n].append(np.asarray(v))
-        return outs
-
     def cosine(self, rungs: dict[Key, str]) -> float:
-        """Worst output cosine (over all samples at once) of the model quantized with ``rungs``, run both as
-        ONNX defines it (ORT optimizations off) and as ORT runs it by default (optimizations on): ORT's own
-        fusions can undo a rung (DQ(int8 W) -> MatMul becomes MatMulNBits, which re-quantizes the float
-        activation to int8 per block at its default accuracy level 4)."""
-        model = self.build(rungs)
-        worst = 1.0
-        for optimize in (False, True):
-            got, reference = self._run(model, optimize), self.reference[optimize]
-            for n in self.outputs:
-                if reference[n][0].dtype.kind != "f":
-                    continue  # integer outputs (labels) follow from the float ones
-                ref = np.concatenate([a.reshape(-1) for a in reference[n]]).astype(np.float64)
-                cand = np.concatenate([a.reshape(-1) for a in got[n]]).astype(np.float64)
-                worst = min(worst, float(cosine_similarity(ref, cand)))
-        return worst
+        """Worst output cosine (over all samples at once) of the model quantized with ``rungs``."""
+        return self.engine.measure(self.build(rungs)).cosine
 
     def build(self, rungs: dict[Key, str]) -> onnx.ModelProto:
         """The model quantized with these rungs, on a copy of the graph (the same code path as the real run)."""
         g = self.ctx.graph.copy()
-        c = PassContext(graph=g, opset=self.ctx.opset, base_dir=self.ctx.base_dir, seed=self.ctx.seed)
+        c = self.ctx.for_graph(g)
         scratch = PassResult()
         planner = QuantizePlanner(self.planner.opts, self.planner.types, self.planner.per_channel, scratch,
                                   self.planner.shapes)
@@ -346,9 +312,9 @@ class _Search:
         layers = self.layers(start)
         base = self.cosine(rungs)
         res.notes.append(f"auto_precision: output cosine {base:.6f} with the requested rungs "
-                         f"(floor {floor}; {len(self.feeds)} calibration samples)")
+                         f"(floor {floor}; {len(self.engine.feeds)} calibration samples)")
         if base >= floor or not layers:
-            res.count("sensitivity_sessions", self.sessions)
+            res.count("sensitivity_sessions", self.engine.sessions)
             return rungs
         # Probe: each layer quantized alone (the rest float); beyond the cap, the layers nearest the outputs.
         probed = layers[-self.opts.max_sensitivity_layers:] if self.opts.max_sensitivity_layers > 0 else []
@@ -356,10 +322,13 @@ class _Search:
             res.notes.append(f"auto_precision: probed the {len(probed)} layers nearest the outputs of "
                              f"{len(layers)} (max_sensitivity_layers)")
         everything_float = {lay.key: "float" for lay in layers}
+        by_key = {lay.key: lay for lay in probed}
+        damages = self.engine.probe(
+            [lay.key for lay in probed],
+            lambda k: self.build({**everything_float, k: start.get(k, by_key[k].floor)}),
+            on_result=lambda k, d: res.count("layers_probed"))
         for lay in probed:
-            alone = {**everything_float, lay.key: start.get(lay.key, lay.floor)}
-            lay.damage = 1.0 - self.cosine(alone)
-            res.count("layers_probed")
+            lay.damage = damages[lay.key].loss
         ranked = sorted(probed, key=lambda lay: -lay.damage)
         res.notes.append("auto_precision: most sensitive layers: " + ", ".join(
             f"{lay.name or lay.op} (cosine alone {1 - lay.damage:.6f})" for lay in ranked[:5]))
@@ -385,7 +354,7 @@ class _Search:
             res.notes.append(f"auto_precision: the floor {floor} was not reached (output cosine {current:.6f} "
                              "after moving every probed layer up); raise max_sensitivity_layers or add float_nodes")
         res.stats["output_cosine"] = round(current, 6)
-        res.count("sensitivity_sessions", self.sessions)
+        res.count("sensitivity_sessions", self.engine.sessions)
         return rungs
 
 

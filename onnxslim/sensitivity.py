@@ -1,0 +1,117 @@
+"""One sensitivity engine: what a candidate change to one layer (or a set of layers) does to the model's outputs.
+
+The quantizer's precision search asks it today; pruning, weight sharing and the automatic search ask it the same
+way. The engine runs the reference model once per mode on the first ``samples`` calibration feeds and keeps
+those outputs (memory: ``samples`` x the outputs' size, whatever the data's length); each ``measure(candidate)``
+runs the candidate on the same feeds, in one onnxruntime thread (deterministic sums), and compares with the
+parity metrics (cosine over all samples at once, SNR, max abs error), worst over outputs and modes.
+
+Modes: ``False`` runs the model as ONNX defines it (onnxruntime's graph optimizations off), ``True`` as
+onnxruntime runs it by default; a candidate is judged by the worse of the two, since onnxruntime's own fusions
+can change what a rewrite means (DQ -> MatMul becomes MatMulNBits, which re-quantizes its input). Integer
+outputs (labels) follow from the float ones and are not scored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+
+import numpy as np
+import onnx
+
+from .parity_metrics import SNR_CAP_DB, cosine_similarity, snr_db
+
+__all__ = ["Damage", "SensitivityEngine"]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class Damage:
+    """How far a candidate's outputs are from the reference: worst over outputs and modes."""
+
+    cosine: float = 1.0
+    snr_db: float = SNR_CAP_DB
+    max_abs: float = 0.0
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)  # per output: its worst metrics
+
+    @property
+    def loss(self) -> float:
+        """1 - cosine: the ranking key (0 = unchanged)."""
+        return 1.0 - self.cosine
+
+    def to_dict(self) -> dict:
+        return {"cosine": self.cosine, "snr_db": self.snr_db, "max_abs": self.max_abs, "outputs": self.outputs}
+
+
+def _inputs_only(feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in feed.items() if not str(k).startswith("__")}
+
+
+class SensitivityEngine:
+    """Scores candidate models against a reference on calibration data (see the module docstring)."""
+
+    def __init__(self, reference: onnx.ModelProto, data: Iterable[Mapping[str, Any]], *, samples: int = 16,
+                 modes: tuple[bool, ...] = (False, True), threads: int = 1):
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1; got {samples}")
+        self.modes, self.threads = tuple(modes), threads
+        self.sessions = 0
+        self.feeds: list[dict[str, np.ndarray]] = []
+        for feed in data:
+            self.feeds.append(_inputs_only(feed))
+            if len(self.feeds) >= samples:
+                break
+        self.outputs = [o.name for o in reference.graph.output]
+        # One reference per mode: onnxruntime's fusions of the reference itself are not the candidate's doing.
+        self.reference = {mode: self._run(reference, mode) for mode in self.modes}
+
+    def _run(self, model: onnx.ModelProto, optimize: bool) -> dict[str, list[np.ndarray]]:
+        from .runtime import make_session
+
+        sess = make_session(model, optimize=optimize, threads=self.threads).session
+        self.sessions += 1
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
+        for f in self.feeds:
+            for n, v in zip(self.outputs, sess.run(self.outputs, f)):
+                outs[n].append(np.asarray(v))
+        return outs
+
+    def measure(self, candidate: onnx.ModelProto) -> Damage:
+        """The candidate's outputs against the reference's, worst over outputs and modes."""
+        damage = Damage()
+        for mode in self.modes:
+            got, reference = self._run(candidate, mode), self.reference[mode]
+            for n in self.outputs:
+                if reference[n][0].dtype.kind != "f":
+                    continue
+                ref = np.concatenate([a.reshape(-1) for a in reference[n]]).astype(np.float64)
+                cand = np.concatenate([a.reshape(-1) for a in got[n]]).astype(np.float64)
+                m = {"cosine": float(cosine_similarity(ref, cand)), "snr_db": float(snr_db(ref, cand - ref)),
+                     "max_abs": float(np.abs(cand - ref).max(initial=0.0))}
+                worst = damage.outputs.setdefault(n, dict(m))
+                worst.update(cosine=min(worst["cosine"], m["cosine"]), snr_db=min(worst["snr_db"], m["snr_db"]),
+                             max_abs=max(worst["max_abs"], m["max_abs"]))
+                damage.cosine = min(damage.cosine, m["cosine"])
+                damage.snr_db = min(damage.snr_db, m["snr_db"])
+                damage.max_abs = max(damage.max_abs, m["max_abs"])
+        return damage
+
+    def probe(self, keys: Iterable[K], build: Callable[[K], onnx.ModelProto],
+              on_result: Callable[[K, Damage], None] | None = None) -> dict[K, Damage]:
+        """Each change alone: ``build(key)`` is the model with only that change applied; its damage, by key."""
+        out: dict[K, Damage] = {}
+        for key in keys:
+            out[key] = self.measure(build(key))
+            if on_result is not None:
+                on_result(key, out[key])
+        return out
+
+    @staticmethod
+    def ranked(damages: Mapping[K, Damage]) -> list[K]:
+        """Keys from the most to the least damaging (ties keep their order)."""
+        return sorted(damages, key=lambda k: -damages[k].loss)
