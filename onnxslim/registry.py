@@ -2,7 +2,11 @@
 
 Built-in passes are registered through the same entry-point group as third-party packages. Entry points
 are imported only when a pass is used or listed, so a broken plugin is reported by name when touched
-and never breaks the other passes.
+and never breaks the other passes. One name, one pass: a name claimed twice (two packages, or a decorated
+class reusing a registered name) is an error that names both sources, never a silent replacement.
+
+In a plain checkout (nothing installed, so no entry points of ours), the built-ins are read from the
+checkout's pyproject.toml, the same table the install registers.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from .errors import PluginError, UsageError
@@ -46,13 +51,28 @@ def _check_class(name: str, obj: object, source: str) -> type[Pass]:
     return obj
 
 
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_pass(name_or_cls: str | type[Pass] | None = None) -> Callable[[P], P] | P:
-    """Register a pass class from a script or notebook: ``@register_pass`` or ``@register_pass("verb_object")``."""
+    """Register a pass class from a script or notebook: ``@register_pass`` or ``@register_pass("verb_object")``.
+
+    A name already taken by another pass (a built-in, a plugin, or another decorated class) is an error;
+    registering the same class again (a notebook cell run twice) replaces it."""
 
     def deco(cls: P, name: str | None = None) -> P:
         name = name or cls.name
         if not name:
             raise UsageError(f"{cls.__name__}: set name = 'verb_object' on the class or pass it to @register_pass")
+        eps = _entry_points()
+        if name in eps:
+            raise PluginError(f"pass name '{name}' is taken by {_source(eps[name])}; {_where(cls)} cannot register "
+                              "it too: give the class another name (verb_object)")
+        old = _decorated.get(name)
+        if old is not None and _where(old) != _where(cls):
+            raise PluginError(f"pass name '{name}' is taken by {_where(old)} (register_pass); {_where(cls)} cannot "
+                              "register it too: give the class another name, or unregister_pass the old one")
         cls = _check_class(name, cls, "register_pass")
         _decorated[name] = cls
         return cls
@@ -67,26 +87,63 @@ def unregister_pass(name: str) -> None:
     _decorated.pop(name, None)
 
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    out: dict[str, metadata.EntryPoint] = {}
-    for ep in eps:
-        out.setdefault(ep.name, ep)
+def _all_entry_points() -> dict[str, list[metadata.EntryPoint]]:
+    """Name -> every distinct entry point claiming it (more than one is a conflict)."""
+    out: dict[str, list[metadata.EntryPoint]] = {}
+    found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    if not any(ep.value.startswith("onnxslim.passes.") for ep in found):
+        found += _checkout_entry_points()
+    for ep in found:
+        claims = out.setdefault(ep.name, [])
+        if all(ep.value != other.value for other in claims):  # the same package seen twice is one claim
+            claims.append(ep)
     return out
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {name: claims[0] for name, claims in _all_entry_points().items()}
+
+
+def _checkout_entry_points() -> list[metadata.EntryPoint]:
+    """The built-ins of a plain checkout, from its pyproject.toml (the table the install registers)."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return []
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        table = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    except (KeyError, ValueError):
+        return []
+    return [metadata.EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in table.items()]
+
+
+def _source(ep: metadata.EntryPoint) -> str:
+    dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+    return f"{dist} ({ep.value})"
+
+
+def _conflict(name: str) -> PluginError | None:
+    claims = _all_entry_points().get(name, [])
+    if len(claims) < 2:
+        return None
+    return PluginError(f"pass name '{name}' is claimed by {' and by '.join(_source(ep) for ep in claims)}; "
+                       "uninstall one of them (one name, one pass)")
 
 
 def _load_entry_point(ep: metadata.EntryPoint) -> type[Pass]:
     if ep.name in _loaded:
         return _loaded[ep.name]
-    dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
     try:
         obj = ep.load()
     except Exception as e:  # a plugin's import error must not crash us
         raise PluginError(
-            f"pass '{ep.name}' (from {dist}, {ep.value}) failed to import: {type(e).__name__}: {e}; "
+            f"pass '{ep.name}' (from {_source(ep)}) failed to import: {type(e).__name__}: {e}; "
             f"fix or reinstall that package, or uninstall it"
         ) from e
-    cls = _check_class(ep.name, obj, f"{dist} ({ep.value})")
+    cls = _check_class(ep.name, obj, _source(ep))
     _loaded[ep.name] = cls
     return cls
 
@@ -97,6 +154,9 @@ def get_pass(name: str) -> type[Pass]:
         return _decorated[name]
     eps = _entry_points()
     if name in eps:
+        conflict = _conflict(name)
+        if conflict is not None:
+            raise conflict
         return _load_entry_point(eps[name])
     known = sorted(set(_decorated) | set(eps))
     hint = _closest(name, known)
@@ -111,6 +171,10 @@ def available_passes() -> list[PassEntry]:
     """Every registered pass, loading each one; broken plugins are listed with their error."""
     entries: dict[str, PassEntry] = {}
     for name, ep in _entry_points().items():
+        conflict = _conflict(name)
+        if conflict is not None:
+            entries[name] = PassEntry(name, ep.value, error=str(conflict))
+            continue
         try:
             entries[name] = PassEntry(name, ep.value, _load_entry_point(ep))
         except PluginError as e:
