@@ -2,30 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
-def _import_checkout_passes() -> None:
-    """In a plain checkout (not installed) the built-in passes live in the top-level ``passes/`` folder; make
-    them importable under the name the install gives them, ``onnxslim.passes`` (tests and tools then run
-    from the checkout as they do installed)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if importlib.util.find_spec(f"{__name__}.passes") is not None:
-        return
-    folder = Path(__file__).resolve().parent.parent / "passes"
-    if not (folder / "__init__.py").is_file():
-        return
-    spec = importlib.util.spec_from_file_location(f"{__name__}.passes", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-
-
-_import_checkout_passes()
 
 from .data import FeedData, load_feeds
 from .errors import BadInputError, GateFailedError, OnnxSlimError, PassError, PluginError, UsageError
@@ -70,3 +49,26 @@ __all__ = [
     "PluginError",
     "GateFailedError",
 ]
+
+
+def _import_checkout_passes() -> None:
+    """In a plain checkout (not installed) the built-in passes live in the top-level ``passes/`` folder; make
+    them importable under the name the install gives them, ``onnxslim.passes`` (tests and tools then run
+    from the checkout as they do installed)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec(f"{__name__}.passes") is not None:
+        return
+    folder = Path(__file__).resolve().parent.parent / "passes"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(f"{__name__}.passes", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_import_checkout_passes()

@@ -86,13 +86,18 @@ class StatisticsRequest:
 
 
 def model_state(model: onnx.ModelProto) -> str:
-    """A hash of the model as it is (weights included): equal hashes, equal statistics on the same data."""
+    """A hash of what the model computes (nodes, weights, I/O, opsets), whatever the order of its nodes and
+    initializers: equal hashes, equal statistics on the same data. Each part is hashed alone, so models over
+    protobuf's 2 GB limit hash too."""
+
+    def digests(parts) -> list[bytes]:
+        return sorted(hashlib.sha256(x.SerializeToString(deterministic=True)).digest() for x in parts)
+
+    g = model.graph
     h = hashlib.sha256()
-    try:
-        h.update(model.SerializeToString(deterministic=True))
-    except ValueError:  # > 2 GB: hash piecewise
-        for g_part in (*model.graph.initializer, *model.graph.node):
-            h.update(g_part.SerializeToString(deterministic=True))
+    for group in (g.node, g.initializer, g.sparse_initializer, g.input, g.output, model.opset_import,
+                  model.functions):
+        h.update(b"".join(digests(group)) + b"|")
     return h.hexdigest()
 
 

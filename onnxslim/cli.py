@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
+from ._version import __version__
 from .config import OptimizeSettings, load_config, settings_from_mapping
 from .errors import OnnxSlimError, UsageError
 

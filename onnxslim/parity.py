@@ -84,7 +84,7 @@ class ParityResult:
 def _versions() -> dict[str, str]:
     import onnxruntime as ort
 
-    from . import __version__
+    from ._version import __version__
 
     return {"onnxslim": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
             "numpy": np.__version__}

@@ -379,7 +379,7 @@ def _check_output(target, level: str, ran: list[str]) -> None:
 
 def _versions() -> dict[str, str]:
     import numpy
-    from . import __version__
+    from ._version import __version__
 
     out = {"onnxslim": __version__, "onnx": onnx.__version__, "onnx_graphsurgeon": gs.__version__, "numpy": numpy.__version__}
     try:
