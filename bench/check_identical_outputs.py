@@ -7,7 +7,8 @@ output hashed (sha256 of the .onnx file and of its .data file when there is one)
 
     .venv/bin/python bench/check_identical_outputs.py bench/out/identical/before.json
     ... change the code ...
-    .venv/bin/python bench/check_identical_outputs.py bench/out/identical/after.json --compare bench/out/identical/before.json
+    .venv/bin/python bench/check_identical_outputs.py bench/out/identical/after.json \
+        --compare bench/out/identical/before.json
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def fingerprint() -> dict:
         for name, src, calib in _models():
             for job, extra in (("lossless", []), ("int8", ["--quantize", "int8", "--calib", str(calib)])):
                 dst = Path(tmp) / f"{name.replace('/', '_')}.{job}.onnx"
-                p = subprocess.run([str(CLI), "optimize", str(src), "-o", str(dst), "-q", *extra],
-                                   capture_output=True, text=True)
-                rows[f"{name}:{job}"] = {"rc": p.returncode, "onnx": _digest(dst),
-                                         "data": _digest(dst.with_name(dst.name + ".data"))}
+                p = subprocess.run(
+                    [str(CLI), "optimize", str(src), "-o", str(dst), "-q", *extra], capture_output=True, text=True
+                )
+                rows[f"{name}:{job}"] = {
+                    "rc": p.returncode,
+                    "onnx": _digest(dst),
+                    "data": _digest(dst.with_name(dst.name + ".data")),
+                }
                 print(name, job, rows[f"{name}:{job}"], flush=True)
     return rows
 

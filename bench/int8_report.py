@@ -24,8 +24,13 @@ def machine() -> dict:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal"):
             mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    return {"nproc": os.cpu_count(), "ram": mem, "cpu": cpu, "python": platform.python_version(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "nproc": os.cpu_count(),
+        "ram": mem,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _kb(n) -> str:
@@ -46,8 +51,10 @@ def _status(r: dict) -> str:
     if r["tool"] == "fp32":
         return "reference" if r["ok"] else f"FAILED: {r['error']}"
     if r.get("error") and "nothing to quantize" in r["error"]:
-        return (f"REFUSED (exit {r.get('rc')}, no output): nothing to quantize; the error names the ml ops and "
-                "suggests `allow_nothing=true`")
+        return (
+            f"REFUSED (exit {r.get('rc')}, no output): nothing to quantize; the error names the ml ops and "
+            "suggests `allow_nothing=true`"
+        )
     if r.get("error"):
         return f"FAILED (exit {r.get('rc')}): {r['error']}".replace("|", "\\|")
     if r.get("eval_error"):
@@ -69,7 +76,7 @@ def _paired(ours: dict, peer: dict) -> str:
     only_ours = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
     only_peer = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
     n, k = only_ours + only_peer, min(only_ours, only_peer)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
     return f"; samples only ours gets right {only_ours}, only the peer {only_peer} (McNemar exact p = {p:.2g})"
 
 
@@ -89,9 +96,11 @@ def _targets(rows: list[dict]) -> list[str]:
         peers = [tools[p] for p in PEERS if p in tools and tools[p].get("ok") and _quantized(tools[p])]
         if ours.get("error") and "nothing to quantize" in ours["error"]:
             did = [p["tool"] for p in peers]
-            out.append(f"- **{model}**: ours refused (exit {ours.get('rc')}: nothing to quantize, only ai.onnx.ml "
-                       f"ops); peers that quantized anything: {', '.join(did) if did else 'none'} "
-                       "(targets not applicable)")
+            out.append(
+                f"- **{model}**: ours refused (exit {ours.get('rc')}: nothing to quantize, only ai.onnx.ml "
+                f"ops); peers that quantized anything: {', '.join(did) if did else 'none'} "
+                "(targets not applicable)"
+            )
             continue
         if not ours.get("ok"):
             out.append(f"- **{model}**: ours FAILED ({ours.get('error') or ours.get('eval_error')})")
@@ -109,24 +118,34 @@ def _targets(rows: list[dict]) -> list[str]:
         bp = max(peers, key=lambda p: p["accuracy"])
         n = n_eval.get(model)
         diff = f" ({round((ours['accuracy'] - bp['accuracy']) * n):+d} of {n} samples)" if n else ""
-        parts.append(f"accuracy {ours['accuracy']:.4f} vs best peer {bp['accuracy']:.4f} ({bp['tool']}) "
-                     f"{'PASS' if ours['accuracy'] >= bp['accuracy'] else 'FAIL'}{diff}{_paired(ours, bp)}")
+        parts.append(
+            f"accuracy {ours['accuracy']:.4f} vs best peer {bp['accuracy']:.4f} ({bp['tool']}) "
+            f"{'PASS' if ours['accuracy'] >= bp['accuracy'] else 'FAIL'}{diff}{_paired(ours, bp)}"
+        )
         if ours.get("agreement") is not None and all(p.get("agreement") is not None for p in peers):
             ba = max(peers, key=lambda p: p["agreement"])
-            parts.append(f"agreement with fp32 {ours['agreement']:.4f} vs best peer {ba['agreement']:.4f} "
-                         f"({ba['tool']})")
+            parts.append(
+                f"agreement with fp32 {ours['agreement']:.4f} vs best peer {ba['agreement']:.4f} ({ba['tool']})"
+            )
         for t in ("1t", "2t"):
             bp = min(peers, key=lambda p: p[f"ratio_{t}"])
             a, b = ours.get(f"ratios_{t}") or [], bp.get(f"ratios_{t}") or []
             overlap = bool(a and b and min(a) <= max(b) and min(b) <= max(a))
-            parts.append(f"latency@{t} {ours[f'ratio_{t}']:.3f} vs best peer {bp[f'ratio_{t}']:.3f} ({bp['tool']}) "
-                         f"{'PASS' if ours[f'ratio_{t}'] <= bp[f'ratio_{t}'] else 'FAIL'}"
-                         f"{' (per-repeat ranges overlap: not significant)' if overlap else ''}")
-        orts = [tools[p]["peak_rss_mb"] for p in ("ort-minmax", "ort-percentile")
-                if p in tools and tools[p].get("peak_rss_mb") and not tools[p].get("error")]
+            parts.append(
+                f"latency@{t} {ours[f'ratio_{t}']:.3f} vs best peer {bp[f'ratio_{t}']:.3f} ({bp['tool']}) "
+                f"{'PASS' if ours[f'ratio_{t}'] <= bp[f'ratio_{t}'] else 'FAIL'}"
+                f"{' (per-repeat ranges overlap: not significant)' if overlap else ''}"
+            )
+        orts = [
+            tools[p]["peak_rss_mb"]
+            for p in ("ort-minmax", "ort-percentile")
+            if p in tools and tools[p].get("peak_rss_mb") and not tools[p].get("error")
+        ]
         if orts:
-            parts.append(f"peak RSS {ours['peak_rss_mb']:.1f} MB vs ORT min {min(orts):.1f} MB "
-                         f"{'PASS' if ours['peak_rss_mb'] <= min(orts) else 'FAIL'}")
+            parts.append(
+                f"peak RSS {ours['peak_rss_mb']:.1f} MB vs ORT min {min(orts):.1f} MB "
+                f"{'PASS' if ours['peak_rss_mb'] <= min(orts) else 'FAIL'}"
+            )
         out.append(f"- **{model}**: " + "; ".join(parts))
     return out
 
@@ -179,20 +198,29 @@ def render(data: dict) -> str:
     ]
     for r in data["rows"]:
         if r["tool"] == "fp32":
-            lines.append(f"| {r['model']} | fp32 | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
-                         f"{r.get('int8_weights', '-')} | "
-                         f"{_f(r.get('accuracy'), '{:.4f}')} | 1 | - | 1 | 1 | - | - | {_status(r)} |")
+            lines.append(
+                f"| {r['model']} | fp32 | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
+                f"{r.get('int8_weights', '-')} | "
+                f"{_f(r.get('accuracy'), '{:.4f}')} | 1 | - | 1 | 1 | - | - | {_status(r)} |"
+            )
             continue
         lines.append(
             f"| {r['model']} | {r['tool']} | {_kb(r.get('bytes'))} | {r.get('q_nodes', '-')} | "
             f"{r.get('int8_weights', '-')} | "
             f"{_f(r.get('accuracy'), '{:.4f}')} | {_f(r.get('agreement'), '{:.4f}')} | "
             f"{_f(r.get('snr_db'), '{:.1f}')} | {_f(r.get('ratio_1t'))} | {_f(r.get('ratio_2t'))} | "
-            f"{_f(r.get('wall_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.1f}')} | {_status(r)} |")
-    lines += ["", "### Targets (ours vs peers that produced a working quantized model)", "",
-              "Targets: our accuracy >= the best peer's; our latency ratio <= the best peer's at 1 and 2 "
-              "threads; our peak RSS <= ORT's (the lower of its two runs). Reported as measured.", "",
-              *_targets(data["rows"]), ""]
+            f"{_f(r.get('wall_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.1f}')} | {_status(r)} |"
+        )
+    lines += [
+        "",
+        "### Targets (ours vs peers that produced a working quantized model)",
+        "",
+        "Targets: our accuracy >= the best peer's; our latency ratio <= the best peer's at 1 and 2 "
+        "threads; our peak RSS <= ORT's (the lower of its two runs). Reported as measured.",
+        "",
+        *_targets(data["rows"]),
+        "",
+    ]
     summary = data.get("summary")
     if summary:
         lines += ["### Summary", "", summary.strip(), ""]
@@ -207,12 +235,12 @@ def write_section(path: Path, section: str, heading: str = HEADING) -> None:
     start = text.find("\n" + HEADING + "\n")
     if start < 0 and text.startswith(HEADING + "\n"):
         start = -1
-        before, after = "", text[len(HEADING) + 1:]
+        before, after = "", text[len(HEADING) + 1 :]
     elif start < 0:
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return
     else:
-        before, after = text[: start + 1], text[start + 1 + len(HEADING) + 1:]
+        before, after = text[: start + 1], text[start + 1 + len(HEADING) + 1 :]
     nxt = after.find("\n## ")
-    rest = after[nxt + 1:] if nxt >= 0 else ""
+    rest = after[nxt + 1 :] if nxt >= 0 else ""
     path.write_text(before + section + ("\n" + rest if rest else ""))

@@ -93,7 +93,9 @@ def build(out: Path, params: int, seed: int) -> dict:
         return outputs[0] if len(outputs) == 1 else outputs
 
     def const(name, arr):
-        return node("Constant", [], [name], name=f"{name}_const", value=onnx.numpy_helper.from_array(np.asarray(arr), name))
+        return node(
+            "Constant", [], [name], name=f"{name}_const", value=onnx.numpy_helper.from_array(np.asarray(arr), name)
+        )
 
     eps = const("ln_eps", np.array(1e-5, np.float32))
     const("axes_last", np.array([-1], np.int64))  # dead on purpose: nothing reads it
@@ -110,11 +112,15 @@ def build(out: Path, params: int, seed: int) -> dict:
         d = node("Sub", [x, mean], name=f"{p}.sub")
         var = node("ReduceMean", [node("Pow", [d, two], name=f"{p}.pow")], name=f"{p}.var", axes=[-1], keepdims=1)
         std = node("Sqrt", [node("Add", [var, eps], name=f"{p}.addeps")], name=f"{p}.sqrt")
-        return node("Add", [node("Mul", [node("Div", [d, std], name=f"{p}.div"), g], name=f"{p}.mulg"), b], name=f"{p}.addb")
+        return node(
+            "Add", [node("Mul", [node("Div", [d, std], name=f"{p}.div"), g], name=f"{p}.mulg"), b], name=f"{p}.addb"
+        )
 
     def gelu(x, p):
         e = node("Erf", [node("Mul", [x, inv_sqrt2], name=f"{p}.scale")], name=f"{p}.erf")
-        return node("Mul", [node("Mul", [x, node("Add", [e, one], name=f"{p}.add1")], name=f"{p}.mulx"), half], name=f"{p}.half")
+        return node(
+            "Mul", [node("Mul", [x, node("Add", [e, one], name=f"{p}.add1")], name=f"{p}.mulx"), half], name=f"{p}.half"
+        )
 
     x = "hidden_states"
     dh = HIDDEN // HEADS
@@ -131,20 +137,47 @@ def build(out: Path, params: int, seed: int) -> dict:
         # dynamic head split: Shape(h) -> batch, seq (computed twice: a CSE target)
         shp = node("Shape", [h], name=f"{p}.shape_a")
         shp2 = node("Shape", [h], name=f"{p}.shape_b")
-        bdim = node("Unsqueeze", [node("Gather", [shp, const(f"{p}.i0", np.array(0, np.int64))], name=f"{p}.g0", axis=0), axes0], name=f"{p}.u0")
-        sdim = node("Unsqueeze", [node("Gather", [shp2, const(f"{p}.i1", np.array(1, np.int64))], name=f"{p}.g1", axis=0), axes0], name=f"{p}.u1")
+        bdim = node(
+            "Unsqueeze",
+            [node("Gather", [shp, const(f"{p}.i0", np.array(0, np.int64))], name=f"{p}.g0", axis=0), axes0],
+            name=f"{p}.u0",
+        )
+        sdim = node(
+            "Unsqueeze",
+            [node("Gather", [shp2, const(f"{p}.i1", np.array(1, np.int64))], name=f"{p}.g1", axis=0), axes0],
+            name=f"{p}.u1",
+        )
         heads = const(f"{p}.heads", np.array([3, HEADS, dh], np.int64))
         split_shape = node("Concat", [bdim, sdim, heads], name=f"{p}.split_shape", axis=0)
-        qkv5 = node("Transpose", [node("Reshape", [qkv, split_shape], name=f"{p}.reshape5")], name=f"{p}.tr5", perm=[2, 0, 3, 1, 4])
-        q, k, v = (node("Gather", [qkv5, const(f"{p}.sel{j}", np.array(j, np.int64))], name=f"{p}.sel{j}", axis=0) for j in range(3))
+        qkv5 = node(
+            "Transpose",
+            [node("Reshape", [qkv, split_shape], name=f"{p}.reshape5")],
+            name=f"{p}.tr5",
+            perm=[2, 0, 3, 1, 4],
+        )
+        q, k, v = (
+            node("Gather", [qkv5, const(f"{p}.sel{j}", np.array(j, np.int64))], name=f"{p}.sel{j}", axis=0)
+            for j in range(3)
+        )
         # foldable: scale = 1 / sqrt(c1 * c2) from two constants
         c1 = const(f"{p}.c1", np.array(float(dh) / 2, np.float32))
         c2 = const(f"{p}.c2", np.array(2.0, np.float32))
-        scale = node("Reciprocal", [node("Sqrt", [node("Mul", [c1, c2], name=f"{p}.cmul")], name=f"{p}.csqrt")], name=f"{p}.crecip")
+        scale = node(
+            "Reciprocal",
+            [node("Sqrt", [node("Mul", [c1, c2], name=f"{p}.cmul")], name=f"{p}.csqrt")],
+            name=f"{p}.crecip",
+        )
         kt = node("Transpose", [k], name=f"{p}.kt", perm=[0, 1, 3, 2])
-        att = node("Softmax", [node("Mul", [node("MatMul", [q, kt], name=f"{p}.qk"), scale], name=f"{p}.qks")], name=f"{p}.softmax", axis=-1)
+        att = node(
+            "Softmax",
+            [node("Mul", [node("MatMul", [q, kt], name=f"{p}.qk"), scale], name=f"{p}.qks")],
+            name=f"{p}.softmax",
+            axis=-1,
+        )
         ctx = node("Transpose", [node("MatMul", [att, v], name=f"{p}.av")], name=f"{p}.ctx_tr", perm=[0, 2, 1, 3])
-        merge_shape = node("Concat", [bdim, sdim, const(f"{p}.hid", np.array([HIDDEN], np.int64))], name=f"{p}.merge_shape", axis=0)
+        merge_shape = node(
+            "Concat", [bdim, sdim, const(f"{p}.hid", np.array([HIDDEN], np.int64))], name=f"{p}.merge_shape", axis=0
+        )
         ctx = node("Reshape", [ctx, merge_shape], name=f"{p}.merge")
         wo = w.weight(f"{p}.attn.out.weight", (HIDDEN, HIDDEN), 0.02)
         bo = w.add(f"{p}.attn.out.bias", rng.standard_normal(HIDDEN, dtype=np.float32) * 0.01)
@@ -172,7 +205,8 @@ def build(out: Path, params: int, seed: int) -> dict:
 
     dims = ["batch", "seq", HIDDEN]
     graph = helper.make_graph(
-        nodes, "synthetic_transformer",
+        nodes,
+        "synthetic_transformer",
         [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, dims)],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, dims)],
         initializer=w.initializers,
@@ -190,8 +224,16 @@ def build(out: Path, params: int, seed: int) -> dict:
     erng = np.random.default_rng(seed + 1)
     for j, (b, s) in enumerate([(2, 16), (1, 33)]):
         np.savez(eval_dir / f"{j:04d}.npz", hidden_states=erng.standard_normal((b, s, HIDDEN), dtype=np.float32))
-    info = {"model": str(out), "data": str(data_path), "layers": layers, "params": int(w.params),
-            "weight_bytes": int(data_path.stat().st_size), "nodes": len(nodes), "seed": seed, "eval": str(eval_dir)}
+    info = {
+        "model": str(out),
+        "data": str(data_path),
+        "layers": layers,
+        "params": int(w.params),
+        "weight_bytes": int(data_path.stat().st_size),
+        "nodes": len(nodes),
+        "seed": seed,
+        "eval": str(eval_dir),
+    }
     out.with_name(out.stem + ".json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -202,7 +244,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", default=None, help="default bench/out/large_<N>M.onnx")
     args = ap.parse_args()
-    out = Path(args.output) if args.output else Path(__file__).resolve().parent / "out" / f"large_{int(args.params / 1e6)}M.onnx"
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(__file__).resolve().parent / "out" / f"large_{int(args.params / 1e6)}M.onnx"
+    )
     print(json.dumps(build(out, int(args.params), args.seed), indent=2))
 
 

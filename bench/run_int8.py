@@ -66,8 +66,13 @@ def _peer_worker(tool: str, src: str, dst: str, calib: str) -> None:
     info: dict = {}
     feeds = [{k: v for k, v in f.items() if not k.startswith("__")} for f in _load_npz_dir(calib)]
     if tool.startswith("ort-"):
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         class Reader(CalibrationDataReader):
@@ -88,8 +93,16 @@ def _peer_worker(tool: str, src: str, dst: str, calib: str) -> None:
             info["pre_process_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             qin = src
         method = CalibrationMethod.MinMax if tool == "ort-minmax" else CalibrationMethod.Percentile
-        quantize_static(qin, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        calibrate_method=method, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            qin,
+            dst,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            calibrate_method=method,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         Path(pre).unlink(missing_ok=True)
     elif tool == "nncf":
         import nncf
@@ -142,11 +155,13 @@ def _eval_worker(fp32: str, quant: str, eval_dir: str, label_output: str, kind: 
     # Fidelity to fp32, independent of the labels: how many predictions changed, and the output's SNR.
     info["agreement"] = float((q_pred == f_pred).mean())
     err = float(np.sum((q_val - f_val) ** 2))
-    info["snr_db"] = round(10 * np.log10(float(np.sum(f_val ** 2)) / err), 2) if err > 0 else None
+    info["snr_db"] = round(10 * np.log10(float(np.sum(f_val**2)) / err), 2) if err > 0 else None
     for t in (1, 2):
         sessions = {"fp32": _session(fp32, t), "quant": _session(quant, t)}
-        feeds = {k: [{n: v for n, v in b.items() if n in {i.name for i in s.get_inputs()}} for b in batches]
-                 for k, s in sessions.items()}
+        feeds = {
+            k: [{n: v for n, v in b.items() if n in {i.name for i in s.get_inputs()}} for b in batches]
+            for k, s in sessions.items()
+        }
         times: dict[str, list[float]] = {"fp32": [], "quant": []}
         for r in range(runs + 3):  # 3 warm-up passes, then fp32 and int8 alternate so drift hits both
             for k in ("fp32", "quant") if r % 2 == 0 else ("quant", "fp32"):
@@ -169,8 +184,13 @@ def _run_timed(cmd: list[str], timeout: float) -> dict:
     tfile = OUT / ".time_int8.txt"
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile), *cmd], capture_output=True, text=True,
-                           timeout=timeout, cwd=str(OUT))
+        p = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(tfile), *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(OUT),
+        )
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired:
         rc, out, err = -9, "", f"TimeoutExpired: no result after {timeout:.0f} s"
@@ -183,9 +203,15 @@ def _run_timed(cmd: list[str], timeout: float) -> dict:
     info: dict = {}
     for line in out.splitlines():
         if line.startswith("BENCH_INFO "):
-            info.update(json.loads(line[len("BENCH_INFO "):]))
-    return {"rc": rc, "wall_s": round(wall, 3), "peak_rss_mb": rss, "info": info,
-            "error": _first_error_line(err, out) if rc != 0 else None, "stderr_tail": err[-3000:] if rc else ""}
+            info.update(json.loads(line[len("BENCH_INFO ") :]))
+    return {
+        "rc": rc,
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": rss,
+        "info": info,
+        "error": _first_error_line(err, out) if rc != 0 else None,
+        "stderr_tail": err[-3000:] if rc else "",
+    }
 
 
 def _first_error_line(err: str, out: str) -> str:
@@ -215,8 +241,19 @@ def _size(path: Path) -> int:
 
 def _quant_cmd(tool: str, src: Path, dst: Path, calib: Path) -> list[str]:
     if tool == "ours":
-        return [str(OURS_CLI), "optimize", str(src), "-o", str(dst), "--quantize", "int8", "--calib", str(calib),
-                "--report", str(dst.with_suffix(".report.json"))]
+        return [
+            str(OURS_CLI),
+            "optimize",
+            str(src),
+            "-o",
+            str(dst),
+            "--quantize",
+            "int8",
+            "--calib",
+            str(calib),
+            "--report",
+            str(dst.with_suffix(".report.json")),
+        ]
     return [str(PEERS_PY), "-I", str(Path(__file__).resolve()), "_quant", tool, str(src), str(dst), str(calib)]
 
 
@@ -231,30 +268,51 @@ def _op_summary(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     graphs = list(iter_graphs(m.graph))
     c = collections.Counter(n.op_type for g in graphs for n in g.node)
-    tensors = [t for g in graphs for t in g.initializer] + \
-        [a.t for g in graphs for x in g.node if x.op_type == "Constant" for a in x.attribute if a.name == "value"]
-    int8 = sum(1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
-    q = sum(v for k, v in c.items() if k in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                                               "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"))
+    tensors = [t for g in graphs for t in g.initializer] + [
+        a.t for g in graphs for x in g.node if x.op_type == "Constant" for a in x.attribute if a.name == "value"
+    ]
+    int8 = sum(
+        1 for t in tensors if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2
+    )
+    q = sum(
+        v
+        for k, v in c.items()
+        if k
+        in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "QLinearConv",
+            "QLinearMatMul",
+            "MatMulInteger",
+            "ConvInteger",
+            "DynamicQuantizeLinear",
+        )
+    )
     return {"nodes": sum(c.values()), "q_nodes": q, "int8_weights": int8}
 
 
 def _versions() -> dict:
     def ask(py: Path, code: str) -> str:
         try:
-            return subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, timeout=120,
-                                  cwd=str(OUT)).stdout.strip()
+            return subprocess.run(
+                [str(py), "-I", "-c", code], capture_output=True, text=True, timeout=120, cwd=str(OUT)
+            ).stdout.strip()
         except Exception as e:  # noqa: BLE001
             return f"unavailable ({e})"
 
-    code = ("import importlib.metadata as md\nfor d in ('onnxruntime','onnx','numpy','sympy','nncf','torch'):\n"
-            "    try: print(f'{d}=={md.version(d)}')\n    except md.PackageNotFoundError: print(f'{d}==NOT-INSTALLED')")
+    code = (
+        "import importlib.metadata as md\nfor d in ('onnxruntime','onnx','numpy','sympy','nncf','torch'):\n"
+        "    try: print(f'{d}=={md.version(d)}')\n    except md.PackageNotFoundError: print(f'{d}==NOT-INSTALLED')"
+    )
     ours = ask(OURS_PY, code.replace("'sympy','nncf','torch'", "'onnxslim','onnx_graphsurgeon'"))
     peers = ask(PEERS_PY, code) if PEERS_PY.exists() else "bench/.venv-quant-peers missing"
     git = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True, cwd=str(ROOT)).stdout
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=str(ROOT)).stdout
-    return {"ours": ours.splitlines(), "peers": peers.splitlines(),
-            "git": git.strip() + (" (+uncommitted changes)" if dirty.strip() else "")}
+    return {
+        "ours": ours.splitlines(),
+        "peers": peers.splitlines(),
+        "git": git.strip() + (" (+uncommitted changes)" if dirty.strip() else ""),
+    }
 
 
 def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat: int, log=print) -> list[dict]:
@@ -265,9 +323,18 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
         eval_cmd = [str(OURS_PY), str(Path(__file__).resolve()), "_eval", str(src)]
         tail = [str(evald), m["label_output"], m["label_output_kind"], str(runs)]
         base = _run_timed([*eval_cmd, str(src), *tail], timeout)
-        rows.append({"model": m["name"], "tool": "fp32", "ok": base["rc"] == 0, "bytes": _size(src),
-                     **_op_summary(src), "accuracy": base["info"].get("accuracy"),
-                     "manifest_metric": m.get("float_metric"), "error": base["error"]})
+        rows.append(
+            {
+                "model": m["name"],
+                "tool": "fp32",
+                "ok": base["rc"] == 0,
+                "bytes": _size(src),
+                **_op_summary(src),
+                "accuracy": base["info"].get("accuracy"),
+                "manifest_metric": m.get("float_metric"),
+                "error": base["error"],
+            }
+        )
         log(f"[{m['name']}] fp32 acc={base['info'].get('accuracy')} {base['error'] or ''}")
         for tool in tools:
             dst = OUT / "int8" / m["name"] / tool / "model.onnx"
@@ -281,9 +348,17 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
                 rsss.append(res["peak_rss_mb"] or 0.0)
                 if res["rc"] != 0:
                     break
-            row = {"model": m["name"], "tool": tool, "rc": res["rc"], "wall_s": statistics.median(walls),
-                   "walls_s": walls, "peak_rss_mb": max(rsss) or None, "info": res["info"], "error": res["error"],
-                   "stderr_tail": res["stderr_tail"]}
+            row = {
+                "model": m["name"],
+                "tool": tool,
+                "rc": res["rc"],
+                "wall_s": statistics.median(walls),
+                "walls_s": walls,
+                "peak_rss_mb": max(rsss) or None,
+                "info": res["info"],
+                "error": res["error"],
+                "stderr_tail": res["stderr_tail"],
+            }
             if res["rc"] == 0 and not dst.exists():
                 row["error"] = "finished but wrote no output file"
             if row["error"] is None:
@@ -293,8 +368,9 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
                 if rep.exists():
                     rj = json.loads(rep.read_text())
                     row["warnings"] = [str(w)[:300] for w in rj.get("warnings", [])][:5]
-                    row["quant_stats"] = [p.get("stats") for p in rj.get("passes", [])
-                                          if "quantize" in str(p.get("name", ""))]
+                    row["quant_stats"] = [
+                        p.get("stats") for p in rj.get("passes", []) if "quantize" in str(p.get("name", ""))
+                    ]
                 evs = []
                 for _ in range(max(1, repeat)):  # separate processes; the median of each number is kept
                     ev = _run_timed([*eval_cmd, str(dst), *tail], timeout)
@@ -312,9 +388,11 @@ def run(models: list[dict], tools: list[str], timeout: float, runs: int, repeat:
                     row["ratios_1t"] = [e["ratio_1t"] for e in evs]
                     row["ratios_2t"] = [e["ratio_2t"] for e in evs]
             row["ok"] = row["error"] is None and "eval_error" not in row
-            log(f"    {tool}: ok={row['ok']} bytes={row.get('bytes')} q_nodes={row.get('q_nodes')} "
+            log(
+                f"    {tool}: ok={row['ok']} bytes={row.get('bytes')} q_nodes={row.get('q_nodes')} "
                 f"acc={row.get('accuracy')} r1={row.get('ratio_1t')} r2={row.get('ratio_2t')} "
-                f"wall={row['wall_s']}s rss={row['peak_rss_mb']}MB {row['error'] or row.get('eval_error') or ''}")
+                f"wall={row['wall_s']}s rss={row['peak_rss_mb']}MB {row['error'] or row.get('eval_error') or ''}"
+            )
             rows.append(row)
     return rows
 
@@ -329,13 +407,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="samples", help="'samples' or comma-separated sample model names")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--latency-runs", type=int, default=30, help="timed passes over the eval batches per model")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="quantize and measure each (model, tool) this many times in separate processes "
-                         "(median wall time and latency ratios, max RSS)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="quantize and measure each (model, tool) this many times in separate processes "
+        "(median wall time and latency ratios, max RSS)",
+    )
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--summary-file", help="hand-written markdown put under '### Summary' (kept in the JSON; a new measurement drops the "
-                         "old summary, since it described other numbers)")
+    ap.add_argument(
+        "--summary-file",
+        help="hand-written markdown put under '### Summary' (kept in the JSON; a new measurement drops the "
+        "old summary, since it described other numbers)",
+    )
     a = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(BENCH))
@@ -351,8 +436,14 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise SystemExit(f"unknown tools {bad}; choose from {TOOLS}")
         rows = run(models, tools, a.timeout, a.latency_runs, a.repeat)
-        data = {"machine": int8_report.machine(), "versions": _versions(), "latency_runs": a.latency_runs, "repeat": a.repeat,
-                "tools": tools, "rows": rows}
+        data = {
+            "machine": int8_report.machine(),
+            "versions": _versions(),
+            "latency_runs": a.latency_runs,
+            "repeat": a.repeat,
+            "tools": tools,
+            "rows": rows,
+        }
     if a.summary_file:
         data["summary"] = Path(a.summary_file).read_text()
     JSON_OUT.write_text(json.dumps(data, indent=1))

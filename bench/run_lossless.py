@@ -145,9 +145,15 @@ def _run_timed(cmd: list[str], timeout: float, cwd: Path = OUT) -> dict:
     info = {}
     for line in (out or "").splitlines():
         if line.startswith("BENCH_INFO "):
-            info.update(json.loads(line[len("BENCH_INFO "):]))
-    return {"rc": rc, "wall_s": round(wall, 3), "peak_rss_mb": round(rss_kb / 1024, 1) if rss_kb else None,
-            "info": info, "error": _first_error_line(err, out) if rc != 0 else None, "stderr_tail": (err or "")[-3000:] if rc else ""}
+            info.update(json.loads(line[len("BENCH_INFO ") :]))
+    return {
+        "rc": rc,
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": round(rss_kb / 1024, 1) if rss_kb else None,
+        "info": info,
+        "error": _first_error_line(err, out) if rc != 0 else None,
+        "stderr_tail": (err or "")[-3000:] if rc else "",
+    }
 
 
 def _first_error_line(err: str, out: str) -> str:
@@ -165,8 +171,9 @@ def _model_stats(path: Path) -> dict:
 
     m = onnx.load(str(path), load_external_data=False)
     graphs = list(iter_graphs(m.graph))
-    hist = collections.Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type
-                               for g in graphs for n in g.node)
+    hist = collections.Counter(
+        (n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type for g in graphs for n in g.node
+    )
     locs = set()
     n_init = 0
     for g in graphs:
@@ -176,18 +183,36 @@ def _model_stats(path: Path) -> dict:
                 if e.key == "location":
                     locs.add(e.value)
     size = path.stat().st_size + sum((path.parent / l).stat().st_size for l in locs if (path.parent / l).exists())
-    docs = len(m.doc_string) + len(m.domain) + sum(len(g.doc_string) + sum(len(n.doc_string) for n in g.node)
-                                                   for g in graphs)
-    return {"nodes": sum(hist.values()), "ops": dict(sorted(hist.items())), "bytes": size, "initializers": n_init,
-            "external_files": sorted(locs), "proto_bytes": path.stat().st_size, "doc_bytes": docs,
-            "value_info": sum(len(g.value_info) for g in graphs),
-            "metadata_bytes": sum(len(p.key) + len(p.value) for p in m.metadata_props)}
+    docs = (
+        len(m.doc_string)
+        + len(m.domain)
+        + sum(len(g.doc_string) + sum(len(n.doc_string) for n in g.node) for g in graphs)
+    )
+    return {
+        "nodes": sum(hist.values()),
+        "ops": dict(sorted(hist.items())),
+        "bytes": size,
+        "initializers": n_init,
+        "external_files": sorted(locs),
+        "proto_bytes": path.stat().st_size,
+        "doc_bytes": docs,
+        "value_info": sum(len(g.value_info) for g in graphs),
+        "metadata_bytes": sum(len(p.key) + len(p.value) for p in m.metadata_props),
+    }
 
 
 def _models(selection: list[str]) -> list[dict]:
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
-    samples = {m["name"]: {"name": m["name"], "path": SAMPLES / m["path"], "eval": SAMPLES / m["eval"], "limit": None,
-                           "large": False} for m in manifest["models"]}
+    samples = {
+        m["name"]: {
+            "name": m["name"],
+            "path": SAMPLES / m["path"],
+            "eval": SAMPLES / m["eval"],
+            "limit": None,
+            "large": False,
+        }
+        for m in manifest["models"]
+    }
     out = []
     for s in selection:
         if s == "samples":
@@ -199,8 +224,17 @@ def _models(selection: list[str]) -> list[dict]:
             if not path.exists():
                 raise SystemExit(f"{path} not found; run bench/make_large_model.py first")
             meta = json.loads((OUT / f"{s}.json").read_text())
-            out.append({"name": s, "path": path, "eval": Path(meta["eval"]), "limit": 2, "large": True,
-                        "params": meta["params"], "weight_bytes": meta["weight_bytes"]})
+            out.append(
+                {
+                    "name": s,
+                    "path": path,
+                    "eval": Path(meta["eval"]),
+                    "limit": 2,
+                    "large": True,
+                    "params": meta["params"],
+                    "weight_bytes": meta["weight_bytes"],
+                }
+            )
     return out
 
 
@@ -210,17 +244,34 @@ def _registered_passes() -> list[dict]:
 
 
 def _default_passes() -> list[str]:
-    p = subprocess.run([str(OURS_PY), "-c", "from onnxslim.pipeline import DEFAULT_PASSES; print(','.join(DEFAULT_PASSES))"],
-                       capture_output=True, text=True, check=True, cwd=str(ROOT))
+    p = subprocess.run(
+        [str(OURS_PY), "-c", "from onnxslim.pipeline import DEFAULT_PASSES; print(','.join(DEFAULT_PASSES))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(ROOT),
+    )
     return [s for s in p.stdout.strip().split(",") if s]
 
 
 # A sensible order for "every exact pass" (the pipeline then repeats it to a fixed point); passes not
 # named here run after these, in registry order; `requires` is honoured either way.
-_PREFERRED_ORDER = ("infer_shapes", "fold_constants", "fold_shape_computations", "inline_constant_if",
-                    "eliminate_identity_ops", "collapse_reshape_chains", "fuse_pad_into_conv", "fuse_batchnorm_into_conv",
-                    "fuse_scale_into_conv", "fuse_bias_add_into_conv", "fuse_matmul_add_into_gemm",
-                    "eliminate_common_subexpressions", "share_identical_weights", "eliminate_dead_nodes")
+_PREFERRED_ORDER = (
+    "infer_shapes",
+    "fold_constants",
+    "fold_shape_computations",
+    "inline_constant_if",
+    "eliminate_identity_ops",
+    "collapse_reshape_chains",
+    "fuse_pad_into_conv",
+    "fuse_batchnorm_into_conv",
+    "fuse_scale_into_conv",
+    "fuse_bias_add_into_conv",
+    "fuse_matmul_add_into_gemm",
+    "eliminate_common_subexpressions",
+    "share_identical_weights",
+    "eliminate_dead_nodes",
+)
 
 
 def _all_exact_passes() -> list[str]:
@@ -242,7 +293,16 @@ def _all_exact_passes() -> list[str]:
 
 def _tool_cmd(tool: str, src: Path, dst: Path, passes: list[str] | None) -> list[str]:
     if tool.startswith("ours"):
-        cmd = [str(OURS_CLI), "optimize", str(src), "-o", str(dst), "--report", str(dst.with_suffix(".report.json")), "-q"]
+        cmd = [
+            str(OURS_CLI),
+            "optimize",
+            str(src),
+            "-o",
+            str(dst),
+            "--report",
+            str(dst.with_suffix(".report.json")),
+            "-q",
+        ]
         for p in passes or []:
             cmd += ["-p", p]
         return cmd
@@ -258,23 +318,43 @@ def _versions(pass_lists: dict) -> dict:
     v = {}
     peer = OUT / "peer_versions.txt"
     if PEERS_PY.exists():
-        p = subprocess.run([str(PEERS_PY), "-I", "-c", "import importlib.metadata as m\nfor d in ('onnxslim','onnxsim','onnxruntime','onnx'):\n"
-                            "  print(d, m.version(d))"], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                str(PEERS_PY),
+                "-I",
+                "-c",
+                "import importlib.metadata as m\nfor d in ('onnxslim','onnxsim','onnxruntime','onnx'):\n"
+                "  print(d, m.version(d))",
+            ],
+            capture_output=True,
+            text=True,
+        )
         for line in p.stdout.splitlines():
             k, _, ver = line.partition(" ")
             v[f"peer {k}"] = ver
     elif peer.exists():
         v["peers"] = peer.read_text()
-    p = subprocess.run([str(OURS_PY), "-c", "import onnxslim,onnx,onnxruntime,onnx_graphsurgeon as g;"
-                        "print(onnxslim.__version__, onnx.__version__, onnxruntime.__version__, g.__version__)"],
-                       capture_output=True, text=True, cwd=str(ROOT))
+    p = subprocess.run(
+        [
+            str(OURS_PY),
+            "-c",
+            "import onnxslim,onnx,onnxruntime,onnx_graphsurgeon as g;"
+            "print(onnxslim.__version__, onnx.__version__, onnxruntime.__version__, g.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+    )
     a = p.stdout.split()
     if len(a) == 4:
         v.update({"ours onnxslim": a[0], "ours onnx": a[1], "ours onnxruntime": a[2], "ours onnx_graphsurgeon": a[3]})
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         v["ours git"] = rev + (" (+uncommitted changes)" if dirty else "")
     except OSError:
         pass
@@ -292,26 +372,51 @@ def _machine() -> dict:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal"):
             mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    return {"nproc": os.cpu_count(), "ram": mem, "cpu": cpu, "python": platform.python_version(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "nproc": os.cpu_count(),
+        "ram": mem,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 # ============================================================================== the run
-def run(models: list[dict], tools: list[str], pass_lists: dict, timeout: float, repeat: int = 1,
-        log=print) -> list[dict]:
+def run(
+    models: list[dict], tools: list[str], pass_lists: dict, timeout: float, repeat: int = 1, log=print
+) -> list[dict]:
     rows = []
     for m in models:
         src = Path(m["path"])
         stats0 = _model_stats(src)
         ref_dir = OUT / "ref" / m["name"]
         shutil.rmtree(ref_dir, ignore_errors=True)
-        r = _run_timed([str(OURS_PY), str(Path(__file__).resolve()), "_reference", str(src), str(m["eval"]), str(ref_dir),
-                        str(m["limit"] or 0)], timeout)
+        r = _run_timed(
+            [
+                str(OURS_PY),
+                str(Path(__file__).resolve()),
+                "_reference",
+                str(src),
+                str(m["eval"]),
+                str(ref_dir),
+                str(m["limit"] or 0),
+            ],
+            timeout,
+        )
         ref_ok = r["rc"] == 0
         if not ref_ok:
             log(f"[{m['name']}] reference run failed: {r['error']}")
-        rows.append({"model": m["name"], "tool": "original", **stats0, "ok": True, "max_abs_err": 0.0 if ref_ok else None,
-                     "weight_bytes": m.get("weight_bytes"), "params": m.get("params")})
+        rows.append(
+            {
+                "model": m["name"],
+                "tool": "original",
+                **stats0,
+                "ok": True,
+                "max_abs_err": 0.0 if ref_ok else None,
+                "weight_bytes": m.get("weight_bytes"),
+                "params": m.get("params"),
+            }
+        )
         for tool in tools:
             dst = OUT / "results" / m["name"] / tool / "model.onnx"
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -325,9 +430,16 @@ def run(models: list[dict], tools: list[str], pass_lists: dict, timeout: float, 
                     break
                 walls.append(res["wall_s"])
                 rss.append(res["peak_rss_mb"] or 0)
-            row = {"model": m["name"], "tool": tool, "rc": res["rc"],
-                   "wall_s": statistics.median(walls) if walls else res["wall_s"], "walls_s": walls,
-                   "peak_rss_mb": max(rss) if rss else res["peak_rss_mb"], "info": res["info"], "error": res["error"]}
+            row = {
+                "model": m["name"],
+                "tool": tool,
+                "rc": res["rc"],
+                "wall_s": statistics.median(walls) if walls else res["wall_s"],
+                "walls_s": walls,
+                "peak_rss_mb": max(rss) if rss else res["peak_rss_mb"],
+                "info": res["info"],
+                "error": res["error"],
+            }
             if res["rc"] == 0 and not dst.exists():
                 row["error"] = "finished but wrote no output file"
             row["ok"] = row["error"] is None
@@ -339,8 +451,18 @@ def run(models: list[dict], tools: list[str], pass_lists: dict, timeout: float, 
                     row["pass_seconds"] = _pass_seconds(rj)
                     row["warnings"] = rj.get("warnings", [])
                 if ref_ok:
-                    p = _run_timed([str(OURS_PY), str(Path(__file__).resolve()), "_parity", str(dst), str(m["eval"]),
-                                    str(ref_dir), str(m["limit"] or 0)], timeout)
+                    p = _run_timed(
+                        [
+                            str(OURS_PY),
+                            str(Path(__file__).resolve()),
+                            "_parity",
+                            str(dst),
+                            str(m["eval"]),
+                            str(ref_dir),
+                            str(m["limit"] or 0),
+                        ],
+                        timeout,
+                    )
                     if p["rc"] == 0:
                         row["max_abs_err"] = p["info"].get("max_abs_err")
                         row["int_mismatches"] = p["info"].get("int_mismatches")
@@ -348,8 +470,10 @@ def run(models: list[dict], tools: list[str], pass_lists: dict, timeout: float, 
                         row["parity_error"] = p["error"]
             else:
                 row["stderr_tail"] = res["stderr_tail"]
-            log(f"    -> ok={row['ok']} nodes={row.get('nodes')} bytes={row.get('bytes')} wall={row['wall_s']}s "
-                f"rss={row['peak_rss_mb']}MB err={row.get('max_abs_err')} {row['error'] or ''}")
+            log(
+                f"    -> ok={row['ok']} nodes={row.get('nodes')} bytes={row.get('bytes')} wall={row['wall_s']}s "
+                f"rss={row['peak_rss_mb']}MB err={row.get('max_abs_err')} {row['error'] or ''}"
+            )
             rows.append(row)
             if m["large"]:  # free the disk: large outputs are not needed after measuring
                 _clean(dst)
@@ -401,12 +525,29 @@ def _profile_worker(model: str, dst: str, passes: str) -> None:
                 return fn(*a, **k)
             finally:
                 after = rss_mb()
-                stages.append({"stage": lab, "seconds": round(time.perf_counter() - t0, 2), "rss_before_mb": round(before),
-                               "peak_mb": round(max(peak[0], after)), "rss_after_mb": round(after)})
+                stages.append(
+                    {
+                        "stage": lab,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "rss_before_mb": round(before),
+                        "peak_mb": round(max(peak[0], after)),
+                        "rss_after_mb": round(after),
+                    }
+                )
+
         setattr(owner, name, inner)
 
-    for n in ("load_model", "_input_check_level", "import_graph", "_run_pass", "export_graph", "save_model", "_check_output",
-              "summarize", "load_feeds"):
+    for n in (
+        "load_model",
+        "_input_check_level",
+        "import_graph",
+        "_run_pass",
+        "export_graph",
+        "save_model",
+        "_check_output",
+        "summarize",
+        "load_feeds",
+    ):
         if hasattr(pl, n):
             wrap(pl, n)
     threading.Thread(target=sample, daemon=True).start()
@@ -421,12 +562,20 @@ def profile(name: str, passes: list[str] | None, timeout: float) -> dict:
     dst = OUT / "results" / m["name"] / "profile" / "model.onnx"
     dst.parent.mkdir(parents=True, exist_ok=True)
     _clean(dst)
-    r = _run_timed([str(OURS_PY), str(Path(__file__).resolve()), "_profile", str(m["path"]), str(dst), ",".join(passes or [])],
-                   timeout)
+    r = _run_timed(
+        [str(OURS_PY), str(Path(__file__).resolve()), "_profile", str(m["path"]), str(dst), ",".join(passes or [])],
+        timeout,
+    )
     _clean(dst)
-    return {"model": m["name"], "weight_mb": round((m.get("weight_bytes") or 0) / 2**20), "peak_rss_mb": r["peak_rss_mb"],
-            "wall_s": r["wall_s"], "error": r["error"], "stages": r["info"].get("stages", []),
-            "stderr_tail": r["stderr_tail"]}
+    return {
+        "model": m["name"],
+        "weight_mb": round((m.get("weight_bytes") or 0) / 2**20),
+        "peak_rss_mb": r["peak_rss_mb"],
+        "wall_s": r["wall_s"],
+        "error": r["error"],
+        "stages": r["info"].get("stages", []),
+        "stderr_tail": r["stderr_tail"],
+    }
 
 
 # ============================================================================== main
@@ -443,19 +592,35 @@ def main(argv: list[str] | None = None) -> None:
             worker(a[0], a[1], a[2], int(a[3]) or None)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="samples,large_300M",
-                    help="comma list: 'samples', sample model names, or large model stems in bench/out (default samples,large_300M)")
-    ap.add_argument("--tools", default="ours,ours-all,onnxslim,onnxsim", help="comma list of ours, ours-all, ours-custom, onnxslim, onnxsim")
+    ap.add_argument(
+        "--models",
+        default="samples,large_300M",
+        help="comma list: 'samples', sample model names, or large model stems in bench/out (default samples,large_300M)",  # noqa: E501
+    )
+    ap.add_argument(
+        "--tools",
+        default="ours,ours-all,onnxslim,onnxsim",
+        help="comma list of ours, ours-all, ours-custom, onnxslim, onnxsim",
+    )
     ap.add_argument("--passes", help="comma list of passes for the ours-custom tool (added to --tools)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run each tool this many times; wall = median, peak RSS = max (default 1)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run each tool this many times; wall = median, peak RSS = max (default 1)"
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
-    ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
-                    help="also sample our pipeline's RSS per stage on this model (repeatable)")
+    ap.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also sample our pipeline's RSS per stage on this model (repeatable)",
+    )
     ap.add_argument("--results", default=str(BENCH / "RESULTS.md"))
     ap.add_argument("--json", default=str(OUT / "results.json"))
-    ap.add_argument("--report-only", action="store_true",
-                    help="re-render --results from the measurements saved in --json; runs nothing")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render --results from the measurements saved in --json; runs nothing",
+    )
     args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
     if args.report_only:
@@ -493,8 +658,11 @@ def main(argv: list[str] | None = None) -> None:
     from lossless_report import profile_markdown, write_markdown  # bench/, next to this script
 
     extra = "\n\n".join(profile_markdown(p) for p in profiles)
-    Path(args.json).write_text(json.dumps({"machine": machine, "versions": versions, "rows": rows, "profiles": profiles},
-                                          indent=1, default=str))
+    Path(args.json).write_text(
+        json.dumps(
+            {"machine": machine, "versions": versions, "rows": rows, "profiles": profiles}, indent=1, default=str
+        )
+    )
     write_markdown(rows, machine, versions, Path(args.results), extra)
     print(f"wrote {args.results} and {args.json}")
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from ._version import __version__
-
-
-
 from .data import FeedData, load_feeds
 from .errors import BadInputError, GateFailedError, OnnxSlimError, PassError, PluginError, UsageError
 from .graph import LoadedModel, ModelContract, load_model, save_model
@@ -64,8 +61,9 @@ def _import_checkout_passes() -> None:
     folder = Path(__file__).resolve().parent.parent / "passes"
     if not (folder / "__init__.py").is_file():
         return
-    spec = importlib.util.spec_from_file_location(f"{__name__}.passes", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}.passes", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -20,9 +20,9 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -87,8 +87,13 @@ def collect_statistics(
     if keep and keep_samples < 1:
         raise UsageError("keep names tensors to keep but keep_samples is 0; give how many samples to keep")
     hist_names = set(names) if histograms is True else set() if histograms is False else set(histograms)
-    for what, asked in (("means", means), ("grams", grams), ("norms", norms), ("keep", keep),
-                        ("histograms", hist_names)):
+    for what, asked in (
+        ("means", means),
+        ("grams", grams),
+        ("norms", norms),
+        ("keep", keep),
+        ("histograms", hist_names),
+    ):
         unknown = sorted(set(asked) - set(names))
         if unknown:
             raise UsageError(f"{what} names tensor(s) not requested: {', '.join(unknown)}; add them to tensors")
@@ -98,8 +103,12 @@ def collect_statistics(
         raise UsageError(f"max_samples={max_samples}; give a positive number or None")
 
     feeds = _stream(data).bind(proto)
-    request = {"model_sha256": _fingerprint(proto), "data": feeds.description, "bins": bins if hist_names else None,
-               "max_samples": max_samples}
+    request = {
+        "model_sha256": _fingerprint(proto),
+        "data": feeds.description,
+        "bins": bins if hist_names else None,
+        "max_samples": max_samples,
+    }
     if cache is not None and not keep:  # kept values are never cached
         hit = _from_cache(Path(cache), request, names, per_channel, means, grams, hist_names, norms)
         if hit is not None:
@@ -107,8 +116,20 @@ def collect_statistics(
 
     with contextlib.ExitStack() as stack:  # temporary external-data files live as long as their session
         runner = _Runner(proto, names, per_channel, stack, data_dir)
-        stats = _run(runner, feeds, names, per_channel, {n: bins for n in hist_names}, max_samples, progress,
-                     means, grams, norms, keep, keep_samples)
+        stats = _run(
+            runner,
+            feeds,
+            names,
+            per_channel,
+            {n: bins for n in hist_names},
+            max_samples,
+            progress,
+            means,
+            grams,
+            norms,
+            keep,
+            keep_samples,
+        )
     stats.meta.update(request)
     if cache is not None:
         stats.save(cache)
@@ -118,8 +139,14 @@ def collect_statistics(
 class _Runner:
     """The instrumented session; re-instrumented once with flattened Loop outputs if stacking them fails."""
 
-    def __init__(self, proto: onnx.ModelProto, names: list[str], per_channel: dict[str, int],
-                 stack: contextlib.ExitStack, data_dir: Path | None = None):
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        names: list[str],
+        per_channel: dict[str, int],
+        stack: contextlib.ExitStack,
+        data_dir: Path | None = None,
+    ):
         self.proto, self.names, self.per_channel, self.stack = proto, names, per_channel, stack
         self.data_dir = data_dir
         self.flattened = False
@@ -133,9 +160,11 @@ class _Runner:
         try:
             self.session = make_session(src, "cpu", optimize=False, external_files=files).session
         except BadInputError as e:
-            raise BadInputError(f"calibration runs the model in onnxruntime, which cannot load it: {e}. Check "
-                                "that the original model runs in onnxruntime (an exporter may have written an "
-                                "op it does not know) and fix the export") from e
+            raise BadInputError(
+                f"calibration runs the model in onnxruntime, which cannot load it: {e}. Check "
+                "that the original model runs in onnxruntime (an exporter may have written an "
+                "op it does not know) and fix the export"
+            ) from e
         self.outputs = list(dict.fromkeys(r.output for r in self.routes.values()))
         import onnxruntime as ort
 
@@ -152,7 +181,8 @@ class _Runner:
         loop_routes = [n for n, r in self.routes.items() if r.stacked]
         if self.flattened or not loop_routes:
             raise BadInputError(
-                f"{sample.origin}: onnxruntime failed on this sample: {str(first).splitlines()[0]}") from first
+                f"{sample.origin}: onnxruntime failed on this sample: {str(first).splitlines()[0]}"
+            ) from first
         log.info("stacking loop outputs failed (%s); carrying them flattened instead", str(first).splitlines()[0])
         self.flattened = True
         self._build(flatten_loops=True)
@@ -168,13 +198,27 @@ class _Runner:
             raise BadInputError(f"{sample.origin}: onnxruntime failed on this sample: {str(e).splitlines()[0]}") from e
 
 
-def _run(runner: _Runner, feeds: FeedData, names: list[str], per_channel: dict[str, int], bins: dict[str, int],
-         max_samples: int | None, progress: Callable[[int, int | None], None] | None,
-         means: dict[str, int] | None = None, grams: dict[str, int] | None = None, norms: dict[str, int] | None = None,
-         keep: list[str] | None = None, keep_samples: int = 0) -> Statistics:
+def _run(
+    runner: _Runner,
+    feeds: FeedData,
+    names: list[str],
+    per_channel: dict[str, int],
+    bins: dict[str, int],
+    max_samples: int | None,
+    progress: Callable[[int, int | None], None] | None,
+    means: dict[str, int] | None = None,
+    grams: dict[str, int] | None = None,
+    norms: dict[str, int] | None = None,
+    keep: list[str] | None = None,
+    keep_samples: int = 0,
+) -> Statistics:
     means, grams, norms, keep = means or {}, grams or {}, norms or {}, keep or []
-    accs = {n: _Accumulator(n, per_channel.get(n), runner.routes[n].stacked, bins.get(n), means.get(n), grams.get(n),
-                            norms.get(n)) for n in names}
+    accs = {
+        n: _Accumulator(
+            n, per_channel.get(n), runner.routes[n].stacked, bins.get(n), means.get(n), grams.get(n), norms.get(n)
+        )
+        for n in names
+    }
     kept: dict[str, list[np.ndarray]] = {n: [] for n in keep}
     total = feeds.count
     if max_samples is not None and total is not None:
@@ -242,9 +286,16 @@ def _fingerprint(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[str, int],
-                means: dict[str, int] | None = None, grams: dict[str, int] | None = None,
-                hist_names: set[str] | None = None, norms: dict[str, int] | None = None) -> Statistics | None:
+def _from_cache(
+    path: Path,
+    request: dict,
+    names: list[str],
+    per_channel: dict[str, int],
+    means: dict[str, int] | None = None,
+    grams: dict[str, int] | None = None,
+    hist_names: set[str] | None = None,
+    norms: dict[str, int] | None = None,
+) -> Statistics | None:
     means, grams, hist_names, norms = means or {}, grams or {}, hist_names or set(), norms or {}
     if not path.exists():
         return None
@@ -256,11 +307,12 @@ def _from_cache(path: Path, request: dict, names: list[str], per_channel: dict[s
     if any(cached.meta.get(k) != v for k, v in request.items()):
         log.info("calibration cache %s was made for another model, data or settings; collecting again", path)
         return None
-    if any(n not in cached or cached[n].channel_axis != per_channel.get(n)
-           or (n in means and cached[n].mean_axis != means[n])
-           or (n in grams and cached[n].gram_axis != grams[n])
-           or (n in norms and cached[n].norm_axis != norms[n])
-           or (n in hist_names and cached[n].count and cached[n].hist is None) for n in names):
+    if any(
+        n not in cached
+        or cached[n].channel_axis != per_channel.get(n)
+        or not cached[n].holds(mean=means.get(n), gram=grams.get(n), norm=norms.get(n), histogram=n in hist_names)
+        for n in names
+    ):
         log.info("calibration cache %s lacks some requested tensors; collecting again", path)
         return None
     log.info("calibration statistics read from cache %s", path)
@@ -300,15 +352,15 @@ def _session_source(model: onnx.ModelProto, data_dir: Path | None = None) -> Ite
                 os.link(src, dst)
             except OSError:
                 if not src.is_file():
-                    raise BadInputError(f"external data file '{loc}' of the model is missing in {data_dir}; put it "
-                                        "next to the model") from None
+                    raise BadInputError(
+                        f"external data file '{loc}' of the model is missing in {data_dir}; put it next to the model"
+                    ) from None
                 in_memory[loc] = np.memmap(src, dtype=np.uint8, mode="r")
         path = os.path.join(tmp, "model.onnx")
         if model.ByteSize() < 2**31 - 2**24:
             Path(path).write_bytes(model.SerializeToString())
         else:  # moves only tensors held in memory; the linked ones stay where they are
-            onnx.save(model, path, save_as_external_data=True, location="onnxslim_in_memory.bin",
-                      size_threshold=1024)
+            onnx.save(model, path, save_as_external_data=True, location="onnxslim_in_memory.bin", size_threshold=1024)
         yield path, in_memory or None
 
 

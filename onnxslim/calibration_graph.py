@@ -12,8 +12,8 @@ loop-carries the concatenation of the flattened values (quadratic copying, so on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import onnx
 
@@ -37,11 +37,12 @@ class _Scope:
     graph: onnx.GraphProto
     owner: onnx.NodeProto | None  # the If/Loop/Scan node holding this graph (None: main graph)
     attr: str  # attribute name of this graph in the owner (then_branch, else_branch, body)
-    parent: "_Scope | None"
+    parent: _Scope | None
 
 
-def expose_tensors(model: onnx.ModelProto, names: list[str], *,
-                   flatten_loops: bool = False) -> tuple[onnx.ModelProto, dict[str, _Route]]:
+def expose_tensors(
+    model: onnx.ModelProto, names: list[str], *, flatten_loops: bool = False
+) -> tuple[onnx.ModelProto, dict[str, _Route]]:
     """A copy of ``model`` whose main graph outputs also carry every tensor in ``names``.
 
     A tensor in an If branch becomes an extra output of that branch (through an Identity) and of the If;
@@ -111,8 +112,15 @@ def expose_tensors(model: onnx.ModelProto, names: list[str], *,
     return m, routes
 
 
-def _route_out(scope: _Scope, name: str, types: dict[str, int], fresh: Callable[[str], str],
-               stacked: int, opset: int, flatten_loops: bool) -> tuple[str, int]:
+def _route_out(
+    scope: _Scope,
+    name: str,
+    types: dict[str, int],
+    fresh: Callable[[str], str],
+    stacked: int,
+    opset: int,
+    flatten_loops: bool,
+) -> tuple[str, int]:
     """Add ``name`` (defined in ``scope``'s graph) as an output of the owner node; the new name and stacking."""
     node, g = scope.owner, scope.graph
     assert node is not None and scope.parent is not None
@@ -163,23 +171,47 @@ def _pad_outputs(node: onnx.NodeProto, n: int, fresh: Callable[[str], str]) -> N
         node.output.append(fresh(f"{node.name or node.op_type}_unused"))
 
 
-def _carry_flat(node: onnx.NodeProto, body: onnx.GraphProto, parent: onnx.GraphProto, local: str, outer: str,
-                elem: int, fresh: Callable[[str], str]) -> None:
+def _carry_flat(
+    node: onnx.NodeProto,
+    body: onnx.GraphProto,
+    parent: onnx.GraphProto,
+    local: str,
+    outer: str,
+    elem: int,
+    fresh: Callable[[str], str],
+) -> None:
     """Loop-carry the concatenation of every iteration's flattened ``local`` (shapes may change per iteration).
 
     Costs O(iterations^2) copying, so it is only the fallback when scan outputs fail.
     """
     carried = len(body.input) - 2  # loop-carried values before this one
-    init, acc_in, acc_out, flat, minus1 = (fresh(f"{outer}_{k}") for k in ("init", "acc_in", "acc_out", "flat", "shape"))
-    parent.node.insert(0, onnx.helper.make_node(
-        "Constant", [], [init], value=onnx.helper.make_tensor(init + "_value", elem, [0], []), name=fresh("calib_init")))
+    init, acc_in, acc_out, flat, minus1 = (
+        fresh(f"{outer}_{k}") for k in ("init", "acc_in", "acc_out", "flat", "shape")
+    )
+    parent.node.insert(
+        0,
+        onnx.helper.make_node(
+            "Constant",
+            [],
+            [init],
+            value=onnx.helper.make_tensor(init + "_value", elem, [0], []),
+            name=fresh("calib_init"),
+        ),
+    )
     body.input.append(onnx.helper.make_tensor_value_info(acc_in, elem, [None]))
-    body.node.extend([
-        onnx.helper.make_node("Constant", [], [minus1], name=fresh("calib_shape"),
-                              value=onnx.helper.make_tensor(minus1 + "_value", onnx.TensorProto.INT64, [1], [-1])),
-        onnx.helper.make_node("Reshape", [local, minus1], [flat], name=fresh("calib_flatten")),
-        onnx.helper.make_node("Concat", [acc_in, flat], [acc_out], axis=0, name=fresh("calib_concat")),
-    ])
+    body.node.extend(
+        [
+            onnx.helper.make_node(
+                "Constant",
+                [],
+                [minus1],
+                name=fresh("calib_shape"),
+                value=onnx.helper.make_tensor(minus1 + "_value", onnx.TensorProto.INT64, [1], [-1]),
+            ),
+            onnx.helper.make_node("Reshape", [local, minus1], [flat], name=fresh("calib_flatten")),
+            onnx.helper.make_node("Concat", [acc_in, flat], [acc_out], axis=0, name=fresh("calib_concat")),
+        ]
+    )
     outs = list(body.output)
     outs.insert(1 + carried, onnx.helper.make_tensor_value_info(acc_out, elem, [None]))
     del body.output[:]

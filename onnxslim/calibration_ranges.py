@@ -7,8 +7,8 @@ uniformly (the CDF is interpolated linearly between edges).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -38,8 +38,15 @@ def _first_reaching(f, target: float, lo: float, hi: float, iters: int = 100) ->
     return hi
 
 
-def percentile_range(hist: np.ndarray, edges: np.ndarray, vmin: float, vmax: float, *,
-                     percentile: float = 99.999, symmetric: bool = False) -> tuple[float, float]:
+def percentile_range(
+    hist: np.ndarray,
+    edges: np.ndarray,
+    vmin: float,
+    vmax: float,
+    *,
+    percentile: float = 99.999,
+    symmetric: bool = False,
+) -> tuple[float, float]:
     """Two-sided: cut (100-p)/2 % of the values on each side (onnxruntime's convention).
 
     Symmetric: t = the p-th percentile of |x|; returns [-t, t] clipped to [vmin, vmax].
@@ -70,8 +77,9 @@ def _abs_hist(hist: np.ndarray, edges: np.ndarray, vmin: float, vmax: float, bin
     return np.maximum(pos + neg, 0.0), amax / bins
 
 
-def entropy_range(hist: np.ndarray, edges: np.ndarray, vmin: float, vmax: float, *,
-                  num_quantized_bins: int = 128) -> tuple[float, float]:
+def entropy_range(
+    hist: np.ndarray, edges: np.ndarray, vmin: float, vmax: float, *, num_quantized_bins: int = 128
+) -> tuple[float, float]:
     """TensorRT's entropy calibration on the |x| histogram: the threshold whose ``num_quantized_bins``-level
     quantization keeps the distribution closest in KL divergence; returns [-t, t] clipped to [vmin, vmax].
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 
@@ -50,37 +51,56 @@ class StatisticsRequest:
 
     def names(self) -> list[str]:
         """Every tensor the request touches, in a stable order (requested first, then the maps' own)."""
-        return list(dict.fromkeys([*self.tensors, *self.per_channel, *self.means, *self.grams, *self.norms,
-                                   *sorted(self.histograms), *self.keep]))
+        return list(
+            dict.fromkeys(
+                [
+                    *self.tensors,
+                    *self.per_channel,
+                    *self.means,
+                    *self.grams,
+                    *self.norms,
+                    *sorted(self.histograms),
+                    *self.keep,
+                ]
+            )
+        )
 
-    def __or__(self, other: "StatisticsRequest") -> "StatisticsRequest":
+    def __or__(self, other: StatisticsRequest) -> StatisticsRequest:
         """Both requests in one (one run serves it); the same tensor asked along two axes is an error."""
         merged = {}
         for what in ("per_channel", "means", "grams", "norms"):
             mine, theirs = getattr(self, what), getattr(other, what)
             clash = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
             if clash:
-                raise UsageError(f"statistics requests disagree on the {what} axis of {', '.join(clash)}; ask "
-                                 "for one axis per tensor")
+                raise UsageError(
+                    f"statistics requests disagree on the {what} axis of {', '.join(clash)}; ask "
+                    "for one axis per tensor"
+                )
             merged[what] = {**mine, **theirs}
-        return StatisticsRequest(tensors=tuple(dict.fromkeys([*self.tensors, *other.tensors])), **merged,
-                                 histograms=self.histograms | other.histograms,
-                                 keep=tuple(dict.fromkeys([*self.keep, *other.keep])),
-                                 keep_samples=max(self.keep_samples, other.keep_samples))
+        return StatisticsRequest(
+            tensors=tuple(dict.fromkeys([*self.tensors, *other.tensors])),
+            **merged,
+            histograms=self.histograms | other.histograms,
+            keep=tuple(dict.fromkeys([*self.keep, *other.keep])),
+            keep_samples=max(self.keep_samples, other.keep_samples),
+        )
 
     def covered_by(self, answer: Statistics) -> bool:
         """True when ``answer`` (collected for another request) holds everything this request needs."""
         for n in self.names():
             st = answer.get(n)
-            if st is None or (n in self.per_channel and st.channel_axis != self.per_channel[n]):
+            if st is None or not st.holds(
+                per_channel=self.per_channel.get(n),
+                mean=self.means.get(n),
+                gram=self.grams.get(n),
+                norm=self.norms.get(n),
+                histogram=n in self.histograms,
+            ):
                 return False
-            if (n in self.means and st.mean_axis != self.means[n]) or \
-                    (n in self.grams and st.gram_axis != self.grams[n]) or \
-                    (n in self.norms and st.norm_axis != self.norms[n]) or \
-                    (n in self.histograms and st.count and st.hist is None):
-                return False
-        if self.keep and (answer.meta.get("samples_kept", 0) < min(self.keep_samples, answer.meta.get("samples", 0))
-                          or any(n not in answer.values for n in self.keep)):
+        if self.keep and (
+            answer.meta.get("samples_kept", 0) < min(self.keep_samples, answer.meta.get("samples", 0))
+            or any(n not in answer.values for n in self.keep)
+        ):
             return False
         return True
 
@@ -95,8 +115,7 @@ def model_state(model: onnx.ModelProto) -> str:
 
     g = model.graph
     h = hashlib.sha256()
-    for group in (g.node, g.initializer, g.sparse_initializer, g.input, g.output, model.opset_import,
-                  model.functions):
+    for group in (g.node, g.initializer, g.sparse_initializer, g.input, g.output, model.opset_import, model.functions):
         h.update(b"".join(digests(group)) + b"|")
     return h.hexdigest()
 
@@ -107,8 +126,9 @@ class CalibrationService:
     ``progress(stage, done, total)`` is called once per sample of each streaming run (stage "calibration").
     ``runs`` counts the streaming runs made (each is one pass over the data)."""
 
-    def __init__(self, data: Any, base_dir: Path | None = None,
-                 progress: Callable[[str, int, int | None], None] | None = None):
+    def __init__(
+        self, data: Any, base_dir: Path | None = None, progress: Callable[[str, int, int | None], None] | None = None
+    ):
         self.data, self.base_dir, self.progress = data, base_dir, progress
         self.runs = 0
         self._answers: list[tuple[str, StatisticsRequest, Statistics]] = []
@@ -123,14 +143,24 @@ class CalibrationService:
         for key, _, answer in self._answers:
             if key == state and request.covered_by(answer):
                 log.info("calibration statistics for %d tensors reused (same model state)", len(names))
-                return Statistics({n: answer[n] for n in names}, answer.meta,
-                                  {n: answer.values[n] for n in request.keep})
+                return Statistics(
+                    {n: answer[n] for n in names}, answer.meta, {n: answer.values[n] for n in request.keep}
+                )
         report = self.progress
         stats = collect_statistics(
-            model, self.data, names, per_channel=request.per_channel, means=request.means, grams=request.grams,
-            norms=request.norms, keep=request.keep, keep_samples=request.keep_samples,
-            histograms=sorted(request.histograms), base_dir=self.base_dir,
-            progress=(lambda done, total: report("calibration", done, total)) if report else None)
+            model,
+            self.data,
+            names,
+            per_channel=request.per_channel,
+            means=request.means,
+            grams=request.grams,
+            norms=request.norms,
+            keep=request.keep,
+            keep_samples=request.keep_samples,
+            histograms=sorted(request.histograms),
+            base_dir=self.base_dir,
+            progress=(lambda done, total: report("calibration", done, total)) if report else None,
+        )
         stats.meta["samples_kept"] = min(request.keep_samples, stats.meta.get("samples", 0)) if request.keep else 0
         self.runs += 1
         # Only answers about the latest model state are kept: a pass that changed the graph made the others

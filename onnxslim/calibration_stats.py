@@ -19,10 +19,10 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +49,11 @@ class ConvPatches:
 
     @staticmethod
     def to_json(v: Any) -> Any:
-        return {"conv_patches": [list(v.kernel), list(v.strides), list(v.pads), list(v.dilations)]} \
-            if isinstance(v, ConvPatches) else v
+        return (
+            {"conv_patches": [list(v.kernel), list(v.strides), list(v.pads), list(v.dilations)]}
+            if isinstance(v, ConvPatches)
+            else v
+        )
 
     @staticmethod
     def from_json(v: Any) -> Any:
@@ -60,8 +63,10 @@ class ConvPatches:
 
     def columns(self, arr: np.ndarray, name: str) -> int:
         if arr.ndim != 2 + len(self.kernel):
-            raise BadInputError(f"tensor '{name}' has shape {list(arr.shape)}; Conv patches of kernel "
-                                f"{list(self.kernel)} need [N, C, {len(self.kernel)} spatial dims]")
+            raise BadInputError(
+                f"tensor '{name}' has shape {list(arr.shape)}; Conv patches of kernel "
+                f"{list(self.kernel)} need [N, C, {len(self.kernel)} spatial dims]"
+            )
         return int(arr.shape[1] * np.prod(self.kernel))
 
     def rows(self, arr: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
@@ -75,12 +80,12 @@ class ConvPatches:
         x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         span = [(kernel[i] - 1) * dil[i] + 1 for i in range(2)]
         win = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
-        win = win[:, :, ::strides[0], ::strides[1], ::dil[0], ::dil[1]]  # [N, C, OH, OW, kh, kw]
+        win = win[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]  # [N, C, OH, OW, kh, kw]
         n, c, oh, ow = win.shape[:4]
         per_row = max(1, n * ow * c * kernel[0] * kernel[1])
         step = max(1, chunk // per_row)
         for r in range(0, oh, step):
-            part = win[:, :, r:r + step].transpose(0, 2, 3, 1, 4, 5)
+            part = win[:, :, r : r + step].transpose(0, 2, 3, 1, 4, 5)
             yield part.reshape(-1, c * kernel[0] * kernel[1])
 
 
@@ -106,8 +111,33 @@ class TensorStats:
     norm_axis: int | None = None  # set when per-channel norms were asked for (``norms=``)
     channel_norm: np.ndarray | None = None  # float64 L2 norm of each channel's finite values (importance |x|)
 
-    def range(self, method: str = "minmax", *, percentile: float = 99.999,
-              symmetric: bool = False, num_quantized_bins: int = 128) -> tuple[float, float]:
+    def holds(
+        self,
+        *,
+        per_channel: int | None = None,
+        mean: int | None = None,
+        gram: int | ConvPatches | None = None,
+        norm: int | None = None,
+        histogram: bool = False,
+    ) -> bool:
+        """True when these statistics include what is asked: each axis given (None: not asked) and, when asked,
+        a histogram (a tensor never seen needs none)."""
+        return (
+            (per_channel is None or self.channel_axis == per_channel)
+            and (mean is None or self.mean_axis == mean)
+            and (gram is None or self.gram_axis == gram)
+            and (norm is None or self.norm_axis == norm)
+            and not (histogram and self.count and self.hist is None)
+        )
+
+    def range(
+        self,
+        method: str = "minmax",
+        *,
+        percentile: float = 99.999,
+        symmetric: bool = False,
+        num_quantized_bins: int = 128,
+    ) -> tuple[float, float]:
         """The clip range ``(lo, hi)`` chosen by ``method``; always within ``[min, max]``.
 
         - ``minmax``: the observed range.
@@ -134,8 +164,9 @@ class TensorStats:
                 "histograms=False; collect again with histograms=True"
             )
         given = {"percentile": percentile, "symmetric": symmetric, "num_quantized_bins": num_quantized_bins}
-        lo, hi = how.select(self.hist, self.hist_edges, float(self.min), float(self.max),
-                            **{k: given[k] for k in how.options})
+        lo, hi = how.select(
+            self.hist, self.hist_edges, float(self.min), float(self.max), **{k: given[k] for k in how.options}
+        )
         # Guard the contract against float noise in the searches.
         lo = min(max(float(lo), float(self.min)), float(self.max))
         hi = min(max(float(hi), lo), float(self.max))
@@ -148,33 +179,48 @@ class TensorStats:
             return None if a is None else a.tolist()
 
         return {
-            "name": self.name, "count": int(self.count), "samples": int(self.samples),
+            "name": self.name,
+            "count": int(self.count),
+            "samples": int(self.samples),
             "min": None if self.count == 0 else float(self.min),
             "max": None if self.count == 0 else float(self.max),
             "channel_axis": self.channel_axis,
-            "channel_min": arr(self.channel_min), "channel_max": arr(self.channel_max),
-            "hist": arr(self.hist), **_edges_to_json(self.hist_edges),
-            "mean_axis": self.mean_axis, "channel_mean": arr(self.channel_mean),
-            "gram_axis": ConvPatches.to_json(self.gram_axis), "gram": arr(self.gram), "gram_rows": int(self.gram_rows),
-            "norm_axis": self.norm_axis, "channel_norm": arr(self.channel_norm),
+            "channel_min": arr(self.channel_min),
+            "channel_max": arr(self.channel_max),
+            "hist": arr(self.hist),
+            **_edges_to_json(self.hist_edges),
+            "mean_axis": self.mean_axis,
+            "channel_mean": arr(self.channel_mean),
+            "gram_axis": ConvPatches.to_json(self.gram_axis),
+            "gram": arr(self.gram),
+            "gram_rows": int(self.gram_rows),
+            "norm_axis": self.norm_axis,
+            "channel_norm": arr(self.channel_norm),
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorStats":
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorStats:
         def arr(v: Any, dtype: Any) -> np.ndarray | None:
             return None if v is None else np.asarray(v, dtype=dtype)
 
         return cls(
-            name=d["name"], count=int(d["count"]), samples=int(d.get("samples", 0)),
+            name=d["name"],
+            count=int(d["count"]),
+            samples=int(d.get("samples", 0)),
             min=math.inf if d["min"] is None else float(d["min"]),
             max=-math.inf if d["max"] is None else float(d["max"]),
             channel_axis=d.get("channel_axis"),
-            channel_min=arr(d.get("channel_min"), np.float64), channel_max=arr(d.get("channel_max"), np.float64),
-            hist=arr(d.get("hist"), np.int64), hist_edges=_edges_from_json(d),
-            mean_axis=d.get("mean_axis"), channel_mean=arr(d.get("channel_mean"), np.float64),
-            gram_axis=ConvPatches.from_json(d.get("gram_axis")), gram=arr(d.get("gram"), np.float64),
+            channel_min=arr(d.get("channel_min"), np.float64),
+            channel_max=arr(d.get("channel_max"), np.float64),
+            hist=arr(d.get("hist"), np.int64),
+            hist_edges=_edges_from_json(d),
+            mean_axis=d.get("mean_axis"),
+            channel_mean=arr(d.get("channel_mean"), np.float64),
+            gram_axis=ConvPatches.from_json(d.get("gram_axis")),
+            gram=arr(d.get("gram"), np.float64),
             gram_rows=int(d.get("gram_rows", 0)),
-            norm_axis=d.get("norm_axis"), channel_norm=arr(d.get("channel_norm"), np.float64),
+            norm_axis=d.get("norm_axis"),
+            channel_norm=arr(d.get("channel_norm"), np.float64),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -210,8 +256,12 @@ class Statistics(Mapping[str, TensorStats]):
     ``save``/``load`` write JSON; floats are written with ``repr`` precision so a round trip is exact.
     """
 
-    def __init__(self, stats: Mapping[str, TensorStats] | None = None, meta: Mapping[str, Any] | None = None,
-                 values: Mapping[str, list[np.ndarray]] | None = None):
+    def __init__(
+        self,
+        stats: Mapping[str, TensorStats] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        values: Mapping[str, list[np.ndarray]] | None = None,
+    ):
         self._stats: dict[str, TensorStats] = dict(stats or {})
         self.meta: dict[str, Any] = dict(meta or {})
         # Kept values of chosen tensors, sample by sample (``keep=``: a teacher's intermediate outputs for
@@ -246,7 +296,7 @@ class Statistics(Mapping[str, TensorStats]):
         os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Statistics":
+    def load(cls, path: str | os.PathLike) -> Statistics:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -263,9 +313,16 @@ class Statistics(Mapping[str, TensorStats]):
 class _Accumulator:
     """Running reductions of one tensor; ``update`` takes one sample's array and keeps nothing of it."""
 
-    def __init__(self, name: str, channel_axis: int | None, stacked: int, bins: int | None,
-                 mean_axis: int | None = None, gram_axis: int | ConvPatches | None = None,
-                 norm_axis: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        channel_axis: int | None,
+        stacked: int,
+        bins: int | None,
+        mean_axis: int | None = None,
+        gram_axis: int | ConvPatches | None = None,
+        norm_axis: int | None = None,
+    ):
         self.name = name
         self.channel_axis = channel_axis
         self.mean_axis = mean_axis
@@ -392,7 +449,7 @@ class _Accumulator:
             rows = np.moveaxis(arr, axis, -1).reshape(-1, arr.shape[axis])
             c = rows.shape[1]
             step = max(1, _CHUNK // max(c, 1))  # float64 temporaries of at most _CHUNK values
-            chunks = (rows[start:start + step] for start in range(0, rows.shape[0], step))
+            chunks = (rows[start : start + step] for start in range(0, rows.shape[0], step))
         if self.gram is None:
             self.gram = np.zeros((c, c), dtype=np.float64)
         elif self.gram.shape[0] != c:
@@ -424,7 +481,7 @@ class _Accumulator:
         # edges for float32 data with huge ranges (e.g. -3.4e38 attention-mask fills).
         inv = 1.0 / self.width
         for start in range(0, flat.size, _CHUNK):
-            idx = np.subtract(flat[start:start + _CHUNK], self.lo, dtype=np.float64)
+            idx = np.subtract(flat[start : start + _CHUNK], self.lo, dtype=np.float64)
             idx *= inv
             np.floor(idx, out=idx)
             np.clip(idx, 0, bins - 1, out=idx)  # float rounding at the two ends
@@ -463,12 +520,21 @@ class _Accumulator:
             with np.errstate(invalid="ignore", divide="ignore"):  # a channel without finite values: NaN
                 mean = np.where(self.cnum > 0, self.csum / np.maximum(self.cnum, 1), np.nan)
         return TensorStats(
-            name=self.name, count=self.count, min=self.min, max=self.max, channel_axis=self.channel_axis,
-            channel_min=self.cmin, channel_max=self.cmax,
-            hist=None if self.hist is None else self.hist.copy(), hist_edges=edges, samples=self.samples,
-            mean_axis=self.mean_axis if self.csum is not None else None, channel_mean=mean,
+            name=self.name,
+            count=self.count,
+            min=self.min,
+            max=self.max,
+            channel_axis=self.channel_axis,
+            channel_min=self.cmin,
+            channel_max=self.cmax,
+            hist=None if self.hist is None else self.hist.copy(),
+            hist_edges=edges,
+            samples=self.samples,
+            mean_axis=self.mean_axis if self.csum is not None else None,
+            channel_mean=mean,
             gram_axis=self.gram_axis if self.gram is not None else None,
-            gram=None if self.gram is None else self.gram.copy(), gram_rows=self.gram_rows,
+            gram=None if self.gram is None else self.gram.copy(),
+            gram_rows=self.gram_rows,
             norm_axis=self.norm_axis if self.csq is not None else None,
             channel_norm=None if self.csq is None else np.sqrt(self.csq),
         )

@@ -11,8 +11,8 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ._version import __version__
 from .config import OptimizeSettings, load_config, settings_from_mapping
@@ -45,60 +45,122 @@ class Optimize:
         p.add_argument("model", help="input .onnx file")
         p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
         p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
-        p.add_argument("-p", "--pass", dest="passes", action="append", metavar="NAME[:K=V,...]",
-                       help="run this pass (repeatable, in order); without any, the default lossless pipeline runs")
+        p.add_argument(
+            "-p",
+            "--pass",
+            dest="passes",
+            action="append",
+            metavar="NAME[:K=V,...]",
+            help="run this pass (repeatable, in order); without any, the default lossless pipeline runs",
+        )
         p.add_argument("--config", metavar="FILE", help="settings from a TOML/YAML/JSON file (flags override it)")
-        p.add_argument("--calib", "--calibration", dest="calibration", metavar="DATA",
-                       help="calibration data: a folder of .npz feeds, one .npz, or script.py:function")
-        p.add_argument("--quantize", choices=["int8"],
-                       help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); "
-                            "needs --calib")
-        p.add_argument("--quantize-option", dest="quantize_options", action="append", metavar="KEY=VALUE",
-                       help="with --quantize int8: an option of quantize_int8_static (repeatable; the default "
-                            "lossless pipeline still runs first, unlike -p); `onnxslim passes` lists them")
-        p.add_argument("--target-cpu", dest="target_cpu", metavar="NAME",
-                       choices=["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"],
-                       help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
-                            "uses 7-bit weights, arm* int8 activations); same as -p quantize_int8_static:target=NAME")
+        p.add_argument(
+            "--calib",
+            "--calibration",
+            dest="calibration",
+            metavar="DATA",
+            help="calibration data: a folder of .npz feeds, one .npz, or script.py:function",
+        )
+        p.add_argument(
+            "--quantize",
+            choices=["int8"],
+            help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); needs --calib",
+        )
+        p.add_argument(
+            "--quantize-option",
+            dest="quantize_options",
+            action="append",
+            metavar="KEY=VALUE",
+            help="with --quantize int8: an option of quantize_int8_static (repeatable; the default "
+            "lossless pipeline still runs first, unlike -p); `onnxslim passes` lists them",
+        )
+        p.add_argument(
+            "--target-cpu",
+            dest="target_cpu",
+            metavar="NAME",
+            choices=["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"],
+            help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
+            "uses 7-bit weights, arm* int8 activations); same as -p quantize_int8_static:target=NAME",
+        )
         fp = p.add_mutually_exclusive_group()
-        fp.add_argument("--fixed-point", dest="fixed_point", action="store_true", default=None,
-                        help="repeat the passes until nothing changes (default when all passes are exact)")
+        fp.add_argument(
+            "--fixed-point",
+            dest="fixed_point",
+            action="store_true",
+            default=None,
+            help="repeat the passes until nothing changes (default when all passes are exact)",
+        )
         fp.add_argument("--no-fixed-point", dest="fixed_point", action="store_false", help="run each pass once")
         p.add_argument("--max-iterations", type=int, help="cap on fixed-point rounds (default 10)")
-        p.add_argument("--check", choices=["auto", "full", "basic", "none"],
-                       help="onnx.checker level for the result (default auto: as strict as the input passes)")
-        p.add_argument("--strict", action="store_true",
-                       help="stop on the first failing pass (default: roll it back, warn, and go on)")
+        p.add_argument(
+            "--check",
+            choices=["auto", "full", "basic", "none"],
+            help="onnx.checker level for the result (default auto: as strict as the input passes)",
+        )
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="stop on the first failing pass (default: roll it back, warn, and go on)",
+        )
         ext = p.add_mutually_exclusive_group()
-        ext.add_argument("--external-data", dest="external_data", action="store_true", default=None,
-                         help="write weights to OUTPUT.data next to the model")
-        ext.add_argument("--no-external-data", dest="external_data", action="store_false",
-                         help="keep all weights inside the .onnx file")
-        p.add_argument("--shape-annotations", choices=["keep", "all"],
-                       help="keep: annotate only tensors the input annotated (default; never grows the file); "
-                            "all: write every inferred shape")
+        ext.add_argument(
+            "--external-data",
+            dest="external_data",
+            action="store_true",
+            default=None,
+            help="write weights to OUTPUT.data next to the model",
+        )
+        ext.add_argument(
+            "--no-external-data",
+            dest="external_data",
+            action="store_false",
+            help="keep all weights inside the .onnx file",
+        )
+        p.add_argument(
+            "--shape-annotations",
+            choices=["keep", "all"],
+            help="keep: annotate only tensors the input annotated (default; never grows the file); "
+            "all: write every inferred shape",
+        )
         p.add_argument("--seed", type=int, help="seed for anything random (default 0)")
         p.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
         p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
         g = p.add_argument_group("parity gate (runs after optimizing when --check-data is given)")
-        g.add_argument("--check-data", metavar="DATA",
-                       help="eval data (same formats as --calib): check the output against the input model on it; "
-                            "exit 1 if the gate fails")
+        g.add_argument(
+            "--check-data",
+            metavar="DATA",
+            help="eval data (same formats as --calib): check the output against the input model on it; "
+            "exit 1 if the gate fails",
+        )
         _add_parity_arguments(g)
 
     @staticmethod
     def settings(args: argparse.Namespace) -> OptimizeSettings:
         base = load_config(args.config) if args.config else OptimizeSettings()
-        given = {k: getattr(args, k) for k in ("passes", "calibration", "fixed_point", "max_iterations", "check",
-                                               "external_data", "shape_annotations", "seed") if getattr(args, k) is not None}
+        given = {
+            k: getattr(args, k)
+            for k in (
+                "passes",
+                "calibration",
+                "fixed_point",
+                "max_iterations",
+                "check",
+                "external_data",
+                "shape_annotations",
+                "seed",
+            )
+            if getattr(args, k) is not None
+        }
         if args.strict:
             given["on_pass_error"] = "raise"
         settings = settings_from_mapping(given, where="command line", base=base)
         if getattr(args, "quantize", None) == "int8":
             if not settings.calibration:
-                raise UsageError("--quantize int8 needs calibration data; give --calib DIR (a folder of .npz "
-                                 "feeds, one .npz, or script.py:function)")
+                raise UsageError(
+                    "--quantize int8 needs calibration data; give --calib DIR (a folder of .npz "
+                    "feeds, one .npz, or script.py:function)"
+                )
             from .pipeline import DEFAULT_PASSES, PassSpec
 
             passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
@@ -113,8 +175,7 @@ class Optimize:
             settings.passes = passes
         elif getattr(args, "target_cpu", None) or getattr(args, "quantize_options", None):
             flag = "--target-cpu" if getattr(args, "target_cpu", None) else "--quantize-option"
-            raise UsageError(f"{flag} applies to int8 quantization; add --quantize int8 --calib DIR (or drop "
-                             f"{flag})")
+            raise UsageError(f"{flag} applies to int8 quantization; add --quantize int8 --calib DIR (or drop {flag})")
         return settings
 
     @staticmethod
@@ -123,8 +184,13 @@ class Optimize:
 
         settings = Optimize.settings(args)
         with _progress() as progress:
-            _, report = optimize(args.model, output=args.output, overwrite_input=args.overwrite_input,
-                                 progress=progress, **settings.api_kwargs())
+            _, report = optimize(
+                args.model,
+                output=args.output,
+                overwrite_input=args.overwrite_input,
+                progress=progress,
+                **settings.api_kwargs(),
+            )
         rc = 0
         if args.check_data:
             from .parity_metrics import merge_floors
@@ -132,8 +198,15 @@ class Optimize:
 
             lossy = [p for p in report.passes if not p.exact and p.modified]
             floors = [dict(get_pass(p.name).metric_floors) for p in lossy]
-            result = _run_check(args, args.model, args.output, args.check_data, mode="lossy" if lossy else "exact",
-                                metric_floors=merge_floors(floors) if floors else None, seed=settings.seed)
+            result = _run_check(
+                args,
+                args.model,
+                args.output,
+                args.check_data,
+                mode="lossy" if lossy else "exact",
+                metric_floors=merge_floors(floors) if floors else None,
+                seed=settings.seed,
+            )
             report.parity = result.to_dict()
             rc = 0 if result.passed else 1
         if args.report:
@@ -153,15 +226,28 @@ class Check:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("original", help="the reference .onnx model")
         p.add_argument("candidate", help="the .onnx model to check against it")
-        p.add_argument("--data", metavar="DATA", help="feeds: a folder of .npz, one .npz, or script.py:function "
-                       "(keys '__label__' give labels for accuracy); default: seeded synthetic inputs")
+        p.add_argument(
+            "--data",
+            metavar="DATA",
+            help="feeds: a folder of .npz, one .npz, or script.py:function "
+            "(keys '__label__' give labels for accuracy); default: seeded synthetic inputs",
+        )
         p.add_argument("--shapes", metavar="NAME:DxD,...", help="dims for synthetic inputs, e.g. input:1x3x224x224")
         p.add_argument("--samples", type=int, default=4, help="number of synthetic feeds (default 4)")
         p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
-        p.add_argument("--mode", choices=["exact", "lossy"], default="exact",
-                       help="exact: tolerances from the model's noise floor (default); lossy: metric floors")
-        p.add_argument("--floor", action="append", metavar="METRIC=VALUE", default=[],
-                       help="lossy floor, e.g. cosine=0.995, channel_cosine=0.98, accuracy_drop=0.01 (repeatable)")
+        p.add_argument(
+            "--mode",
+            choices=["exact", "lossy"],
+            default="exact",
+            help="exact: tolerances from the model's noise floor (default); lossy: metric floors",
+        )
+        p.add_argument(
+            "--floor",
+            action="append",
+            metavar="METRIC=VALUE",
+            default=[],
+            help="lossy floor, e.g. cosine=0.995, channel_cosine=0.98, accuracy_drop=0.01 (repeatable)",
+        )
         p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
         p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the check passes")
@@ -180,9 +266,17 @@ class Check:
                 raise UsageError(f"--floor {item!r}: write METRIC=NUMBER, e.g. cosine=0.995")
         if floors and args.mode != "lossy":
             raise UsageError("--floor applies to --mode lossy; add --mode lossy or use --atol/--rtol")
-        result = _run_check(args, args.original, args.candidate, args.data, mode=args.mode,
-                            metric_floors=floors or None, seed=args.seed, shapes=args.shapes,
-                            synthetic_count=args.samples)
+        result = _run_check(
+            args,
+            args.original,
+            args.candidate,
+            args.data,
+            mode=args.mode,
+            metric_floors=floors or None,
+            seed=args.seed,
+            shapes=args.shapes,
+            synthetic_count=args.samples,
+        )
         if args.report:
             from .report import write_json_atomic
 
@@ -197,37 +291,70 @@ class Check:
         return 0 if result.passed else 1
 
 
-_THRESHOLD_FLAGS = {"atol": "atol", "rtol": "rtol", "statistic": "statistic", "quantile": "quantile",
-                    "cosine_min": "cosine", "channel_cosine_min": "channel_cosine",
-                    "sample_cosine_min": "sample_cosine", "snr_min": "snr_db", "accuracy_drop_max": "accuracy_drop"}
+_THRESHOLD_FLAGS = {
+    "atol": "atol",
+    "rtol": "rtol",
+    "statistic": "statistic",
+    "quantile": "quantile",
+    "cosine_min": "cosine",
+    "channel_cosine_min": "channel_cosine",
+    "sample_cosine_min": "sample_cosine",
+    "snr_min": "snr_db",
+    "accuracy_drop_max": "accuracy_drop",
+}
 
 
 def _add_parity_arguments(p) -> None:
-    p.add_argument("--providers", default="cpu", metavar="LIST",
-                   help="execution providers, comma-separated, case-insensitive: cpu,cuda,tensorrt,openvino,... "
-                        "(default cpu); one that is not available is reported as skipped")
-    p.add_argument("--require-providers", action="store_true",
-                   help="fail the gate (exit 1) when a requested provider does not really run")
+    p.add_argument(
+        "--providers",
+        default="cpu",
+        metavar="LIST",
+        help="execution providers, comma-separated, case-insensitive: cpu,cuda,tensorrt,openvino,... "
+        "(default cpu); one that is not available is reported as skipped",
+    )
+    p.add_argument(
+        "--require-providers",
+        action="store_true",
+        help="fail the gate (exit 1) when a requested provider does not really run",
+    )
     p.add_argument("--atol", type=float, help="absolute tolerance for every output (overrides the noise floor)")
     p.add_argument("--rtol", type=float, help="relative tolerance for every output")
-    p.add_argument("--statistic", choices=["max", "mean", "quantile"],
-                   help="how atol/rtol apply: every element (max, default), the mean, or a quantile")
+    p.add_argument(
+        "--statistic",
+        choices=["max", "mean", "quantile"],
+        help="how atol/rtol apply: every element (max, default), the mean, or a quantile",
+    )
     p.add_argument("--quantile", type=float, help="quantile for --statistic quantile (default 0.999)")
     p.add_argument("--cosine-min", type=float, help="cosine similarity floor for every output")
     p.add_argument("--channel-cosine-min", type=float, help="floor for the worst channel's cosine")
     p.add_argument("--sample-cosine-min", type=float, help="floor for the worst sample's cosine")
     p.add_argument("--snr-min", type=float, help="SNR floor in dB")
     p.add_argument("--accuracy-drop-max", type=float, help="largest allowed accuracy drop (needs __label__ data)")
-    p.add_argument("--threshold", action="append", default=[], metavar="OUTPUT:KEY=V,...",
-                   help="per-output thresholds, e.g. logits:atol=1e-4,rtol=0,statistic=quantile (repeatable)")
-    p.add_argument("--explain", action="store_true",
-                   help="find the first intermediate tensor where the models diverge and the worst layers")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="OUTPUT:KEY=V,...",
+        help="per-output thresholds, e.g. logits:atol=1e-4,rtol=0,statistic=quantile (repeatable)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="find the first intermediate tensor where the models diverge and the worst layers",
+    )
     p.add_argument("--label-output", metavar="OUTPUT", help="output compared with __label__ for accuracy")
-    p.add_argument("--metric", metavar="SCRIPT.py:FUNCTION",
-                   help="user metric fn(reference_outputs, candidate_outputs, samples) -> float or dict")
+    p.add_argument(
+        "--metric",
+        metavar="SCRIPT.py:FUNCTION",
+        help="user metric fn(reference_outputs, candidate_outputs, samples) -> float or dict",
+    )
     p.add_argument("--max-samples", type=int, help="use at most this many feeds")
-    p.add_argument("--noise-factor", type=float, default=10.0,
-                   help="exact mode: atol = this x the model's own noise floor (default 10)")
+    p.add_argument(
+        "--noise-factor",
+        type=float,
+        default=10.0,
+        help="exact mode: atol = this x the model's own noise floor (default 10)",
+    )
 
 
 def _thresholds_from_args(args: argparse.Namespace) -> dict:
@@ -252,10 +379,21 @@ def _run_check(args: argparse.Namespace, original, candidate, data, **kwargs):
     from .parity import check
 
     with _progress() as progress:
-        return check(original, candidate, data, providers=args.providers, require_providers=args.require_providers,
-                     thresholds=_thresholds_from_args(args) or None, label_output=args.label_output,
-                     metric=args.metric, max_samples=args.max_samples, noise_factor=args.noise_factor,
-                     explain=args.explain, progress=progress, **kwargs)
+        return check(
+            original,
+            candidate,
+            data,
+            providers=args.providers,
+            require_providers=args.require_providers,
+            thresholds=_thresholds_from_args(args) or None,
+            label_output=args.label_output,
+            metric=args.metric,
+            max_samples=args.max_samples,
+            noise_factor=args.noise_factor,
+            explain=args.explain,
+            progress=progress,
+            **kwargs,
+        )
 
 
 class _progress:
@@ -334,8 +472,10 @@ def render_info(path: str, s, producer: str, producer_version: str) -> str:
     con.print(ops)
     from .report import _bytes
 
-    con.print(f"params {s.params:,}  initializers {s.initializers} ({_bytes(s.initializer_bytes)})  "
-              f"file {_bytes(s.file_size)}" + ("  external data" if s.external_data else ""))
+    con.print(
+        f"params {s.params:,}  initializers {s.initializers} ({_bytes(s.initializer_bytes)})  "
+        f"file {_bytes(s.file_size)}" + ("  external data" if s.external_data else "")
+    )
     return buf.getvalue()
 
 
@@ -357,16 +497,26 @@ class Passes:
             if e.cls is None:
                 rows.append({"name": e.name, "source": e.source, "error": e.error})
                 continue
-            rows.append({
-                "name": e.name,
-                "kind": "exact" if e.cls.exact else "lossy",
-                "needs_calibration": e.cls.needs_calibration,
-                "requires": list(e.cls.requires),
-                "default": e.name in DEFAULT_PASSES,
-                "description": e.cls.describe(),
-                "options": [{"name": o.name, "type": o.type, "default": o.default, "help": o.help,
-                             **({"choices": list(o.choices)} if o.choices else {})} for o in option_specs(e.cls.Options)],
-            })
+            rows.append(
+                {
+                    "name": e.name,
+                    "kind": "exact" if e.cls.exact else "lossy",
+                    "needs_calibration": e.cls.needs_calibration,
+                    "requires": list(e.cls.requires),
+                    "default": e.name in DEFAULT_PASSES,
+                    "description": e.cls.describe(),
+                    "options": [
+                        {
+                            "name": o.name,
+                            "type": o.type,
+                            "default": o.default,
+                            "help": o.help,
+                            **({"choices": list(o.choices)} if o.choices else {}),
+                        }
+                        for o in option_specs(e.cls.Options)
+                    ],
+                }
+            )
         if args.json:
             _out(json.dumps(rows, indent=2, default=str))
             return 0
@@ -395,15 +545,21 @@ class Passes:
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxslim", description="Make ONNX models smaller and faster, "
-                                     "and prove they still give the same answers.")
+    parser = argparse.ArgumentParser(
+        prog="onnxslim", description="Make ONNX models smaller and faster, and prove they still give the same answers."
+    )
     parser.add_argument("--version", action="version", version=f"onnxslim {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass and show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, run, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="log each pass and show tracebacks on errors")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log each pass and show tracebacks on errors",
+        )
         add(p)
         p.set_defaults(func=run)
     return parser
@@ -413,8 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="onnxslim: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="onnxslim: %(levelname)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

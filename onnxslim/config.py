@@ -62,7 +62,9 @@ def _pass_specs(value: Any, where: str) -> list[PassSpec]:
     return specs
 
 
-def settings_from_mapping(data: dict[str, Any], where: str = "config", base: OptimizeSettings | None = None) -> OptimizeSettings:
+def settings_from_mapping(
+    data: dict[str, Any], where: str = "config", base: OptimizeSettings | None = None
+) -> OptimizeSettings:
     """Apply a mapping (parsed config file, or CLI values) on top of ``base``."""
     settings = dataclasses.replace(base) if base is not None else OptimizeSettings()
     if "optimize" in data and isinstance(data["optimize"], dict):

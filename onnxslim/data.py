@@ -15,9 +15,10 @@ import importlib.util
 import os
 import sys
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,9 +48,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
         shape: tuple = ()
         if tt.HasField("shape"):
-            shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-            )
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         else:
             shape = None  # type: ignore[assignment]
         specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
@@ -66,18 +65,23 @@ class Sample:
 class FeedData:
     """A re-iterable stream of feed dicts, validated against a model's inputs when one is given."""
 
-    def __init__(self, make_iter: Callable[[], Iterator[tuple[dict[str, Any], str]]], description: str,
-                 count: int | None = None, inputs: list[InputSpec] | None = None):
+    def __init__(
+        self,
+        make_iter: Callable[[], Iterator[tuple[dict[str, Any], str]]],
+        description: str,
+        count: int | None = None,
+        inputs: list[InputSpec] | None = None,
+    ):
         self._make_iter = make_iter
         self.description = description
         self.count = count
         self.inputs = inputs
 
-    def bind(self, model: onnx.ModelProto) -> "FeedData":
+    def bind(self, model: onnx.ModelProto) -> FeedData:
         """The same data, checked against this model's input names, dtypes and ranks."""
         return FeedData(self._make_iter, self.description, self.count, input_specs(model))
 
-    def check_first(self) -> "FeedData":
+    def check_first(self) -> FeedData:
         """Validate the first feed now, so bad data fails before any long work starts."""
         for _ in self.samples():
             break
@@ -214,8 +218,9 @@ def load_feeds(source: Any) -> FeedData:
             files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
             if not files:
                 raise BadInputError(f"{path} has no .npz files; put one feed dict per .npz file there")
-            return FeedData(lambda: ((_read_npz(f), str(f)) for f in files), f"directory {path} ({len(files)} files)",
-                            len(files))
+            return FeedData(
+                lambda: ((_read_npz(f), str(f)) for f in files), f"directory {path} ({len(files)} files)", len(files)
+            )
         if path.suffix == ".npz":
             if not path.exists():
                 raise BadInputError(f"data file not found: {path}")
@@ -223,8 +228,12 @@ def load_feeds(source: Any) -> FeedData:
         if ".py:" in text:
             return _from_script(text)
         if not path.exists():
-            raise BadInputError(f"data not found: {text}; give a directory of .npz files, a .npz file, or script.py:function")
-        raise BadInputError(f"{text}: unsupported data format; give a directory of .npz files, a .npz file, or script.py:function")
+            raise BadInputError(
+                f"data not found: {text}; give a directory of .npz files, a .npz file, or script.py:function"
+            )
+        raise BadInputError(
+            f"{text}: unsupported data format; give a directory of .npz files, a .npz file, or script.py:function"
+        )
     if isinstance(source, dict):
         return FeedData(lambda: iter([(source, "feed dict")]), "one feed dict", 1)
     if hasattr(source, "get_next"):
@@ -244,5 +253,7 @@ def load_feeds(source: Any) -> FeedData:
         return FeedData(reader, f"reader {type(source).__name__}")
     if isinstance(source, Iterable):
         items = source if isinstance(source, (list, tuple)) else list(source)
-        return FeedData(lambda: ((x, f"feeds[{i}]") for i, x in enumerate(items)), f"{len(items)} feed dicts", len(items))
+        return FeedData(
+            lambda: ((x, f"feeds[{i}]") for i, x in enumerate(items)), f"{len(items)} feed dicts", len(items)
+        )
     raise BadInputError(f"unsupported data source {type(source).__name__}; give a path, feed dicts or a reader")

@@ -11,9 +11,9 @@ import copy
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -114,7 +114,9 @@ def _value_info_key(vi: onnx.ValueInfoProto) -> dict:
         dims = []
         if t.tensor_type.HasField("shape"):
             for d in t.tensor_type.shape.dim:
-                dims.append(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None))
+                dims.append(
+                    d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+                )
         else:
             dims = None
         return {"name": vi.name, "elem_type": int(t.tensor_type.elem_type), "shape": dims}
@@ -139,7 +141,7 @@ class ModelContract:
     metadata_props: list[tuple[str, str]]
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "ModelContract":
+    def of(cls, model: onnx.ModelProto) -> ModelContract:
         inits = {t.name for t in model.graph.initializer}
         return cls(
             # IR < 4 lists initializers among inputs; they are not part of the caller's contract.
@@ -264,8 +266,14 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, cop
         raise BadInputError(_fix_hint_for_decode(path, size))
     base = path.resolve().parent
     files = _check_external_files(proto, base, path)
-    return LoadedModel(proto=proto, path=path, base_dir=base, file_size=size,
-                       has_external_data=bool(files), external_files=sorted(files))
+    return LoadedModel(
+        proto=proto,
+        path=path,
+        base_dir=base,
+        file_size=size,
+        has_external_data=bool(files),
+        external_files=sorted(files),
+    )
 
 
 def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set[str]:
@@ -300,7 +308,9 @@ def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set
 def read_external(t: TensorProto, base_dir: Path | None) -> bytes:
     info = _external_info(t)
     if base_dir is None:
-        raise BadInputError(f"tensor '{t.name}' has external data but the model's folder is unknown; load it from a path")
+        raise BadInputError(
+            f"tensor '{t.name}' has external data but the model's folder is unknown; load it from a path"
+        )
     offset = int(info.get("offset", 0))
     length = int(info["length"]) if "length" in info else tensor_nbytes(t)
     with open(base_dir / info["location"], "rb") as f:

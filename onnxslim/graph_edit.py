@@ -70,7 +70,12 @@ def constant_source(t: gs.Tensor | None, *, through_identity: bool = True) -> Co
     if isinstance(t, gs.Constant):
         return ConstantSource(t)
     node = producer(t)
-    if node is not None and node.op == "Constant" and not node.domain and isinstance(node.attrs.get("value"), gs.Constant):
+    if (
+        node is not None
+        and node.op == "Constant"
+        and not node.domain
+        and isinstance(node.attrs.get("value"), gs.Constant)
+    ):
         return ConstantSource(node.attrs["value"], node)
     return None
 
@@ -89,8 +94,12 @@ def const_value(t: gs.Tensor | None, *, through_identity: bool = True) -> np.nda
         attrs = node.attrs
         if isinstance(attrs.get("value"), gs.Constant):
             return np.asarray(attrs["value"].values)
-        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                           ("value_int", np.int64), ("value_ints", np.int64)):
+        for key, dtype in (
+            ("value_float", np.float32),
+            ("value_floats", np.float32),
+            ("value_int", np.int64),
+            ("value_ints", np.int64),
+        ):
             if key in attrs:
                 return np.asarray(attrs[key], dtype=dtype)
     return None
@@ -163,7 +172,7 @@ class GraphEditor:
         # A nested body may return an outer value directly as its output; such a value has no reader node.
         self._output_ids = {id(t) for g in iter_graphs(graph) for t in g.outputs}
 
-    def __enter__(self) -> "GraphEditor":
+    def __enter__(self) -> GraphEditor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -257,6 +266,10 @@ class GraphEditor:
             node.inputs.extend([gs.Variable.empty()] * (idx - len(node.inputs)) + [new])
         if old is not None:
             self.drop_dead_constant(old)
-        free = (old is not None and not old.outputs and id(old) not in self._output_ids
-                and (isinstance(old, gs.Constant) or not old.inputs))
+        free = (
+            old is not None
+            and not old.outputs
+            and id(old) not in self._output_ids
+            and (isinstance(old, gs.Constant) or not old.inputs)
+        )
         new.name = old.name if free else self.fresh_name(base)

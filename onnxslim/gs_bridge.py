@@ -51,8 +51,12 @@ def quiet_graphsurgeon():
     return G_LOGGER.suppress(G_LOGGER.CRITICAL)
 
 
-_RAW_ATTR_TYPES = {onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS,
-                   onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS}
+_RAW_ATTR_TYPES = {
+    onnx.AttributeProto.TYPE_PROTO,
+    onnx.AttributeProto.TYPE_PROTOS,
+    onnx.AttributeProto.SPARSE_TENSOR,
+    onnx.AttributeProto.SPARSE_TENSORS,
+}
 
 
 @dataclass
@@ -93,7 +97,9 @@ def _reattach_raw_attributes(detached: list, gproto: onnx.GraphProto | None) -> 
         for name, sub in subs.items():
             psub = None
             if pnode is not None:
-                psub = next((a.g for a in pnode.attribute if a.name == name and a.type == onnx.AttributeProto.GRAPH), None)
+                psub = next(
+                    (a.g for a in pnode.attribute if a.name == name and a.type == onnx.AttributeProto.GRAPH), None
+                )
             _reattach_raw_attributes(sub, psub)
 
 
@@ -119,7 +125,11 @@ def import_graph(loaded: LoadedModel) -> gs.Graph:
         for g in [graph, *graph.functions]:
             for sub in iter_graphs(g):
                 for t in sub.tensors().values():
-                    if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and _is_external(t._values.tensor):
+                    if (
+                        isinstance(t, gs.Constant)
+                        and isinstance(t._values, LazyValues)
+                        and _is_external(t._values.tensor)
+                    ):
                         t._values = ExternalLazyValues(t._values.tensor, loaded.base_dir)
                         # gs would stamp EXTERNAL on the export of values a pass has loaded (inline bytes,
                         # no location) and save_model then fails; lazy values export their own proto anyway.
@@ -140,8 +150,9 @@ def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def export_graph(graph: gs.Graph, contract: ModelContract,
-                 types: dict[str, onnx.TypeProto] | None = None) -> onnx.ModelProto:
+def export_graph(
+    graph: gs.Graph, contract: ModelContract, types: dict[str, onnx.TypeProto] | None = None
+) -> onnx.ModelProto:
     """Export and put the model's contract back (opsets, IR version, metadata, exact I/O types).
 
     graphsurgeon cannot write optional or map types; such values are exported untyped and get their
@@ -150,15 +161,20 @@ def export_graph(graph: gs.Graph, contract: ModelContract,
     hidden: list[tuple[gs.Variable, Any]] = []
     for g in iter_graphs(graph):
         for t in g.tensors().values():
-            if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE:
+            if (
+                isinstance(t, gs.Variable)
+                and t.dtype is not None
+                and getattr(t, "type", "tensor_type") not in _GS_EXPORTABLE
+            ):
                 hidden.append((t, t.dtype))
                 t.dtype = None
     detached = _detach_raw_attributes(graph)
     model = None
     try:
         with quiet_graphsurgeon():
-            model = gs.export_onnx(graph, do_type_check=False,
-                                   opset_imports=[copy.deepcopy(o) for o in contract.opset_import])
+            model = gs.export_onnx(
+                graph, do_type_check=False, opset_imports=[copy.deepcopy(o) for o in contract.opset_import]
+            )
     finally:
         for t, dtype in hidden:
             t.dtype = dtype
@@ -188,12 +204,27 @@ def export_standalone(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     if not opsets:
         opsets = [onnx.helper.make_opsetid("", opset)]
     try:
-        ir = max(7, int(getattr(graph, "ir_version", 0) or 0), onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+        ir = max(
+            7,
+            int(getattr(graph, "ir_version", 0) or 0),
+            onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True),
+        )
     except Exception:  # noqa: BLE001 - unknown domains
         ir = onnx.IR_VERSION
-    contract = ModelContract(inputs=[], outputs=[], ir_version=ir, opset_import=opsets, producer_name="onnxslim",
-                             producer_version="", domain="", model_version=0, doc_string="",
-                             graph_name=graph.name or "graph", graph_doc_string="", metadata_props=[])
+    contract = ModelContract(
+        inputs=[],
+        outputs=[],
+        ir_version=ir,
+        opset_import=opsets,
+        producer_name="onnxslim",
+        producer_version="",
+        domain="",
+        model_version=0,
+        doc_string="",
+        graph_name=graph.name or "graph",
+        graph_doc_string="",
+        metadata_props=[],
+    )
     return export_graph(graph, contract)
 
 
@@ -212,8 +243,13 @@ def _hoist_sibling_copies(root: onnx.GraphProto) -> None:
         order.append(g)
         for node in g.node:
             for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                for sub in (
+                    [attr.g]
+                    if attr.type == onnx.AttributeProto.GRAPH
+                    else attr.graphs
+                    if attr.type == onnx.AttributeProto.GRAPHS
+                    else []
+                ):
                     walk(sub, g)
 
     def chain(g: onnx.GraphProto | None) -> list[onnx.GraphProto]:
@@ -235,8 +271,10 @@ def _hoist_sibling_copies(root: onnx.GraphProto) -> None:
         lca = next((c for c in chains[0] if all(any(c is x for x in ch) for ch in chains[1:])), None)
         if lca is None or any(g is lca for g, _ in found):
             continue
-        taken = any(name in {i.name for i in g.input} | {o for n in g.node for o in n.output}
-                    | {t.name for t in g.initializer} for g in chain(lca))
+        taken = any(
+            name in {i.name for i in g.input} | {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+            for g in chain(lca)
+        )
         if not taken:
             lca.initializer.append(copy.deepcopy(found[0][1]))
 
@@ -286,8 +324,16 @@ def graph_signature(model: onnx.ModelProto) -> tuple:
         return a.name, a.SerializeToString()
 
     def graph_sig(g: onnx.GraphProto):
-        nodes = tuple((n.domain, n.op_type, tuple(n.input), tuple(n.output),
-                       tuple(sorted((attr_sig(a) for a in n.attribute), key=lambda x: x[0]))) for n in g.node)
+        nodes = tuple(
+            (
+                n.domain,
+                n.op_type,
+                tuple(n.input),
+                tuple(n.output),
+                tuple(sorted((attr_sig(a) for a in n.attribute), key=lambda x: x[0])),
+            )
+            for n in g.node
+        )
         inits = tuple(sorted((t.name, t.data_type, tuple(t.dims)) for t in g.initializer))
         return nodes, inits, tuple(i.name for i in g.input), tuple(o.name for o in g.output)
 

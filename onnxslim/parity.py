@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,8 +41,13 @@ Progress = Callable[[str, int, int], None]
 CPU = "CPUExecutionProvider"
 F32_EPS = float(np.finfo(np.float32).eps)
 # Used for lossy pipelines whose passes declare no floors of their own.
-DEFAULT_LOSSY_FLOORS = {"cosine": 0.99, "channel_cosine": 0.95, "sample_cosine": 0.95, "top1_agreement": 0.95,
-                        "fraction_equal": 0.95}
+DEFAULT_LOSSY_FLOORS = {
+    "cosine": 0.99,
+    "channel_cosine": 0.95,
+    "sample_cosine": 0.95,
+    "top1_agreement": 0.95,
+    "fraction_equal": 0.95,
+}
 REPORT_VERSION = 1
 
 
@@ -73,7 +79,7 @@ class ParityResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ParityResult":
+    def from_dict(cls, d: Mapping) -> ParityResult:
         d = dict(d)
         d.pop("verdict", None)
         d.pop("report_version", None)
@@ -86,8 +92,7 @@ def _versions() -> dict[str, str]:
 
     from ._version import __version__
 
-    return {"onnxslim": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-            "numpy": np.__version__}
+    return {"onnxslim": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__}
 
 
 def _label_of(model: str | os.PathLike | onnx.ModelProto) -> str:
@@ -105,8 +110,13 @@ def _load_metric(spec: str | Callable | None) -> Callable | None:
     return load_function(spec, "metric", "(reference, candidate, samples)")
 
 
-def _run_all(info, samples: list[Sample], names: list[str], progress: Progress | None, stage: str,
-             ) -> list[dict[str, np.ndarray]]:
+def _run_all(
+    info,
+    samples: list[Sample],
+    names: list[str],
+    progress: Progress | None,
+    stage: str,
+) -> list[dict[str, np.ndarray]]:
     outs = []
     for i, s in enumerate(samples):
         try:
@@ -118,8 +128,9 @@ def _run_all(info, samples: list[Sample], names: list[str], progress: Progress |
     return outs
 
 
-def _label_output(names: list[str], outs: list[dict[str, np.ndarray]], samples: list[Sample],
-                  chosen: str | None) -> str | None:
+def _label_output(
+    names: list[str], outs: list[dict[str, np.ndarray]], samples: list[Sample], chosen: str | None
+) -> str | None:
     if chosen:
         if chosen not in names:
             raise UsageError(f"label output '{chosen}' is not an output (outputs: {', '.join(names)})")
@@ -164,26 +175,44 @@ def _noise(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], name:
 
 
 def _max_ref(outs: list[dict[str, np.ndarray]], name: str) -> float:
-    vals = [np.abs(o[name][np.isfinite(o[name])]).max() for o in outs
-            if o[name].dtype.kind == "f" and o[name].size and np.isfinite(o[name]).any()]
+    vals = [
+        np.abs(o[name][np.isfinite(o[name])]).max()
+        for o in outs
+        if o[name].dtype.kind == "f" and o[name].size and np.isfinite(o[name]).any()
+    ]
     return float(max(vals)) if vals else 0.0
 
 
-def _default_threshold(mode: str, floors: dict[str, float], dtype: np.dtype, noise: dict[str, float],
-                       max_ref: float, noise_factor: float, ulps: float) -> Threshold:
+def _default_threshold(
+    mode: str,
+    floors: dict[str, float],
+    dtype: np.dtype,
+    noise: dict[str, float],
+    max_ref: float,
+    noise_factor: float,
+    ulps: float,
+) -> Threshold:
     if mode == "exact":
         if dtype.kind in "iub":
             frac = max(0.0, 1.0 - noise_factor * noise["fraction_different"])
             return Threshold(fraction_equal=frac, source="exact: integer outputs equal (up to the noise floor)")
         atol = max(noise_factor * noise["max_abs"], ulps * F32_EPS * max(max_ref, 1.0))
-        return Threshold(atol=atol, rtol=ulps * F32_EPS, statistic="max",
-                         source=f"exact: noise floor {noise['max_abs']:.3g} x {noise_factor:g}, "
-                                f"floor {ulps:g} ulps")
-    keys = ("fraction_equal",) if dtype.kind in "iub" else \
-        ("cosine", "channel_cosine", "sample_cosine", "snr_db", "top1_agreement")
+        return Threshold(
+            atol=atol,
+            rtol=ulps * F32_EPS,
+            statistic="max",
+            source=f"exact: noise floor {noise['max_abs']:.3g} x {noise_factor:g}, floor {ulps:g} ulps",
+        )
+    keys = (
+        ("fraction_equal",)
+        if dtype.kind in "iub"
+        else ("cosine", "channel_cosine", "sample_cosine", "snr_db", "top1_agreement")
+    )
     t = Threshold(source="lossy: declared metric floors")
-    return t.updated(**{k: floors[k] for k in keys if k in floors},
-                     **({"accuracy_drop": floors["accuracy_drop"]} if "accuracy_drop" in floors else {}))
+    return t.updated(
+        **{k: floors[k] for k in keys if k in floors},
+        **({"accuracy_drop": floors["accuracy_drop"]} if "accuracy_drop" in floors else {}),
+    )
 
 
 def _resolve_thresholds(thresholds, names: list[str]) -> dict[str, Any]:
@@ -270,8 +299,12 @@ def check(
     if not samples:
         raise BadInputError(f"{feeds.description} gave no feeds; give at least one")
     synthetic = bool(getattr(feeds, "synthetic", False))
-    data_info = {"source": feeds.description, "synthetic": synthetic, "samples": len(samples),
-                 "labels": all(LABEL_KEY in s.meta for s in samples)}
+    data_info = {
+        "source": feeds.description,
+        "synthetic": synthetic,
+        "samples": len(samples),
+        "labels": all(LABEL_KEY in s.meta for s in samples),
+    }
     if synthetic:
         data_info["plan"] = feeds.plan  # type: ignore[attr-defined]
 
@@ -281,8 +314,10 @@ def check(
     notes: list[str] = []
     failures: list[str] = []
     if synthetic:
-        notes.append("data is SYNTHETIC (seeded random inputs): agreement holds for these inputs only; "
-                     "give real data with --data for a meaningful check")
+        notes.append(
+            "data is SYNTHETIC (seeded random inputs): agreement holds for these inputs only; "
+            "give real data with --data for a meaningful check"
+        )
     missing = [n for n in names if n not in cand_names]
     if missing:
         failures.append(f"candidate lacks output(s) {', '.join(missing)}")
@@ -309,8 +344,10 @@ def check(
             else:
                 for s in (s_orig, s_cand):
                     if not s.really_on_requested:
-                        reason = f"onnxruntime fell back to {s.used[0] if s.used else '?'} (session providers: " \
-                                 f"{', '.join(s.used)}); {prov} could not run this model here"
+                        reason = (
+                            f"onnxruntime fell back to {s.used[0] if s.used else '?'} (session providers: "
+                            f"{', '.join(s.used)}); {prov} could not run this model here"
+                        )
         if reason:
             skipped.append({"provider": prov, "reason": reason})
             if require_providers:
@@ -321,11 +358,17 @@ def check(
         o_out = cpu_ref if prov == CPU else _run_all(s_orig, samples, compared, progress, f"original on {tag}")
         c_out = _run_all(s_cand, samples, compared, progress, f"candidate on {tag}")
         # The model's own noise floor on this provider: ORT optimizations on vs off (and a rerun off CPU).
-        noise_out = _run_all(make_session(src_o, prov, optimize=True), samples, compared, progress,
-                             f"noise floor on {tag}")
+        noise_out = _run_all(
+            make_session(src_o, prov, optimize=True), samples, compared, progress, f"noise floor on {tag}"
+        )
         rerun = None if prov == CPU else _run_all(s_orig, samples, compared, progress, f"rerun on {tag}")
-        run: dict[str, Any] = {"provider": prov, "session_providers": list(s_cand.used), "passed": True,
-                               "outputs": {}, "provider_drift": {}}
+        run: dict[str, Any] = {
+            "provider": prov,
+            "session_providers": list(s_cand.used),
+            "passed": True,
+            "outputs": {},
+            "provider_drift": {},
+        }
         origins = [s.origin for s in samples]
         for n in compared:
             noise = _noise(o_out, noise_out, n)
@@ -341,9 +384,14 @@ def check(
             if not res["passed"]:
                 run["passed"] = False
                 bad = [c for c in res["checks"] if not c["passed"]]
-                failures.append(f"{tag}: output '{n}': " + "; ".join(
-                    f"{c['check']} = {_fmt(c['value'])} (limit {c.get('op', '')} {_fmt(c['limit'])}"
-                    + (f"; {c['detail']})" if c.get("detail") else ")") for c in bad))
+                failures.append(
+                    f"{tag}: output '{n}': "
+                    + "; ".join(
+                        f"{c['check']} = {_fmt(c['value'])} (limit {c.get('op', '')} {_fmt(c['limit'])}"
+                        + (f"; {c['detail']})" if c.get("detail") else ")")
+                        for c in bad
+                    )
+                )
             if prov != CPU:
                 drift = compare_output(n, [o[n] for o in cpu_ref], [o[n] for o in o_out], origins, None)
                 run["provider_drift"][n] = drift["metrics"]
@@ -362,8 +410,10 @@ def check(
             run["node_placement"] = _placement(src_c, prov, samples[0].feeds)
             cpu_nodes = run["node_placement"].get(CPU, 0)
             if cpu_nodes:
-                notes.append(f"{tag}: {cpu_nodes} node(s) of the candidate were handed back to the CPU "
-                             f"(placement: {run['node_placement']})")
+                notes.append(
+                    f"{tag}: {cpu_nodes} node(s) of the candidate were handed back to the CPU "
+                    f"(placement: {run['node_placement']})"
+                )
         if metric_fn is not None:
             run["user_metric"] = _user_metric(metric_fn, o_out, c_out, samples)
         runs.append(run)
@@ -372,16 +422,36 @@ def check(
 
     explained = None
     if explain:
-        explained = explain_divergence(orig, cand, samples[:max(1, explain_samples)], mode, floors, progress)
+        explained = explain_divergence(orig, cand, samples[: max(1, explain_samples)], mode, floors, progress)
     passed = not failures and all(r["passed"] for r in runs)
-    log.info("parity %s: %s on %s (%d feeds%s)", "pass" if passed else "FAIL", _label_of(candidate),
-             ", ".join(used) or "no provider", len(samples), ", synthetic" if synthetic else "")
+    log.info(
+        "parity %s: %s on %s (%d feeds%s)",
+        "pass" if passed else "FAIL",
+        _label_of(candidate),
+        ", ".join(used) or "no provider",
+        len(samples),
+        ", synthetic" if synthetic else "",
+    )
     return ParityResult(
-        passed=passed, original=_label_of(original), candidate=_label_of(candidate), mode=mode, seed=seed,
+        passed=passed,
+        original=_label_of(original),
+        candidate=_label_of(candidate),
+        mode=mode,
+        seed=seed,
         data=data_info,
-        providers={"requested": wanted, "used": used, "skipped": skipped, "required": require_providers,
-                   "label_output": lab},
-        versions=_versions(), runs=runs, failures=failures, notes=notes, explain=explained)
+        providers={
+            "requested": wanted,
+            "used": used,
+            "skipped": skipped,
+            "required": require_providers,
+            "label_output": lab,
+        },
+        versions=_versions(),
+        runs=runs,
+        failures=failures,
+        notes=notes,
+        explain=explained,
+    )
 
 
 def _placement(src: Any, prov: str, feeds: dict[str, np.ndarray]) -> dict[str, int] | str:
@@ -406,8 +476,15 @@ def _user_metric(fn: Callable, ref: list[dict], cand: list[dict], samples: list[
 
 
 # ------------------------------------------------------------------------------------------ explain
-def explain_divergence(orig, cand, samples: list[Sample], mode: str, floors: dict[str, float],
-                       progress: Progress | None = None, top: int = 5) -> dict:
+def explain_divergence(
+    orig,
+    cand,
+    samples: list[Sample],
+    mode: str,
+    floors: dict[str, float],
+    progress: Progress | None = None,
+    top: int = 5,
+) -> dict:
     """Expose tensors present in both models (by name) as outputs, run both on CPU, compare in the
     original's topological order; the first beyond the criterion is where they diverge."""
     from .parity_metrics import cosine_similarity, snr_db
@@ -438,17 +515,27 @@ def explain_divergence(orig, cand, samples: list[Sample], mode: str, floors: dic
             continue
         err = np.abs(c - r)
         scale = float(np.abs(r).max()) or 1.0
-        entry = {"tensor": t, "node": producer[t][0], "op_type": producer[t][1], "snr_db": snr_db(r, c - r),
-                 "cosine": float(cosine_similarity(r, c)), "max_abs": float(err.max()),
-                 "max_abs_scaled": float(err.max()) / scale}
+        entry = {
+            "tensor": t,
+            "node": producer[t][0],
+            "op_type": producer[t][1],
+            "snr_db": snr_db(r, c - r),
+            "cosine": float(cosine_similarity(r, c)),
+            "max_abs": float(err.max()),
+            "max_abs_scaled": float(err.max()) / scale,
+        }
         layers.append(entry)
         diverged = entry["max_abs_scaled"] > rel_limit if rel_limit is not None else entry["cosine"] < cos_limit
         if diverged and first is None:
             first = entry
     worst = sorted(layers, key=lambda e: e["snr_db"])[:top]
-    return {"compared": len(layers), "samples": len(samples),
-            "criterion": f"max|c-r|/max|r| > {rel_limit:g}" if rel_limit is not None else f"cosine < {cos_limit:g}",
-            "first_divergent": first, "worst": worst}
+    return {
+        "compared": len(layers),
+        "samples": len(samples),
+        "criterion": f"max|c-r|/max|r| > {rel_limit:g}" if rel_limit is not None else f"cosine < {cos_limit:g}",
+        "first_divergent": first,
+        "worst": worst,
+    }
 
 
 def _with_all_outputs(loaded) -> onnx.ModelProto:
@@ -462,8 +549,11 @@ def _with_all_outputs(loaded) -> onnx.ModelProto:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is a help here, not a requirement
         inferred = model
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in
-             list(inferred.graph.value_info) + list(inferred.graph.output) if vi.type.HasField("tensor_type")}
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+        if vi.type.HasField("tensor_type")
+    }
     have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for n in model.graph.node:
         for o in n.output:

@@ -57,7 +57,7 @@ class Threshold:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def updated(self, **changes: Any) -> "Threshold":
+    def updated(self, **changes: Any) -> Threshold:
         d = self.to_dict()
         for k, v in changes.items():
             if k not in d:
@@ -111,8 +111,14 @@ def _f(x: Any) -> float:
     return float(x)
 
 
-def compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray], origins: list[str],
-                   threshold: Threshold | None = None, k: int = 5) -> dict:
+def compare_output(
+    name: str,
+    refs: list[np.ndarray],
+    cands: list[np.ndarray],
+    origins: list[str],
+    threshold: Threshold | None = None,
+    k: int = 5,
+) -> dict:
     """Metrics of ``cands`` against ``refs`` (one array per feed), and the threshold's checks on them."""
     out: dict[str, Any] = {"metrics": {}, "checks": [], "passed": True}
     m = out["metrics"]
@@ -228,16 +234,22 @@ def _apply(out: dict, t: Threshold, rf: np.ndarray, cf: np.ndarray, err: np.ndar
         tol = t.atol + t.rtol * np.abs(rf)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(tol > 0, err / np.where(tol > 0, tol, 1), np.where(err > 0, np.inf, 0.0))
-        stat = {"max": lambda a: a.max(), "mean": lambda a: a.mean(),
-                "quantile": lambda a: np.quantile(a, t.quantile)}[t.statistic](ratio)
+        stat = {"max": lambda a: a.max(), "mean": lambda a: a.mean(), "quantile": lambda a: np.quantile(a, t.quantile)}[
+            t.statistic
+        ](ratio)
         stat_name = t.statistic if t.statistic != "quantile" else f"q{t.quantile:g}"
         value = float(stat) if np.isfinite(stat) else 1e300
         _check(out, "tolerance", value, 1.0, "<=")
         out["checks"][-1]["detail"] = f"{stat_name}(|c-r| / (atol + rtol*|r|)), atol={t.atol:.3g}, rtol={t.rtol:.3g}"
         m["tolerance_ratio"] = value
-    for key, metric in (("cosine", "cosine"), ("channel_cosine", "worst_channel_cosine"),
-                        ("sample_cosine", "worst_sample_cosine"), ("snr_db", "snr_db"),
-                        ("top1_agreement", "top1_agreement"), ("fraction_equal", "fraction_equal")):
+    for key, metric in (
+        ("cosine", "cosine"),
+        ("channel_cosine", "worst_channel_cosine"),
+        ("sample_cosine", "worst_sample_cosine"),
+        ("snr_db", "snr_db"),
+        ("top1_agreement", "top1_agreement"),
+        ("fraction_equal", "fraction_equal"),
+    ):
         floor = getattr(t, key)
         if floor is not None and metric in m:
             _check(out, metric, m[metric], floor, ">=")

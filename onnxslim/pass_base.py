@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import onnx_graphsurgeon as gs
 
@@ -59,7 +60,7 @@ class PassResult:
         log.debug("skip %s (%s): %s", node.name, node.op, reason)
         self.skipped.append(SkippedNode(node.name, node.op, reason, graph.name if graph is not None else ""))
 
-    def merge(self, other: "PassResult") -> "PassResult":
+    def merge(self, other: PassResult) -> PassResult:
         self.modified = self.modified or other.modified
         for k, v in other.stats.items():
             self.stats[k] = self.stats.get(k, 0) + v
@@ -115,7 +116,7 @@ class PassContext:
             model = export_standalone(self.graph, self.opset)
         return self.statistics_service.statistics(model, request)
 
-    def for_graph(self, graph: gs.Graph) -> "PassContext":
+    def for_graph(self, graph: gs.Graph) -> PassContext:
         """A context for a fresh run on ``graph`` (a copy being tried out): the same model facts, data and shared
         services, its own per-run state."""
         return dataclasses.replace(self, graph=graph)
@@ -136,8 +137,11 @@ def option_specs(options_cls: type) -> list[OptionSpec]:
     specs = []
     for f in dataclasses.fields(options_cls):
         tp = hints.get(f.name, Any)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
         specs.append(OptionSpec(f.name, _type_name(tp), default, f.metadata.get("help", ""), choices))
     return specs
@@ -189,7 +193,13 @@ def _coerce(pass_name: str, name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise bad(f"{pass_name}: option '{name}' expects a number; got {value!r}")
         try:
-            num = float(value) if tp is float else int(str(value).replace("_", ""), 0) if isinstance(value, str) else int(value)
+            num = (
+                float(value)
+                if tp is float
+                else int(str(value).replace("_", ""), 0)
+                if isinstance(value, str)
+                else int(value)
+            )
         except (TypeError, ValueError):
             raise bad(f"{pass_name}: option '{name}' expects {tp.__name__}; got {value!r}") from None
         if tp is int and isinstance(value, float) and not float(value).is_integer():

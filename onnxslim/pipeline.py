@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,8 +22,17 @@ import onnx_graphsurgeon as gs
 from .calibration_service import CalibrationService
 from .data import FeedData, load_feeds
 from .errors import OnnxSlimError, PassError, UsageError
-from .graph import (PROTOBUF_LIMIT, LoadedModel, ModelContract, check_model, iter_graphs, iter_tensor_protos,
-                    load_model, save_model, tensor_nbytes)
+from .graph import (
+    PROTOBUF_LIMIT,
+    LoadedModel,
+    ModelContract,
+    check_model,
+    iter_graphs,
+    iter_tensor_protos,
+    load_model,
+    save_model,
+    tensor_nbytes,
+)
 from .gs_bridge import export_graph, graph_signature, import_graph, quiet_graphsurgeon, value_types
 from .pass_base import Pass, PassContext, PassResult
 from .registry import get_pass
@@ -63,7 +73,7 @@ class PassSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "PassSpec":
+    def parse(cls, text: str) -> PassSpec:
         """``name`` or ``name:key=value,key=value`` (values with commas: use ``|`` between list items)."""
         name, _, rest = text.partition(":")
         name = name.strip()
@@ -160,8 +170,9 @@ def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- running
-def _run_pass(p: Pass, ctx: PassContext, before: list[str], iteration: int,
-              on_error: str, verify=None) -> tuple[PassRecord, gs.Graph]:
+def _run_pass(
+    p: Pass, ctx: PassContext, before: list[str], iteration: int, on_error: str, verify=None
+) -> tuple[PassRecord, gs.Graph]:
     record = PassRecord(p.name, p.options_dict(), p.exact, iteration=iteration)
     ctx = ctx.for_graph(ctx.graph)  # per-run state (fresh names) starts empty for every pass run
     snapshot = ctx.graph.copy() if on_error == "rollback" else None
@@ -250,10 +261,18 @@ def optimize(
     pass_list = resolve_passes(passes)
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     out_path = Path(output) if output is not None else None
-    if in_path is not None and out_path is not None and out_path.exists() and in_path.exists() \
-            and os.path.samefile(in_path, out_path) and not overwrite_input:
-        raise UsageError(f"the output {out_path} is the input model; choose another output path or pass "
-                         "overwrite_input=True (--overwrite-input) to replace it")
+    if (
+        in_path is not None
+        and out_path is not None
+        and out_path.exists()
+        and in_path.exists()
+        and os.path.samefile(in_path, out_path)
+        and not overwrite_input
+    ):
+        raise UsageError(
+            f"the output {out_path} is the input model; choose another output path or pass "
+            "overwrite_input=True (--overwrite-input) to replace it"
+        )
     feeds: FeedData | None = None
     needing = [p.name for p in pass_list if p.needs_calibration]
     loaded = load_model(model)
@@ -262,23 +281,35 @@ def optimize(
     elif needing:
         raise UsageError(f"pass(es) {', '.join(needing)} need calibration data; give --calib DIR (or calibration=...)")
 
-    report = Report(input=str(in_path) if in_path else None, output=str(out_path) if out_path else None,
-                    seed=seed, calibration=feeds.description if feeds else None, versions=_versions())
+    report = Report(
+        input=str(in_path) if in_path else None,
+        output=str(out_path) if out_path else None,
+        seed=seed,
+        calibration=feeds.description if feeds else None,
+        versions=_versions(),
+    )
     report.before = summarize(loaded.proto, _file_size(in_path, loaded))
     contract = ModelContract.of(loaded.proto)
     level = _input_check_level(loaded) if check == "auto" else check
 
     if fixed_point is None:
         fixed_point = all(p.exact for p in pass_list)
-    run = dict(loaded=loaded, pass_list=pass_list, feeds=feeds, seed=seed, fixed_point=fixed_point,
-               max_iterations=max_iterations, on_pass_error=on_pass_error, progress=progress)
+    run = dict(
+        loaded=loaded,
+        pass_list=pass_list,
+        feeds=feeds,
+        seed=seed,
+        fixed_point=fixed_point,
+        max_iterations=max_iterations,
+        on_pass_error=on_pass_error,
+        progress=progress,
+    )
     records, ran, graph = _run_passes(**run)
     out = _export(graph, loaded, contract, records, shape_annotations)
     problems = contract.differences(out)
     if problems:
         raise PassError(None, "the model's contract changed: " + "; ".join(problems), before=ran)
-    small = not loaded.has_external_data and \
-        sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) < PROTOBUF_LIMIT
+    small = not loaded.has_external_data and sum(tensor_nbytes(t) for t in iter_tensor_protos(out)) < PROTOBUF_LIMIT
     checked = False
     if level != "none" and small and on_pass_error == "rollback":
         try:
@@ -290,8 +321,10 @@ def optimize(
             log.warning("%s; rerunning with a check after every pass", first)
             records, ran, graph = _run_passes(**run, verify=lambda g: _verify(g, contract, loaded, level))
             out = _export(graph, loaded, contract, records, shape_annotations)
-            report.warnings.append(f"the first run failed onnx.checker ({level}); passes were rerun with a check "
-                                   "after each, and the failing changes rolled back")
+            report.warnings.append(
+                f"the first run failed onnx.checker ({level}); passes were rerun with a check "
+                "after each, and the failing changes rolled back"
+            )
     report.passes = records
     report.warnings.extend(f"pass '{r.name}' failed and was rolled back: {r.error}" for r in records if r.error)
     if level != "none" and small and not checked:
@@ -301,7 +334,9 @@ def optimize(
         if level != "none" and not small:
             _check_output(out_path, level, ran)
         after = summarize(out)
-        written = LoadedModel(out, external_files=[f"{out_path.name}.data"] if after.external_data or external_data else [])
+        written = LoadedModel(
+            out, external_files=[f"{out_path.name}.data"] if after.external_data or external_data else []
+        )
         after.file_size = _file_size(out_path, written)
         report.after = after
     else:
@@ -320,13 +355,28 @@ def _keep_annotated_only(model: onnx.ModelProto, original: onnx.ModelProto) -> N
             g.value_info.extend(keep)
 
 
-def _run_passes(loaded: LoadedModel, pass_list: list[Pass], feeds, seed: int, fixed_point: bool,
-                max_iterations: int, on_pass_error: str, verify=None,
-                progress=None) -> tuple[list[PassRecord], list[str], gs.Graph]:
+def _run_passes(
+    loaded: LoadedModel,
+    pass_list: list[Pass],
+    feeds,
+    seed: int,
+    fixed_point: bool,
+    max_iterations: int,
+    on_pass_error: str,
+    verify=None,
+    progress=None,
+) -> tuple[list[PassRecord], list[str], gs.Graph]:
     graph = import_graph(loaded)
     opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    ctx = PassContext(graph=graph, opset=opset, base_dir=loaded.base_dir, calibration=feeds, seed=seed,
-                      progress=progress, statistics_service=CalibrationService(feeds, loaded.base_dir, progress))
+    ctx = PassContext(
+        graph=graph,
+        opset=opset,
+        base_dir=loaded.base_dir,
+        calibration=feeds,
+        seed=seed,
+        progress=progress,
+        statistics_service=CalibrationService(feeds, loaded.base_dir, progress),
+    )
     records: list[PassRecord] = []
     ran: list[str] = []
     failed: set[str] = set()
@@ -347,8 +397,9 @@ def _run_passes(loaded: LoadedModel, pass_list: list[Pass], feeds, seed: int, fi
     return records, ran, ctx.graph
 
 
-def _export(graph: gs.Graph, loaded: LoadedModel, contract: ModelContract, records: list[PassRecord],
-            shape_annotations: str) -> onnx.ModelProto:
+def _export(
+    graph: gs.Graph, loaded: LoadedModel, contract: ModelContract, records: list[PassRecord], shape_annotations: str
+) -> onnx.ModelProto:
     with quiet_graphsurgeon():
         graph.toposort(recurse_subgraphs=True)
     out = export_graph(graph, contract, value_types(loaded.proto))
@@ -379,9 +430,15 @@ def _check_output(target, level: str, ran: list[str]) -> None:
 
 def _versions() -> dict[str, str]:
     import numpy
+
     from ._version import __version__
 
-    out = {"onnxslim": __version__, "onnx": onnx.__version__, "onnx_graphsurgeon": gs.__version__, "numpy": numpy.__version__}
+    out = {
+        "onnxslim": __version__,
+        "onnx": onnx.__version__,
+        "onnx_graphsurgeon": gs.__version__,
+        "numpy": numpy.__version__,
+    }
     try:
         import onnxruntime
 

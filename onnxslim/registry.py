@@ -12,10 +12,11 @@ checkout's pyproject.toml, the same table the install registers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import PluginError, UsageError
 from .pass_base import Pass
@@ -67,12 +68,16 @@ def register_pass(name_or_cls: str | type[Pass] | None = None) -> Callable[[P], 
             raise UsageError(f"{cls.__name__}: set name = 'verb_object' on the class or pass it to @register_pass")
         eps = _entry_points()
         if name in eps:
-            raise PluginError(f"pass name '{name}' is taken by {_source(eps[name])}; {_where(cls)} cannot register "
-                              "it too: give the class another name (verb_object)")
+            raise PluginError(
+                f"pass name '{name}' is taken by {_source(eps[name])}; {_where(cls)} cannot register "
+                "it too: give the class another name (verb_object)"
+            )
         old = _decorated.get(name)
         if old is not None and _where(old) != _where(cls):
-            raise PluginError(f"pass name '{name}' is taken by {_where(old)} (register_pass); {_where(cls)} cannot "
-                              "register it too: give the class another name, or unregister_pass the old one")
+            raise PluginError(
+                f"pass name '{name}' is taken by {_where(old)} (register_pass); {_where(cls)} cannot "
+                "register it too: give the class another name, or unregister_pass the old one"
+            )
         cls = _check_class(name, cls, "register_pass")
         _decorated[name] = cls
         return cls
@@ -129,8 +134,10 @@ def _conflict(name: str) -> PluginError | None:
     claims = _all_entry_points().get(name, [])
     if len(claims) < 2:
         return None
-    return PluginError(f"pass name '{name}' is claimed by {' and by '.join(_source(ep) for ep in claims)}; "
-                       "uninstall one of them (one name, one pass)")
+    return PluginError(
+        f"pass name '{name}' is claimed by {' and by '.join(_source(ep) for ep in claims)}; "
+        "uninstall one of them (one name, one pass)"
+    )
 
 
 def _load_entry_point(ep: metadata.EntryPoint) -> type[Pass]:
@@ -161,7 +168,8 @@ def get_pass(name: str) -> type[Pass]:
     known = sorted(set(_decorated) | set(eps))
     hint = _closest(name, known)
     raise UsageError(
-        f"unknown pass '{name}'" + (f"; did you mean '{hint}'?" if hint else "")
+        f"unknown pass '{name}'"
+        + (f"; did you mean '{hint}'?" if hint else "")
         + " Run 'onnxslim passes' to list them"
         + ("" if known else " (none are registered: is onnxslim installed with pip install -e .?)")
     )

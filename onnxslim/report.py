@@ -58,7 +58,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent, default=_jsonable)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         d = dict(d)
         d.pop("report_version", None)
         for key in ("before", "after"):
@@ -68,7 +68,7 @@ class Report:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "Report":
+    def from_json(cls, text: str) -> Report:
         return cls.from_dict(json.loads(text))
 
     def write_json(self, path: str | os.PathLike) -> None:
@@ -106,7 +106,9 @@ class Report:
 
         out: list = []
         if self.before is not None:
-            t = Table(title=f"onnxslim: {self.input or 'model'} -> {self.output or '(not saved)'}", title_justify="left")
+            t = Table(
+                title=f"onnxslim: {self.input or 'model'} -> {self.output or '(not saved)'}", title_justify="left"
+            )
             t.add_column("")
             t.add_column("before", justify="right")
             t.add_column("after", justify="right")
@@ -120,24 +122,36 @@ class Report:
             ]
             for label, b, a, fmt in rows:
                 t.add_row(label, fmt(b), fmt(a), _delta(b, a))
-            ops = sorted(set(self.before.op_types) | set(after.op_types),
-                         key=lambda k: (-self.before.op_types.get(k, 0), k))
+            ops = sorted(
+                set(self.before.op_types) | set(after.op_types), key=lambda k: (-self.before.op_types.get(k, 0), k)
+            )
             for op in ops:
                 b, a = self.before.op_types.get(op, 0), after.op_types.get(op, 0)
                 t.add_row(f"  {op}", str(b), str(a), _delta(b, a) if a != b else "")
             out.append(t)
         if self.passes:
             rounds = 1 + max(p.iteration for p in self.passes)
-            t = Table(title=f"passes ({rounds} round{'s' if rounds > 1 else ''} to a fixed point; totals per pass)"
-                      if rounds > 1 else "passes", title_justify="left")
+            t = Table(
+                title=f"passes ({rounds} round{'s' if rounds > 1 else ''} to a fixed point; totals per pass)"
+                if rounds > 1
+                else "passes",
+                title_justify="left",
+            )
             for col in ("#", "pass", "kind", "modified", "stats", "skipped", "s"):
                 t.add_column(col)
             for i, p in enumerate(self.pass_totals(), 1):
                 stats = ", ".join(f"{k}={_num(v)}" for k, v in p.stats.items() if v) or "-"
                 if p.error:
                     stats = f"FAILED, rolled back: {p.error}"
-                t.add_row(str(i), p.name, "exact" if p.exact else "lossy", "yes" if p.modified else "no",
-                          stats, str(len(p.skipped)) if p.skipped else "", f"{p.seconds:.3f}")
+                t.add_row(
+                    str(i),
+                    p.name,
+                    "exact" if p.exact else "lossy",
+                    "yes" if p.modified else "no",
+                    stats,
+                    str(len(p.skipped)) if p.skipped else "",
+                    f"{p.seconds:.3f}",
+                )
             out.append(t)
         if self.parity:
             out.extend(_parity_renderables(self.parity))
@@ -158,14 +172,30 @@ def _parity_renderables(parity: dict) -> list:
     provs = parity.get("providers") or {}
     head = f"parity ({parity.get('mode', '?')}): {verdict}"
     if data:
-        head += f"   data: {data.get('source')} [{data.get('samples')} feeds]" + (" SYNTHETIC" if data.get("synthetic") else "")
+        head += f"   data: {data.get('source')} [{data.get('samples')} feeds]" + (
+            " SYNTHETIC" if data.get("synthetic") else ""
+        )
     out.append(head)
     runs = parity.get("runs") or []
     if runs:
         t = Table(title="parity per provider and output (candidate vs original)", title_justify="left")
         drifts = any(r.get("provider_drift") for r in runs)
-        cols = ["EP", "output", "max|d|", "mean|d|", "max rel", "cos", "SNR dB", "worst ch cos", "worst smp cos",
-                "top1/eq"] + (["EP drift max|d|"] if drifts else []) + ["result"]
+        cols = (
+            [
+                "EP",
+                "output",
+                "max|d|",
+                "mean|d|",
+                "max rel",
+                "cos",
+                "SNR dB",
+                "worst ch cos",
+                "worst smp cos",
+                "top1/eq",
+            ]
+            + (["EP drift max|d|"] if drifts else [])
+            + ["result"]
+        )
         for col in cols:
             t.add_column(col, overflow="fold")
         for r in runs:
@@ -175,15 +205,26 @@ def _parity_renderables(parity: dict) -> list:
                 drift = (r.get("provider_drift") or {}).get(name, {})
                 bad = [c["check"] for c in o.get("checks", []) if not c.get("passed")]
                 agree = m.get("top1_agreement", m.get("fraction_equal"))
-                t.add_row(tag, name, _g(m.get("max_abs")), _g(m.get("mean_abs")), _g(m.get("max_rel")),
-                          _g(m.get("cosine"), 6), _g(m.get("snr_db"), 4), _g(m.get("worst_channel_cosine"), 6),
-                          _g(m.get("worst_sample_cosine"), 6), _g(agree, 4),
-                          *([_g(drift.get("max_abs")) if drift else ""] if drifts else []),
-                          "pass" if o.get("passed") else "FAIL " + ",".join(bad))
+                t.add_row(
+                    tag,
+                    name,
+                    _g(m.get("max_abs")),
+                    _g(m.get("mean_abs")),
+                    _g(m.get("max_rel")),
+                    _g(m.get("cosine"), 6),
+                    _g(m.get("snr_db"), 4),
+                    _g(m.get("worst_channel_cosine"), 6),
+                    _g(m.get("worst_sample_cosine"), 6),
+                    _g(agree, 4),
+                    *([_g(drift.get("max_abs")) if drift else ""] if drifts else []),
+                    "pass" if o.get("passed") else "FAIL " + ",".join(bad),
+                )
             task = r.get("task")
             if task:
-                out_line = (f"{tag}: {task['metric']} on '{task['output']}': original {task['original']:.4f}, "
-                            f"candidate {task['candidate']:.4f} (drop {task['drop']:+.4f})")
+                out_line = (
+                    f"{tag}: {task['metric']} on '{task['output']}': original {task['original']:.4f}, "
+                    f"candidate {task['candidate']:.4f} (drop {task['drop']:+.4f})"
+                )
                 if "limit_drop" in task:
                     out_line += f", limit {task['limit_drop']:g}: " + ("pass" if task.get("passed") else "FAIL")
                 runs_lines = out_line
@@ -198,14 +239,19 @@ def _parity_renderables(parity: dict) -> list:
     if ex:
         first = ex.get("first_divergent")
         if first:
-            out.append(f"explain: first divergent tensor '{first['tensor']}' from {first['op_type']} node "
-                       f"'{first['node']}' (SNR {first['snr_db']:.1f} dB, {ex.get('criterion')})")
+            out.append(
+                f"explain: first divergent tensor '{first['tensor']}' from {first['op_type']} node "
+                f"'{first['node']}' (SNR {first['snr_db']:.1f} dB, {ex.get('criterion')})"
+            )
         else:
-            out.append(f"explain: no intermediate tensor diverges ({ex.get('compared', 0)} compared, "
-                       f"{ex.get('criterion', '')})")
+            out.append(
+                f"explain: no intermediate tensor diverges ({ex.get('compared', 0)} compared, "
+                f"{ex.get('criterion', '')})"
+            )
         if ex.get("worst"):
-            out.append("explain: worst by SNR: " + ", ".join(
-                f"{w['node']} ({w['snr_db']:.1f} dB)" for w in ex["worst"]))
+            out.append(
+                "explain: worst by SNR: " + ", ".join(f"{w['node']} ({w['snr_db']:.1f} dB)" for w in ex["worst"])
+            )
     for n in parity.get("notes") or []:
         out.append(f"note: {n}")
     for f in parity.get("failures") or []:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
 
 from .errors import BadInputError, UsageError
 
-__all__ = ["node_placement", "normalize_provider", "available_providers", "make_session", "SessionInfo", "run_session", "PROVIDER_ALIASES"]
+__all__ = [
+    "node_placement",
+    "normalize_provider",
+    "available_providers",
+    "make_session",
+    "SessionInfo",
+    "run_session",
+    "PROVIDER_ALIASES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +110,9 @@ def make_session(
         opts.inter_op_num_threads = 1
     if external_files:
         names = list(external_files)
-        opts.add_external_initializers_from_files_in_memory(names, [external_files[n] for n in names],
-                                                             [len(external_files[n]) for n in names])
+        opts.add_external_initializers_from_files_in_memory(
+            names, [external_files[n] for n in names], [len(external_files[n]) for n in names]
+        )
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     src = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     try:
@@ -112,15 +122,18 @@ def make_session(
     return SessionInfo(sess, full, list(sess.get_providers()))
 
 
-def run_session(info: SessionInfo, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+def run_session(
+    info: SessionInfo, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
     sess = info.session
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     values = sess.run(names, feeds)
     return dict(zip(names, values))
 
 
-def node_placement(model: onnx.ModelProto | str | os.PathLike, provider: str,
-                   feeds: dict[str, np.ndarray]) -> dict[str, int]:
+def node_placement(
+    model: onnx.ModelProto | str | os.PathLike, provider: str, feeds: dict[str, np.ndarray]
+) -> dict[str, int]:
     """How many executed nodes each provider ran, from one profiled run (fallbacks show up as CPU)."""
     import json
     import tempfile

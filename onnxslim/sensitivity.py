@@ -15,8 +15,9 @@ outputs (labels) follow from the float ones and are not scored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -55,8 +56,15 @@ def _inputs_only(feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
 class SensitivityEngine:
     """Scores candidate models against a reference on calibration data (see the module docstring)."""
 
-    def __init__(self, reference: onnx.ModelProto, data: Iterable[Mapping[str, Any]], *, samples: int = 16,
-                 modes: tuple[bool, ...] = (False, True), threads: int = 1):
+    def __init__(
+        self,
+        reference: onnx.ModelProto,
+        data: Iterable[Mapping[str, Any]],
+        *,
+        samples: int = 16,
+        modes: tuple[bool, ...] = (False, True),
+        threads: int = 1,
+    ):
         if samples < 1:
             raise ValueError(f"samples must be >= 1; got {samples}")
         self.modes, self.threads = tuple(modes), threads
@@ -91,18 +99,28 @@ class SensitivityEngine:
                     continue
                 ref = np.concatenate([a.reshape(-1) for a in reference[n]]).astype(np.float64)
                 cand = np.concatenate([a.reshape(-1) for a in got[n]]).astype(np.float64)
-                m = {"cosine": float(cosine_similarity(ref, cand)), "snr_db": float(snr_db(ref, cand - ref)),
-                     "max_abs": float(np.abs(cand - ref).max(initial=0.0))}
+                m = {
+                    "cosine": float(cosine_similarity(ref, cand)),
+                    "snr_db": float(snr_db(ref, cand - ref)),
+                    "max_abs": float(np.abs(cand - ref).max(initial=0.0)),
+                }
                 worst = damage.outputs.setdefault(n, dict(m))
-                worst.update(cosine=min(worst["cosine"], m["cosine"]), snr_db=min(worst["snr_db"], m["snr_db"]),
-                             max_abs=max(worst["max_abs"], m["max_abs"]))
+                worst.update(
+                    cosine=min(worst["cosine"], m["cosine"]),
+                    snr_db=min(worst["snr_db"], m["snr_db"]),
+                    max_abs=max(worst["max_abs"], m["max_abs"]),
+                )
                 damage.cosine = min(damage.cosine, m["cosine"])
                 damage.snr_db = min(damage.snr_db, m["snr_db"])
                 damage.max_abs = max(damage.max_abs, m["max_abs"])
         return damage
 
-    def probe(self, keys: Iterable[K], build: Callable[[K], onnx.ModelProto],
-              on_result: Callable[[K, Damage], None] | None = None) -> dict[K, Damage]:
+    def probe(
+        self,
+        keys: Iterable[K],
+        build: Callable[[K], onnx.ModelProto],
+        on_result: Callable[[K, Damage], None] | None = None,
+    ) -> dict[K, Damage]:
         """Each change alone: ``build(key)`` is the model with only that change applied; its damage, by key."""
         out: dict[K, Damage] = {}
         for key in keys:

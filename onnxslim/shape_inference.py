@@ -53,8 +53,9 @@ def export_weightless(graph: gs.Graph, opset: int) -> onnx.ModelProto:
         for t in g.tensors().values():
             if isinstance(t, gs.Constant) and id(t) not in seen:
                 seen.add(id(t))
-                external = isinstance(t._values, LazyValues) and \
-                    t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
+                external = (
+                    isinstance(t._values, LazyValues) and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
+                )
                 try:
                     big = external or _const_nbytes(t) > _KEEP_DATA_BYTES
                 except Exception:  # noqa: BLE001 - exotic dtype: keep as is
@@ -69,8 +70,9 @@ def export_weightless(graph: gs.Graph, opset: int) -> onnx.ModelProto:
             t._values = v
 
 
-def infer_graph_types(graph: gs.Graph, opset: int, *, keep_value_info: bool = True,
-                      data_prop: bool = True) -> dict[str, tuple[int, Dims | None]]:
+def infer_graph_types(
+    graph: gs.Graph, opset: int, *, keep_value_info: bool = True, data_prop: bool = True
+) -> dict[str, tuple[int, Dims | None]]:
     """name -> (onnx elem type, dims) for every tensor-typed value inference knows, in all graphs.
 
     ``keep_value_info=False`` drops the annotations already in the graph first, so the result rests on
@@ -84,7 +86,7 @@ def infer_graph_types(graph: gs.Graph, opset: int, *, keep_value_info: bool = Tr
                 if vi.type.WhichOneof("value") == "tensor_type":
                     vi.type.tensor_type.ClearField("shape")
     inferred = None
-    for prop in ((True, False) if data_prop else (False,)):
+    for prop in (True, False) if data_prop else (False,):
         try:
             inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=prop)
             break

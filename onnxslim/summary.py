@@ -36,7 +36,7 @@ class ModelSummary:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSummary":
+    def from_dict(cls, d: dict) -> ModelSummary:
         return cls(**d)
 
 
@@ -72,8 +72,10 @@ def summarize(model: onnx.ModelProto, file_size: int | None = None) -> ModelSumm
         nbytes += tensor_nbytes(t)
         count += 1
         external = external or t.data_location == onnx.TensorProto.EXTERNAL
-    domains = sorted({o.domain for o in model.opset_import if o.domain not in _STANDARD_DOMAINS}
-                     | {n.domain for g in graphs for n in g.node if n.domain not in _STANDARD_DOMAINS})
+    domains = sorted(
+        {o.domain for o in model.opset_import if o.domain not in _STANDARD_DOMAINS}
+        | {n.domain for g in graphs for n in g.node if n.domain not in _STANDARD_DOMAINS}
+    )
     inits = {t.name for t in model.graph.initializer}
     return ModelSummary(
         nodes=sum(ops.values()),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -29,8 +29,19 @@ __all__ = ["parse_shapes", "synthetic_feeds", "infer_int_ranges"]
 log = logging.getLogger(__name__)
 
 # Ops that pass index values through unchanged (so a Gather further down still bounds the input).
-_VALUE_PRESERVING = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand", "Transpose",
-                     "Slice", "Concat", "Tile"}
+_VALUE_PRESERVING = {
+    "Cast",
+    "Unsqueeze",
+    "Squeeze",
+    "Reshape",
+    "Flatten",
+    "Identity",
+    "Expand",
+    "Transpose",
+    "Slice",
+    "Concat",
+    "Tile",
+}
 _MASK_NAME = re.compile(r"mask", re.IGNORECASE)
 
 
@@ -50,7 +61,9 @@ def parse_shapes(text: str | Mapping[str, object] | None) -> dict[str, tuple[int
             if any(d <= 0 for d in shape):
                 raise ValueError
         except ValueError:
-            raise UsageError(f"bad shape {item!r}; write NAME:DxDxD with positive dims, e.g. input:1x3x224x224") from None
+            raise UsageError(
+                f"bad shape {item!r}; write NAME:DxDxD with positive dims, e.g. input:1x3x224x224"
+            ) from None
         out[name] = shape
     return out
 
@@ -85,8 +98,12 @@ def infer_int_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
                 continue
             seen.add(name)
             for n in consumers.get(name, []):
-                if n.op_type in ("Gather", "GatherElements") and len(n.input) > 1 and n.input[1] == name \
-                        and n.input[0] in consts:
+                if (
+                    n.op_type in ("Gather", "GatherElements")
+                    and len(n.input) > 1
+                    and n.input[1] == name
+                    and n.input[0] in consts
+                ):
                     axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
                     table = consts[n.input[0]]
                     if table:
@@ -108,8 +125,10 @@ def _concrete_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: 
         got = shapes[spec.name]
         if spec.shape is not None:
             if len(got) != len(spec.shape):
-                raise UsageError(f"--shapes gives {spec.name} rank {len(got)}, the model declares "
-                                 f"{list(spec.shape)} (rank {len(spec.shape)})")
+                raise UsageError(
+                    f"--shapes gives {spec.name} rank {len(got)}, the model declares "
+                    f"{list(spec.shape)} (rank {len(spec.shape)})"
+                )
             for i, (g, w) in enumerate(zip(got, spec.shape)):
                 if isinstance(w, int) and w > 0 and g != w:
                     raise UsageError(f"--shapes gives {spec.name} dim {i} = {g}, the model fixes it to {w}")
@@ -119,15 +138,24 @@ def _concrete_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: 
     return tuple(d if isinstance(d, int) and d > 0 else (batch if i == 0 else dim) for i, d in enumerate(spec.shape))
 
 
-def synthetic_feeds(model: onnx.ModelProto, *, shapes: str | Mapping | None = None, count: int = 4,
-                    batch: int = 2, dim: int = 8, seed: int = 0) -> FeedData:
+def synthetic_feeds(
+    model: onnx.ModelProto,
+    *,
+    shapes: str | Mapping | None = None,
+    count: int = 4,
+    batch: int = 2,
+    dim: int = 8,
+    seed: int = 0,
+) -> FeedData:
     """``count`` seeded feed dicts for ``model``; the FeedData's description says they are synthetic."""
     fixed = parse_shapes(shapes)
     specs = input_specs(model)
     unknown = sorted(set(fixed) - {s.name for s in specs})
     if unknown:
-        raise UsageError(f"--shapes names {', '.join(unknown)}, not inputs of the model "
-                         f"(its inputs: {', '.join(s.name for s in specs)})")
+        raise UsageError(
+            f"--shapes names {', '.join(unknown)}, not inputs of the model "
+            f"(its inputs: {', '.join(s.name for s in specs)})"
+        )
     int_ranges = infer_int_ranges(model)
     concrete = {s.name: _concrete_shape(s, fixed, batch, dim) for s in specs}
     plan: dict[str, str] = {}
@@ -169,8 +197,11 @@ def synthetic_feeds(model: onnx.ModelProto, *, shapes: str | Mapping | None = No
                 feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
         return feeds
 
-    desc = (f"synthetic (seed {seed}, {count} feeds; "
-            + "; ".join(f"{n} {list(concrete[n])} {p}" for n, p in plan.items()) + ")")
+    desc = (
+        f"synthetic (seed {seed}, {count} feeds; "
+        + "; ".join(f"{n} {list(concrete[n])} {p}" for n, p in plan.items())
+        + ")"
+    )
     data = FeedData(lambda: ((make_one(i), f"synthetic[{i}]") for i in range(count)), desc, count, specs)
     data.synthetic = True  # type: ignore[attr-defined]
     data.plan = {n: {"shape": list(concrete[n]), "values": p} for n, p in plan.items()}  # type: ignore[attr-defined]

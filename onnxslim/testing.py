@@ -12,7 +12,8 @@ feeds its data folder.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,8 +55,9 @@ def outputs_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
     return a == b
 
 
-def assert_outputs_close(expected: list[Any], actual: list[Any], names: list[str] | None = None,
-                         rtol: float = 0.0, atol: float = 0.0) -> None:
+def assert_outputs_close(
+    expected: list[Any], actual: list[Any], names: list[str] | None = None, rtol: float = 0.0, atol: float = 0.0
+) -> None:
     assert len(expected) == len(actual), f"{len(expected)} outputs expected, got {len(actual)}"
     for i, (e, a) in enumerate(zip(expected, actual)):
         if not outputs_close(e, a, rtol, atol):
@@ -75,8 +77,8 @@ def check_pass_contract(
     model: onnx.ModelProto | str | os.PathLike,
     feeds: Iterable[Mapping[str, np.ndarray]] | Any,
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
+    rtol: float | None = None,
+    atol: float | None = None,
     calibration: Any = None,
     expect_modified: bool | None = None,
     metric_floors: Mapping[str, float] | None = None,
@@ -85,34 +87,46 @@ def check_pass_contract(
 
     ``model`` may be a path (a sample model) and ``feeds``/``calibration`` anything ``load_feeds`` takes (a
     folder of .npz files, with ``__label__`` for task metrics). Exact passes are held to ``rtol``/``atol``
-    (float reassociation) on every feed; lossy ones (``exact = False``) to the metric floors they declare
-    (``metric_floors`` overrides them), judged by ``onnxslim.check`` in lossy mode on ``feeds``: output
-    cosine, and the accuracy drop when the feeds carry labels.
+    (default 1e-5 / 1e-6: float reassociation) on every feed; lossy ones (``exact = False``) to the metric
+    floors they declare (``metric_floors`` overrides them), judged by ``onnxslim.check`` in lossy mode on
+    ``feeds``: output cosine, and the accuracy drop when the feeds carry labels; or, when ``rtol``/``atol``
+    are given, to those on every feed.
     """
     source = model
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     check_model(model, full=True)
-    out, report = optimize(model, [pass_], calibration=calibration, on_pass_error="raise", fixed_point=False,
-                           shape_annotations="all")
+    out, report = optimize(
+        model, [pass_], calibration=calibration, on_pass_error="raise", fixed_point=False, shape_annotations="all"
+    )
     check_model(out, full=True)
     problems = ModelContract.of(model).differences(out)
     assert not problems, f"{pass_.name} broke the model's contract: {problems}"
     record = report.passes[0]
     if expect_modified is not None:
-        assert record.modified == expect_modified, f"{pass_.name}: modified={record.modified}, expected {expect_modified}"
+        assert record.modified == expect_modified, (
+            f"{pass_.name}: modified={record.modified}, expected {expect_modified}"
+        )
     if not record.modified:
         # The pipeline hands back the input when the graph is unchanged, so look at the pass's raw result.
         loaded = load_model(model)
         graph = import_graph(loaded)
         fresh = type(pass_)(**pass_.options_dict())
-        fresh.run(PassContext(graph=graph, opset=_opset(model), base_dir=loaded.base_dir,
-                              calibration=load_feeds(calibration) if calibration is not None else None))
+        fresh.run(
+            PassContext(
+                graph=graph,
+                opset=_opset(model),
+                base_dir=loaded.base_dir,
+                calibration=load_feeds(calibration) if calibration is not None else None,
+            )
+        )
         raw = export_graph(graph, loaded.contract, value_types(loaded.proto))
         untouched = export_graph(import_graph(load_model(model)), loaded.contract, value_types(loaded.proto))
-        assert graph_signature(raw) == graph_signature(untouched), \
+        assert graph_signature(raw) == graph_signature(untouched), (
             f"{pass_.name} reported modified=False but changed the graph"
-    if pass_.exact:
+        )
+    if pass_.exact or rtol is not None or atol is not None:
+        rtol, atol = (1e-5 if rtol is None else rtol), (1e-6 if atol is None else atol)
         names = [o.name for o in model.graph.output]
         for feed in load_feeds(feeds):
             feed = {k: v for k, v in feed.items() if not str(k).startswith("__")}
@@ -120,10 +134,17 @@ def check_pass_contract(
     else:
         floors = dict(metric_floors if metric_floors is not None else pass_.metric_floors)
         parity = check(model, out, data=feeds, mode="lossy", metric_floors=floors)
-        assert parity.passed, f"{pass_.name} misses its declared floors {floors} on {source!r}: " \
-            + "; ".join(parity.failures)
+        assert parity.passed, f"{pass_.name} misses its declared floors {floors} on {source!r}: " + "; ".join(
+            parity.failures
+        )
     if pass_.idempotent:
-        again, rep2 = optimize(out, [type(pass_)(**pass_.options_dict())], calibration=calibration,
-                               on_pass_error="raise", fixed_point=False, shape_annotations="all")
+        again, rep2 = optimize(
+            out,
+            [type(pass_)(**pass_.options_dict())],
+            calibration=calibration,
+            on_pass_error="raise",
+            fixed_point=False,
+            shape_annotations="all",
+        )
         assert not rep2.passes[0].modified, f"{pass_.name} claims idempotence but modified its own output again"
     return out

@@ -25,10 +25,18 @@ def init(name: str, arr) -> onnx.TensorProto:
 
 def model(nodes, inputs, outputs, inits=(), opset: int = 17, value_info=()) -> onnx.ModelProto:
     """A checked model from helper pieces; inputs/outputs are (name, shape) or ValueInfoProtos."""
+
     def vi(x):
         return x if isinstance(x, onnx.ValueInfoProto) else helper.make_tensor_value_info(x[0], F, x[1])
-    g = helper.make_graph(list(nodes), "g", [vi(i) for i in inputs], [vi(o) for o in outputs],
-                          initializer=list(inits), value_info=[vi(v) for v in value_info])
+
+    g = helper.make_graph(
+        list(nodes),
+        "g",
+        [vi(i) for i in inputs],
+        [vi(o) for o in outputs],
+        initializer=list(inits),
+        value_info=[vi(v) for v in value_info],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     # Fill in output shapes given as None, but keep intermediate shape knowledge to what the test gave.
@@ -53,8 +61,9 @@ def feeds_for(m: onnx.ModelProto, n: int = 2, seed: int = 1) -> list[dict[str, n
 
 def run_pass(pass_, m: onnx.ModelProto, expect_modified: bool | None = True, feeds=None) -> onnx.ModelProto:
     """The pass under its contract (checker, parity in ORT without optimizations, idempotence)."""
-    return check_pass_contract(pass_, m, feeds if feeds is not None else feeds_for(m), rtol=RTOL, atol=ATOL,
-                               expect_modified=expect_modified)
+    return check_pass_contract(
+        pass_, m, feeds if feeds is not None else feeds_for(m), rtol=RTOL, atol=ATOL, expect_modified=expect_modified
+    )
 
 
 def ops(m_or_graph) -> Counter:

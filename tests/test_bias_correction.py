@@ -8,12 +8,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _fusion_testlib import model
-from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import UsageError
 from onnxslim.graph import check_model
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
+
+from _fusion_testlib import model
+from conftest import MODELS, SAMPLES, eval_feeds
 
 QUANT = "quantize_int8_static"
 # The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
@@ -65,8 +66,10 @@ def _errors(m, out_nc, out_bc, make_x, n=16) -> tuple[float, float]:
 def test_collect_statistics_means_match_numpy(tmp_path):
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2, 3, 4])], [_vi("y", [2, 3, 4])], [])
     rng = np.random.default_rng(0)
-    feeds = [{"x": rng.standard_normal((2, 3, 4)).astype(np.float32) + np.arange(3, dtype=np.float32)[:, None]}
-             for _ in range(5)]
+    feeds = [
+        {"x": rng.standard_normal((2, 3, 4)).astype(np.float32) + np.arange(3, dtype=np.float32)[:, None]}
+        for _ in range(5)
+    ]
     feeds[2]["x"][0, 1, 0] = np.nan  # non-finite values are left out
     st = collect_statistics(m, feeds, ["x", "y"], means={"x": 1, "y": -1}, histograms=False)
     allx = np.stack([f["x"] for f in feeds])
@@ -88,9 +91,12 @@ def test_collect_statistics_means_match_numpy(tmp_path):
 def test_conv_bias_correction_cancels_biased_rounding_error(group):
     rng = np.random.default_rng(3)
     w = _above_midpoints((8, 4 // group, 3, 3), rng)
-    m = _model([helper.make_node("Conv", ["x", "W", "B"], ["y"], group=group)], [_vi("x", [1, 4, 6, 6])],
-               [_vi("y", [1, 8, 4, 4])], [numpy_helper.from_array(w, "W"),
-                                  numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B")])
+    m = _model(
+        [helper.make_node("Conv", ["x", "W", "B"], ["y"], group=group)],
+        [_vi("x", [1, 4, 6, 6])],
+        [_vi("y", [1, 8, 4, 4])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B")],
+    )
 
     def make_x(r):
         return {"x": r.uniform(0.0, 2.0, (1, 4, 6, 6)).astype(np.float32)}
@@ -132,10 +138,16 @@ def test_shared_bias_gets_a_private_corrected_copy():
     rng = np.random.default_rng(5)
     w1 = _above_midpoints((16, 6), rng, axis=1)
     b = rng.standard_normal(6).astype(np.float32)
-    m = _model([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
-                helper.make_node("Add", ["a", "B"], ["y"])],  # B also read by a second Add
-               [_vi("x", [2, 16])], [_vi("y", [2, 6])],
-               [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b, "B")])
+    m = _model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"]),
+            helper.make_node("Add", ["h", "B"], ["a"]),
+            helper.make_node("Add", ["a", "B"], ["y"]),
+        ],  # B also read by a second Add
+        [_vi("x", [2, 16])],
+        [_vi("y", [2, 6])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b, "B")],
+    )
     calib = [{"x": rng.uniform(0, 2, (2, 16)).astype(np.float32)} for _ in range(8)]
     out, rep = optimize(m, [f"{FULL},target=x86-vnni"], calibration=calib)
     assert rep.passes[0].stats["biases_corrected"] == 1
@@ -154,8 +166,9 @@ def test_cnn_digits_bias_correction_lowers_output_error():
     for bc in (False, True):
         # nearest rounding: GPTQ (the default) already removes the mean error this corrects (0.0283 either way)
         opts = f"target=x86-vnni,weight_rounding=nearest,bias_correction={str(bc).lower()}"
-        out, rep = optimize(src, [*DEFAULT_PASSES, f"{QUANT}:{opts}"], calibration=SAMPLES / entry["calib"],
-                            on_pass_error="raise")
+        out, rep = optimize(
+            src, [*DEFAULT_PASSES, f"{QUANT}:{opts}"], calibration=SAMPLES / entry["calib"], on_pass_error="raise"
+        )
         # 6 Conv; the 320-MAC head Gemm gets weights only (min_macs_for_activation_quantization), no bias to fix
         assert rep.passes[-1].stats.get("biases_corrected", 0) == (6 if bc else 0)
         # ORT's reference semantics (optimizations off): x86-vnni's full 8-bit weights would saturate the int8

@@ -45,9 +45,12 @@ def _reference_activations(model: onnx.ModelProto, feeds: list[dict], names: lis
 
 
 def _identity_model() -> onnx.ModelProto:
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "ident",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "ident",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -82,8 +85,9 @@ def test_samples_of_different_shapes():
     feeds = [_npz(f) for f in files]
     assert len({f["input_ids"].shape for f in feeds}) > 1  # really ragged
     names = [n.output[0] for n in model.graph.node if n.op_type in ("MatMul", "Softmax", "Erf")][:12]
-    stats = collect_statistics(path, SAMPLES / "transformer_text" / "eval", names,
-                               per_channel={names[0]: -1}, max_samples=4)
+    stats = collect_statistics(
+        path, SAMPLES / "transformer_text" / "eval", names, per_channel={names[0]: -1}, max_samples=4
+    )
     ref = _reference_activations(model, feeds, names)
     for name in names:
         vals = [r[name] for r in ref]
@@ -155,8 +159,9 @@ def test_if_and_loop_tensors_come_only_from_the_branch_that_ran(files, taken):
             continue
         vals = [r[name] for _, r in refs]
         assert s.count == sum(v.size for v in vals)
-        np.testing.assert_allclose([s.min, s.max], [min(v.min() for v in vals), max(v.max() for v in vals)],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            [s.min, s.max], [min(v.min() for v in vals), max(v.max() for v in vals)], rtol=1e-5, atol=1e-5
+        )
         if name != "then_z":
             # body_r is stacked over iterations in the reference too: channel = last axis of one iteration.
             cmax = np.max([v.reshape(-1, v.shape[-1]).max(axis=0) for v in vals], axis=0)
@@ -167,32 +172,67 @@ def test_if_and_loop_tensors_come_only_from_the_branch_that_ran(files, taken):
 def _scan_in_loop_model() -> onnx.ModelProto:
     """Loop (2 iterations) whose body holds an If (always then) and a Scan (running sum over rows); the Loop
     node leaves its trailing scan output unnamed, so exposing more outputs must pad."""
-    then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["doubled"])], "then", [],
-                               [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, None)])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["negated"])], "else", [],
-                               [helper.make_tensor_value_info("negated", TensorProto.FLOAT, None)])
+    then_g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["doubled"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, None)],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["negated"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("negated", TensorProto.FLOAT, None)],
+    )
     scan_body = helper.make_graph(
-        [helper.make_node("Add", ["acc_in", "row"], ["acc_out"]), helper.make_node("Mul", ["acc_out", "it_f"], ["scaled"])],
+        [
+            helper.make_node("Add", ["acc_in", "row"], ["acc_out"]),
+            helper.make_node("Mul", ["acc_out", "it_f"], ["scaled"]),
+        ],
         "scan_body",
-        [helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("row", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [3])])
+        [
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("row", TensorProto.FLOAT, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [3]),
+        ],
+    )
     body = helper.make_graph(
-        [helper.make_node("Cast", ["i"], ["it_f"], to=TensorProto.FLOAT),
-         helper.make_node("If", ["yes"], ["branch_out"], then_branch=then_g, else_branch=else_g),
-         helper.make_node("Scan", ["zeros3", "branch_out"], ["acc_final", "scaled_all"], body=scan_body, num_scan_inputs=1),
-         helper.make_node("Identity", ["c_in"], ["c_out"]),
-         helper.make_node("Add", ["s_in", "acc_final"], ["s_out"])],
+        [
+            helper.make_node("Cast", ["i"], ["it_f"], to=TensorProto.FLOAT),
+            helper.make_node("If", ["yes"], ["branch_out"], then_branch=then_g, else_branch=else_g),
+            helper.make_node(
+                "Scan", ["zeros3", "branch_out"], ["acc_final", "scaled_all"], body=scan_body, num_scan_inputs=1
+            ),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+            helper.make_node("Add", ["s_in", "acc_final"], ["s_out"]),
+        ],
         "loop_body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [3]),
-         helper.make_tensor_value_info("acc_final", TensorProto.FLOAT, [3])])  # a scan output the Loop node omits
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("acc_final", TensorProto.FLOAT, [3]),
+        ],
+    )  # a scan output the Loop node omits
     g = helper.make_graph(
-        [helper.make_node("Loop", ["n", "", "zeros3"], ["s"], body=body)], "nested",
+        [helper.make_node("Loop", ["n", "", "zeros3"], ["s"], body=body)],
+        "nested",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
         [helper.make_tensor_value_info("s", TensorProto.FLOAT, [3])],
-        [numpy_helper.from_array(np.array(2, np.int64), "n"), numpy_helper.from_array(np.array(True), "yes"),
-         numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.zeros(3, np.float32), "zeros3")])
+        [
+            numpy_helper.from_array(np.array(2, np.int64), "n"),
+            numpy_helper.from_array(np.array(True), "yes"),
+            numpy_helper.from_array(np.float32(2.0), "two"),
+            numpy_helper.from_array(np.zeros(3, np.float32), "zeros3"),
+        ],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m)
     return m
@@ -214,27 +254,51 @@ def test_scan_and_if_nested_in_loop():
 
 def _growing_loop_model() -> onnx.ModelProto:
     """Loop (3 iterations) whose carried x grows by one row per iteration; an If inside picks then on iter 1."""
-    then_g = helper.make_graph([helper.make_node("Mul", ["x_in", "two"], ["dbl"])], "then", [],
-                               [helper.make_tensor_value_info("dbl", TensorProto.FLOAT, [None, 3])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x_in"], ["neg"])], "else", [],
-                               [helper.make_tensor_value_info("neg", TensorProto.FLOAT, [None, 3])])
+    then_g = helper.make_graph(
+        [helper.make_node("Mul", ["x_in", "two"], ["dbl"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("dbl", TensorProto.FLOAT, [None, 3])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["x_in"], ["neg"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("neg", TensorProto.FLOAT, [None, 3])],
+    )
     body = helper.make_graph(
-        [helper.make_node("Slice", ["x_in", "s0", "s1", "s0"], ["first"]),
-         helper.make_node("Concat", ["x_in", "first"], ["grown"], axis=0),
-         helper.make_node("Relu", ["grown"], ["x_out"]),
-         helper.make_node("Equal", ["i", "one"], ["is_one"]),
-         helper.make_node("If", ["is_one"], ["branch"], then_branch=then_g, else_branch=else_g),
-         helper.make_node("Identity", ["c"], ["c_out"])],
+        [
+            helper.make_node("Slice", ["x_in", "s0", "s1", "s0"], ["first"]),
+            helper.make_node("Concat", ["x_in", "first"], ["grown"], axis=0),
+            helper.make_node("Relu", ["grown"], ["x_out"]),
+            helper.make_node("Equal", ["i", "one"], ["is_one"]),
+            helper.make_node("If", ["is_one"], ["branch"], then_branch=then_g, else_branch=else_g),
+            helper.make_node("Identity", ["c"], ["c_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [None, 3])],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [None, 3])],
-        [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
-         numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.float32(2.0), "two")])
-    g = helper.make_graph([helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "growing",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
-                          [numpy_helper.from_array(np.array(3, np.int64), "n")])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [None, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [None, 3]),
+        ],
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "s0"),
+            numpy_helper.from_array(np.array([1], np.int64), "s1"),
+            numpy_helper.from_array(np.array(1, np.int64), "one"),
+            numpy_helper.from_array(np.float32(2.0), "two"),
+        ],
+    )
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
+        "growing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.array(3, np.int64), "n")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m)
     return m
@@ -300,8 +364,10 @@ def test_mse_keeps_full_range_without_outliers_and_ranges_need_histograms():
 
 def test_streaming_histogram_is_exact_on_its_final_grid():
     rng = np.random.default_rng(2)
-    feeds = [{"x": (rng.standard_normal(997) * scale + shift).astype(np.float32)}
-             for scale, shift in zip(rng.uniform(0.1, 10, 25), rng.uniform(-30, 30, 25))]
+    feeds = [
+        {"x": (rng.standard_normal(997) * scale + shift).astype(np.float32)}
+        for scale, shift in zip(rng.uniform(0.1, 10, 25), rng.uniform(-30, 30, 25))
+    ]
     feeds.append({"x": np.array([np.nan, np.inf, 1.0], np.float32)})  # non-finite values are left out
     s = collect_statistics(_identity_model(), feeds, ["y"], bins=64)["y"]
     values = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
@@ -358,12 +424,14 @@ def test_every_data_source_gives_the_same_statistics(tmp_path):
     for f in files:
         (tmp_path / f.name).write_bytes(f.read_bytes())
     feeds = [_npz(f) for f in files]
-    (tmp_path / "data.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "data.py").write_text(
+        textwrap.dedent(f"""
         import numpy as np, glob
         def feeds():
             for f in sorted(glob.glob({str(tmp_path)!r} + '/*.npz')):
                 yield dict(np.load(f))
-    """))
+    """)
+    )
 
     class Reader:
         def __init__(self):
@@ -402,11 +470,19 @@ def test_cache_is_reused_only_for_the_same_request(tmp_path):
     calls: list = []
     first = collect_statistics(path, calib, ["h0", "body_r"], per_channel={"h0": 1}, cache=cache, max_samples=4)
     assert cache.exists() and first.meta["samples"] == 4
-    again = collect_statistics(path, calib, ["body_r", "h0"], per_channel={"h0": 1}, cache=cache, max_samples=4,
-                               progress=lambda d, t: calls.append(d))
+    again = collect_statistics(
+        path,
+        calib,
+        ["body_r", "h0"],
+        per_channel={"h0": 1},
+        cache=cache,
+        max_samples=4,
+        progress=lambda d, t: calls.append(d),
+    )
     assert calls == [] and dict(again) == dict(first)  # served from the cache
-    subset = collect_statistics(path, calib, ["h0"], per_channel={"h0": 1}, cache=cache, max_samples=4,
-                                progress=lambda d, t: calls.append(d))
+    subset = collect_statistics(
+        path, calib, ["h0"], per_channel={"h0": 1}, cache=cache, max_samples=4, progress=lambda d, t: calls.append(d)
+    )
     assert calls == [] and list(subset) == ["h0"]
     for changed in ({"bins": 512}, {"max_samples": 3}, {"per_channel": {}}):
         kwargs = {"per_channel": {"h0": 1}, "max_samples": 4, **changed}
@@ -459,8 +535,9 @@ def test_peak_memory_does_not_grow_with_sample_count():
     """A 256K-float (1 MB) activation per sample: keeping activations would add ~0.5 GB at 512 samples."""
 
     def peak_kib(n: int) -> int:
-        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(n)], capture_output=True, text=True,
-                             check=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, str(n)], capture_output=True, text=True, check=True, cwd=ROOT
+        )
         return int(out.stdout.strip().splitlines()[-1])
 
     small, large = peak_kib(16), peak_kib(512)
@@ -475,8 +552,9 @@ def test_external_data_models_are_read_by_onnxruntime_from_disk(tmp_path, monkey
     inline = onnx.load(src)
     ext_dir = tmp_path / "m"
     ext_dir.mkdir()
-    onnx.save(onnx.load(src), str(ext_dir / "model.onnx"), save_as_external_data=True, location="w.bin",
-              size_threshold=0)
+    onnx.save(
+        onnx.load(src), str(ext_dir / "model.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
     feeds = [_npz(f) for f in sorted((SAMPLES / "cnn_digits" / "calib").glob("*.npz"))[:4]]
     names = [n.output[0] for n in inline.graph.node if n.op_type == "Conv"]
     ref = collect_statistics(inline, feeds, names)
@@ -492,8 +570,9 @@ def test_external_data_models_are_read_by_onnxruntime_from_disk(tmp_path, monkey
     monkeypatch.setattr(cal.os, "link", no_links)
     mapped = collect_statistics(proto, feeds, names, base_dir=ext_dir)
     for got in (from_path, from_proto, mapped):
-        assert {n: (got[n].min, got[n].max, got[n].count) for n in names} == \
-            {n: (ref[n].min, ref[n].max, ref[n].count) for n in names}
+        assert {n: (got[n].min, got[n].max, got[n].count) for n in names} == {
+            n: (ref[n].min, ref[n].max, ref[n].count) for n in names
+        }
     (ext_dir / "w.bin").unlink()
     with pytest.raises(BadInputError, match="w.bin"):
         collect_statistics(proto, feeds, names, base_dir=ext_dir)
@@ -501,9 +580,12 @@ def test_external_data_models_are_read_by_onnxruntime_from_disk(tmp_path, monkey
 
 def test_model_onnxruntime_cannot_load_gets_a_calibration_error_that_says_so():
     # tf2onnx has written Gelu as an 'Erfc' node, which is not an ONNX op: calibration must name the cause.
-    g = helper.make_graph([helper.make_node("Erfc", ["x"], ["e"]), helper.make_node("Relu", ["e"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    g = helper.make_graph(
+        [helper.make_node("Erfc", ["x"], ["e"]), helper.make_node("Relu", ["e"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(BadInputError, match="calibration runs the model in onnxruntime.*Erfc"):
         collect_statistics(m, [{"x": np.ones((2, 4), np.float32)}], ["e"])

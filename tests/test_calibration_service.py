@@ -7,8 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxslim import Pass, PassResult, optimize, register_pass, registry
-from onnxslim import calibration_service
+from onnxslim import Pass, PassResult, calibration_service, optimize, register_pass, registry
 from onnxslim.calibration_service import CalibrationService, StatisticsRequest
 from onnxslim.data import load_feeds
 from onnxslim.errors import UsageError
@@ -37,7 +36,7 @@ def test_one_run_answers_a_merged_request_and_matches_numpy():
     flat = np.concatenate([x.reshape(-1) for x in xs]).astype(np.float64)
     assert stats["input"].min == flat.min() and stats["input"].max == flat.max()
     per_channel = np.concatenate([np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) for x in xs], axis=1).astype(np.float64)
-    np.testing.assert_allclose(stats["input"].channel_norm, np.sqrt((per_channel ** 2).sum(axis=1)), rtol=1e-12)
+    np.testing.assert_allclose(stats["input"].channel_norm, np.sqrt((per_channel**2).sum(axis=1)), rtol=1e-12)
     np.testing.assert_allclose(stats["input"].gram, per_channel @ per_channel.T, rtol=1e-9)
     assert stats[CONV_OUT].channel_mean.shape == (stats[CONV_OUT].channel_mean.size,)
     sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
@@ -69,8 +68,9 @@ def test_requests_along_two_axes_do_not_merge():
 def test_a_pass_run_makes_one_streaming_run(monkeypatch):
     calls = []
     real = calibration_service.collect_statistics
-    monkeypatch.setattr(calibration_service, "collect_statistics",
-                        lambda *a, **k: calls.append(k.get("grams")) or real(*a, **k))
+    monkeypatch.setattr(
+        calibration_service, "collect_statistics", lambda *a, **k: calls.append(k.get("grams")) or real(*a, **k)
+    )
     optimize(MODEL, ["quantize_int8_static:target=x86-avx2"], calibration=CALIB)
     assert len(calls) == 1 and calls[0]  # ranges, means and GPTQ Grams: one run over the data
 

@@ -28,8 +28,9 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_optimize_writes_model_and_report(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "optimize", CNN, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json",
-                             "--calib", CNN_CALIB)
+    code, out, err = run_cli(
+        capsys, "optimize", CNN, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--calib", CNN_CALIB
+    )
     assert code == 0, err
     assert "nodes" in out and "eliminate_dead_nodes" in out
     report = Report.from_json((tmp_path / "r.json").read_text())
@@ -61,34 +62,39 @@ def _bad_calib(tmp_path: Path, kind: str) -> Path:
     d = tmp_path / f"calib_{kind}"
     d.mkdir()
     good = {"input": np.zeros((1, 1, 8, 8), np.float32)}
-    bad = {"names": {"image": good["input"]},
-           "dtype": {"input": good["input"].astype(np.float64)},
-           "shape": {"input": np.zeros((1, 1, 9, 8), np.float32)},
-           "rank": {"input": np.zeros((8, 8), np.float32)}}[kind]
+    bad = {
+        "names": {"image": good["input"]},
+        "dtype": {"input": good["input"].astype(np.float64)},
+        "shape": {"input": np.zeros((1, 1, 9, 8), np.float32)},
+        "rank": {"input": np.zeros((8, 8), np.float32)},
+    }[kind]
     np.savez(d / "0000.npz", **bad)
     return d
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("missing", "model file not found"),
-    ("directory", "is a directory"),
-    ("corrupt", "not a readable ONNX model"),
-    ("truncated", "not a readable ONNX model"),
-    ("empty", "is empty"),
-    ("missing_external", "external data file 'w.bin'.*missing"),
-    ("calib_names", "not inputs of the model.*its inputs: input"),
-    ("calib_dtype", "dtype float64, the model expects float32"),
-    ("calib_shape", r"dim 2 must be 8"),
-    ("calib_rank", "rank 4"),
-    ("calib_missing", "data not found"),
-    ("calib_empty_dir", "has no .npz files"),
-    ("calib_not_npz", "not a readable .npz"),
-    ("unknown_pass", "unknown pass 'fold_everything'"),
-    ("bad_option", "unknown option"),
-    ("same_output", "is the input model"),
-    ("missing_out_dir", "does not exist"),
-    ("bad_config", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing", "model file not found"),
+        ("directory", "is a directory"),
+        ("corrupt", "not a readable ONNX model"),
+        ("truncated", "not a readable ONNX model"),
+        ("empty", "is empty"),
+        ("missing_external", "external data file 'w.bin'.*missing"),
+        ("calib_names", "not inputs of the model.*its inputs: input"),
+        ("calib_dtype", "dtype float64, the model expects float32"),
+        ("calib_shape", r"dim 2 must be 8"),
+        ("calib_rank", "rank 4"),
+        ("calib_missing", "data not found"),
+        ("calib_empty_dir", "has no .npz files"),
+        ("calib_not_npz", "not a readable .npz"),
+        ("unknown_pass", "unknown pass 'fold_everything'"),
+        ("bad_option", "unknown option"),
+        ("same_output", "is the input model"),
+        ("missing_out_dir", "does not exist"),
+        ("bad_config", "not valid TOML"),
+    ],
+)
 def test_error_paths_exit_2_with_one_clear_line(capsys, tmp_path, case, expected):
     model = tmp_path / "m.onnx"
     shutil.copy(CNN, model)

@@ -35,10 +35,12 @@ def test_single_npz_file(tmp_path):
 
 def test_script_function(tmp_path):
     script = tmp_path / "make_data.py"
-    script.write_text("import numpy as np\n"
-                      "def feeds():\n"
-                      "    for i in range(3):\n"
-                      "        yield {'input': np.full((1, 1, 8, 8), i, np.float32)}\n")
+    script.write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    for i in range(3):\n"
+        "        yield {'input': np.full((1, 1, 8, 8), i, np.float32)}\n"
+    )
     feeds = list(load_feeds(f"{script}:feeds"))
     assert [float(f["input"][0, 0, 0, 0]) for f in feeds] == [0.0, 1.0, 2.0]
     with pytest.raises(BadInputError, match="has no function 'nope'"):

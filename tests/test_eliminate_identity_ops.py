@@ -69,8 +69,20 @@ def test_removes_every_kind_of_noop():
     assert out.graph.node[0].input == ["x"]
     stats = _record(m).stats
     assert stats["nodes_removed"] == 14
-    for op in ("Identity", "Cast", "Reshape", "Transpose", "Slice", "Pad", "Expand", "Concat", "Mul", "Div",
-               "Sub", "Dropout"):
+    for op in (
+        "Identity",
+        "Cast",
+        "Reshape",
+        "Transpose",
+        "Slice",
+        "Pad",
+        "Expand",
+        "Concat",
+        "Mul",
+        "Div",
+        "Sub",
+        "Dropout",
+    ):
         assert stats[f"{op}_removed"] == 1, op
     assert stats["Add_removed"] == 2
 
@@ -101,14 +113,17 @@ def test_identity_from_graph_input_to_graph_output_is_kept():
     assert _record(m).skipped and "graph input" in _record(m).skipped[0]["reason"]
 
 
-@pytest.mark.parametrize("body, out_type", [
-    ("y = Cast<to = 11>(x)", "double[3]"),  # float -> double changes the dtype
-    ("y = Mul(x, ones23)", "float[2,3]"),  # broadcasting the [3] input to [2,3]
-    ("y = Mul(x, twos)", "float[3]"),  # not a unit
-    ("y = Sub(zeros, x)", "float[3]"),  # 0 - x is a negation
-    ("y = Reshape(x, s31)", "float[3,1]"),  # a real reshape
-    ("y = Expand(x, s23)", "float[2,3]"),  # a real broadcast
-])
+@pytest.mark.parametrize(
+    "body, out_type",
+    [
+        ("y = Cast<to = 11>(x)", "double[3]"),  # float -> double changes the dtype
+        ("y = Mul(x, ones23)", "float[2,3]"),  # broadcasting the [3] input to [2,3]
+        ("y = Mul(x, twos)", "float[3]"),  # not a unit
+        ("y = Sub(zeros, x)", "float[3]"),  # 0 - x is a negation
+        ("y = Reshape(x, s31)", "float[3,1]"),  # a real reshape
+        ("y = Expand(x, s23)", "float[2,3]"),  # a real broadcast
+    ],
+)
 def test_real_ops_are_kept(body, out_type):
     m = _model(f"""
     <ir_version: 8, opset_import: ["" : 17]>

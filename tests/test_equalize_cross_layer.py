@@ -6,10 +6,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from _fusion_testlib import model
 from onnxslim.passes.quantize.equalize_cross_layer import EqualizeCrossLayer
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
+
+from _fusion_testlib import model
 
 
 def _vi(name, shape):
@@ -37,14 +38,20 @@ def _conv_chain(group2=1):
     w1 = _imbalanced((8, 3, 3, 3), rng, 0)
     w2 = rng.standard_normal((8, 8 // group2, 3, 3)).astype(np.float32)
     w3 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], group=group2),
-             helper.make_node("Relu", ["c2"], ["r2"]),
-             helper.make_node("Conv", ["r2", "W3"], ["y"])]
-    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B1"),
-             numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B2"),
-             numpy_helper.from_array(w3, "W3")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], group=group2),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "W1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B1"),
+        numpy_helper.from_array(w2, "W2"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B2"),
+        numpy_helper.from_array(w3, "W3"),
+    ]
     return _model(nodes, [_vi("x", [1, 3, 6, 6])], [_vi("y", [1, 4, 6, 6])], inits)
 
 
@@ -55,8 +62,7 @@ def _feeds(shape, n=3):
 
 def test_conv_chain_is_equalized_exactly():
     m = _conv_chain()
-    out = check_pass_contract(EqualizeCrossLayer(), m, _feeds((1, 3, 6, 6)), rtol=1e-4, atol=1e-4,
-                              expect_modified=True)
+    out = check_pass_contract(EqualizeCrossLayer(), m, _feeds((1, 3, 6, 6)), rtol=1e-4, atol=1e-4, expect_modified=True)
     w = _inits(out)
     r1 = np.abs(w["W1"]).reshape(8, -1).max(axis=1)
     r2 = np.abs(w["W2"]).transpose(1, 0, 2, 3).reshape(8, -1).max(axis=1)
@@ -66,18 +72,25 @@ def test_conv_chain_is_equalized_exactly():
 
 
 def test_depthwise_second_conv_is_matched_per_group():
-    check_pass_contract(EqualizeCrossLayer(), _conv_chain(group2=8), _feeds((1, 3, 6, 6)), rtol=1e-4, atol=1e-4,
-                        expect_modified=True)
+    check_pass_contract(
+        EqualizeCrossLayer(), _conv_chain(group2=8), _feeds((1, 3, 6, 6)), rtol=1e-4, atol=1e-4, expect_modified=True
+    )
 
 
 def test_gemm_relu_gemm_and_unsafe_patterns_left_alone():
     rng = np.random.default_rng(2)
     w1 = _imbalanced((6, 5), rng, 0)  # transB=1: [N, K]
     w2 = rng.standard_normal((6, 3)).astype(np.float32)  # [K, N]
-    nodes = [helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "W2"], ["y"])]
-    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B1"),
-             numpy_helper.from_array(w2, "W2")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "W1"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B1"),
+        numpy_helper.from_array(w2, "W2"),
+    ]
     m = _model(nodes, [_vi("x", [2, 5])], [_vi("y", [2, 3])], inits)
     check_pass_contract(EqualizeCrossLayer(), m, _feeds((2, 5)), rtol=1e-4, atol=1e-4, expect_modified=True)
     # The Relu output is also a graph output: scaling would change it, so nothing happens.

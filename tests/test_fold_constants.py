@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
@@ -11,10 +10,10 @@ from onnxslim.passes.slim.fold_constants import FoldConstants
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 
-from _graphs import op_types as _ops, optimize_sample_model, parse_checked as _model
+from _graphs import op_types as _ops
+from _graphs import optimize_sample_model
+from _graphs import parse_checked as _model
 from conftest import MODEL_IDS, MODELS
-
-
 
 X = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
 
@@ -167,10 +166,16 @@ def test_half_arithmetic_is_not_folded_but_data_movement_is():
     a = np.array([[0.1, 0.2], [0.3, 0.4]], np.float16)
     b = np.array([[3.3, 1.7], [2.9, 0.7]], np.float16)
     g = h.make_graph(
-        [h.make_node("Transpose", ["a"], ["at"]), h.make_node("Mul", ["at", "b"], ["p"]), h.make_node("Add", ["x", "p"], ["y"])],
-        "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [2, 2])],
+        [
+            h.make_node("Transpose", ["a"], ["at"]),
+            h.make_node("Mul", ["at", "b"], ["p"]),
+            h.make_node("Add", ["x", "p"], ["y"]),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [2, 2])],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [2, 2])],
-        [onnx.numpy_helper.from_array(a, "a"), onnx.numpy_helper.from_array(b, "b")])
+        [onnx.numpy_helper.from_array(a, "a"), onnx.numpy_helper.from_array(b, "b")],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
@@ -10,14 +9,16 @@ import pytest
 from onnxslim.passes.slim.fold_shape_computations import FoldShapeComputations
 from onnxslim.testing import check_pass_contract
 
-from _graphs import op_types as _ops, optimize_sample_model, parse_checked as _model
+from _graphs import op_types as _ops
+from _graphs import optimize_sample_model
+from _graphs import parse_checked as _model
 from conftest import MODEL_IDS, MODELS
-
 
 
 def test_static_chain_folds_dynamic_batch_chain_stays():
     # x is [batch, 4, 6]. Reshape target 1 uses only static dims (4*6 -> folded); target 2 needs batch.
-    m = _model("""
+    m = _model(
+        """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[batch,4,6] x) => (float[batch,24] y, float[batch,4,6] z) {
       s = Shape(x)
@@ -39,15 +40,18 @@ def test_static_chain_folds_dynamic_batch_chain_stays():
       st = Constant<value = int64[1] {1}>()
       en = Constant<value = int64[1] {3}>()
       z = Reshape(x, shp2)
-    }""".replace("      shp2 = Concat<axis = 0>(b, s2)\n      s2 = Slice(s, st, en)\n      st = Constant<value = int64[1] {1}>()\n      en = Constant<value = int64[1] {3}>()\n",
-                 "      st = Constant<value = int64[1] {1}>()\n      en = Constant<value = int64[1] {3}>()\n      s2 = Slice(s, st, en)\n      shp2 = Concat<axis = 0>(b, s2)\n"))
+    }""".replace(
+            "      shp2 = Concat<axis = 0>(b, s2)\n      s2 = Slice(s, st, en)\n      st = Constant<value = int64[1] {1}>()\n      en = Constant<value = int64[1] {3}>()\n",
+            "      st = Constant<value = int64[1] {1}>()\n      en = Constant<value = int64[1] {3}>()\n      s2 = Slice(s, st, en)\n      shp2 = Concat<axis = 0>(b, s2)\n",
+        )
+    )
     feeds = [{"x": np.random.default_rng(0).standard_normal((b, 4, 6)).astype(np.float32)} for b in (1, 3)]
     out = check_pass_contract(FoldShapeComputations(), m, feeds, expect_modified=True)
     ops = _ops(out)
-    assert "Mul" not in ops                      # 4*6 folded
-    assert ops.count("Shape") == 1               # the batch chain still reads Shape(x)
-    assert ops.count("Gather") == 1              # only Gather(s, 0) (batch) is left
-    assert "Slice" not in ops                    # Slice(s, 1, 3) = [4, 6] folded
+    assert "Mul" not in ops  # 4*6 folded
+    assert ops.count("Shape") == 1  # the batch chain still reads Shape(x)
+    assert ops.count("Gather") == 1  # only Gather(s, 0) (batch) is left
+    assert "Slice" not in ops  # Slice(s, 1, 3) = [4, 6] folded
     y_shape = next(n for n in out.graph.node if n.output[0] == "y").input[1]
     init = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     assert init[y_shape].tolist() == [-1, 24]
@@ -67,7 +71,7 @@ def test_shape_start_end_and_size():
     feeds = [{"x": np.zeros((2, 3, 5), np.float32)}]
     out = check_pass_contract(FoldShapeComputations(), m, feeds, expect_modified=True)
     ops = _ops(out)
-    assert ops.count("Size") == 1                # Size(x) depends on n: stays
+    assert ops.count("Size") == 1  # Size(x) depends on n: stays
     assert "Shape" not in ops
 
 

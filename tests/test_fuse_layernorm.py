@@ -17,15 +17,27 @@ B, S, C = 2, 3, 8
 
 def _mean(name: str, src: str, out: str, opset: int, axes=(-1,)) -> tuple[onnx.NodeProto, list]:
     if opset >= 18:
-        return helper.make_node("ReduceMean", [src, f"{name}_axes"], [out], keepdims=1), \
-            [init(f"{name}_axes", np.array(axes, np.int64))]
+        return helper.make_node("ReduceMean", [src, f"{name}_axes"], [out], keepdims=1), [
+            init(f"{name}_axes", np.array(axes, np.int64))
+        ]
     return helper.make_node("ReduceMean", [src], [out], axes=list(axes), keepdims=1), []
 
 
-def _layernorm(opset: int, *, square="Pow", divide="Div", gamma=True, beta=True, axes=(-1,),
-               shape=(B, S, C), extra_outputs=(), two=np.float32, gamma_lead=()):
+def _layernorm(
+    opset: int,
+    *,
+    square="Pow",
+    divide="Div",
+    gamma=True,
+    beta=True,
+    axes=(-1,),
+    shape=(B, S, C),
+    extra_outputs=(),
+    two=np.float32,
+    gamma_lead=(),
+):
     r = rng(0)
-    norm = shape[len(shape) - len(axes):]
+    norm = shape[len(shape) - len(axes) :]
     m1, i1 = _mean("m1", "x", "mu", opset, axes)
     m2, i2 = _mean("m2", "sq", "var", opset, axes)
     nodes = [m1, helper.make_node("Sub", ["x", "mu"], ["d"])]

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from _fusion_testlib import init, model, ops, rng, run_pass
 from onnxslim.passes.slim.fuse_pad_into_conv import FusePadIntoConv
 from onnxslim.pipeline import optimize
+
+from _fusion_testlib import init, model, ops, rng, run_pass
 
 X = [1, 3, 6, 6]
 
@@ -23,8 +24,9 @@ def _pad_model(target: str, pad_pads, value=None, mode="constant", opset=17, **a
         tnode = helper.make_node("Conv", ["xp", "W"], ["y"], **attrs)
     else:
         tnode = helper.make_node(target, ["xp"], ["y"], kernel_shape=[3, 3], **attrs)
-    return model([helper.make_node("Pad", pad_in, ["xp"], mode=mode), tnode], [("x", X)], [("y", None)], inits,
-                 opset=opset)
+    return model(
+        [helper.make_node("Pad", pad_in, ["xp"], mode=mode), tnode], [("x", X)], [("y", None)], inits, opset=opset
+    )
 
 
 @pytest.mark.parametrize("conv_pads", [None, [1, 0, 0, 1]])
@@ -40,9 +42,16 @@ def test_zero_pad_into_conv(conv_pads):
 
 def test_opset_10_pad_attributes():
     r = rng(2)
-    m = model([helper.make_node("Pad", ["x"], ["xp"], pads=[0, 0, 1, 1, 0, 0, 1, 1]),
-               helper.make_node("Conv", ["xp", "W"], ["y"])], [("x", X)], [("y", None)],
-              [init("W", r.standard_normal((4, 3, 3, 3)).astype(np.float32))], opset=10)
+    m = model(
+        [
+            helper.make_node("Pad", ["x"], ["xp"], pads=[0, 0, 1, 1, 0, 0, 1, 1]),
+            helper.make_node("Conv", ["xp", "W"], ["y"]),
+        ],
+        [("x", X)],
+        [("y", None)],
+        [init("W", r.standard_normal((4, 3, 3, 3)).astype(np.float32))],
+        opset=10,
+    )
     out = run_pass(FusePadIntoConv(), m)
     assert ops(out) == {"Conv": 1}
 
@@ -87,9 +96,12 @@ def test_not_fused(case):
         kw["auto_pad"] = "SAME_UPPER"
     if case == "channel":  # the padded channel needs a matching weight
         r = rng(3)
-        m = model([helper.make_node("Pad", ["x", "p"], ["xp"]), helper.make_node("Conv", ["xp", "W"], ["y"])],
-                  [("x", X)], [("y", None)],
-                  [init("p", np.asarray(pads, np.int64)), init("W", r.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+        m = model(
+            [helper.make_node("Pad", ["x", "p"], ["xp"]), helper.make_node("Conv", ["xp", "W"], ["y"])],
+            [("x", X)],
+            [("y", None)],
+            [init("p", np.asarray(pads, np.int64)), init("W", r.standard_normal((4, 4, 3, 3)).astype(np.float32))],
+        )
     else:
         m = _pad_model("Conv", pads, **kw)
     out = run_pass(FusePadIntoConv(), m, expect_modified=False)

@@ -9,12 +9,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from _fusion_testlib import ATOL, RTOL, init, model, ops
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, run_model
 
-FUSIONS = ["fuse_pad_into_conv", "fuse_batchnorm_into_conv", "fuse_bias_add_into_conv", "fuse_scale_into_conv",
-           "fuse_matmul_add_into_gemm", "collapse_reshape_chains"]
+from _fusion_testlib import ATOL, RTOL, init, model, ops
+
+FUSIONS = [
+    "fuse_pad_into_conv",
+    "fuse_batchnorm_into_conv",
+    "fuse_bias_add_into_conv",
+    "fuse_scale_into_conv",
+    "fuse_matmul_add_into_gemm",
+    "collapse_reshape_chains",
+]
 
 
 @st.composite
@@ -52,13 +59,18 @@ def conv_chains(draw):
         out = name("c")
         nodes.append(helper.make_node(op, ins, [out], group=group))
         cur, c = out, cout
-        for post in draw(st.lists(st.sampled_from(["BN", "Add", "Mul", "Div", "Relu", "Transpose", "Squeeze"]),
-                                  max_size=3)):
+        for post in draw(
+            st.lists(st.sampled_from(["BN", "Add", "Mul", "Div", "Relu", "Transpose", "Squeeze"]), max_size=3)
+        ):
             out = name("t")
             shape = draw(st.sampled_from([(c,), (1, c, 1, 1), (c, 1, 1), ()]))
             if post == "BN":
-                bn = [const(r.uniform(0.5, 2, c)), const(r.standard_normal(c)), const(r.standard_normal(c)),
-                      const(r.uniform(0.2, 2, c))]
+                bn = [
+                    const(r.uniform(0.5, 2, c)),
+                    const(r.standard_normal(c)),
+                    const(r.standard_normal(c)),
+                    const(r.uniform(0.2, 2, c)),
+                ]
                 nodes.append(helper.make_node("BatchNormalization", [cur, *bn], [out]))
             elif post in ("Add", "Mul", "Div"):
                 if shape == (c,):

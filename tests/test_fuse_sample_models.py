@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import onnx
 
-from _fusion_testlib import ATOL, RTOL, ops
-from conftest import accuracy, eval_feeds
 from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, run_model
 
-FUSIONS = ["fuse_batchnorm_into_conv", "fuse_bias_add_into_conv", "fuse_scale_into_conv",
-           "fuse_matmul_add_into_gemm", "fuse_pad_into_conv", "collapse_reshape_chains"]
+from _fusion_testlib import ATOL, RTOL, ops
+from conftest import accuracy, eval_feeds
+
+FUSIONS = [
+    "fuse_batchnorm_into_conv",
+    "fuse_bias_add_into_conv",
+    "fuse_scale_into_conv",
+    "fuse_matmul_add_into_gemm",
+    "fuse_pad_into_conv",
+    "collapse_reshape_chains",
+]
 
 
 def test_fusions_on_sample_model(sample):

@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import iter_graphs
-from onnxslim.graph_edit import (GraphEditor, Names, const_value, constant_source, is_shared, producer,
-                                 replace_uses)
-from onnxslim.graph_edit import peek_values
+from onnxslim.graph import iter_graphs, load_model
+from onnxslim.graph_edit import (
+    GraphEditor,
+    Names,
+    const_value,
+    constant_source,
+    is_shared,
+    peek_values,
+    producer,
+    replace_uses,
+)
 from onnxslim.gs_bridge import import_graph
-from onnxslim.graph import load_model
 from onnxslim.pass_base import PassContext
 
 from _graphs import parse_checked

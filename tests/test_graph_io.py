@@ -24,8 +24,9 @@ from conftest import accuracy, eval_feeds
 def _run_all(model, feeds):
     info = make_session(model)
     names = [o.name for o in info.session.get_outputs()]
-    return [dict(zip(names, info.session.run(None, {k: v for k, v in f.items() if not k.startswith("__")})))
-            for f in feeds]
+    return [
+        dict(zip(names, info.session.run(None, {k: v for k, v in f.items() if not k.startswith("__")}))) for f in feeds
+    ]
 
 
 # ------------------------------------------------------------------------------------------ sample models
@@ -140,10 +141,17 @@ def _model_with_weights(n: int = 64, external: bool = False, tmp: Path | None = 
     w2 = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w2")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
-                           helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")],
-                          "g", [x], [y], [w1, w2])
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "g",
+        [x],
+        [y],
+        [w1, w2],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
     helper.set_model_props(m, {"k": "v"})
     return m
@@ -192,7 +200,9 @@ def test_missing_and_truncated_external_data_are_clear_errors(tmp_path):
         load_model(tmp_path / "m.onnx")
 
 
-@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"\x08\x07garbage\xff\xff" * 10, "not a readable ONNX model")])
+@pytest.mark.parametrize(
+    "content,match", [(b"", "empty"), (b"\x08\x07garbage\xff\xff" * 10, "not a readable ONNX model")]
+)
 def test_corrupt_model_file(tmp_path, content, match):
     p = tmp_path / "bad.onnx"
     p.write_bytes(content)
@@ -282,7 +292,11 @@ def test_custom_domain_and_functions_pass_through(tmp_path):
     m = onnx.parser.parse_model(text)
     out, report = onnxslim.optimize(m, check="basic")
     assert [f.name for f in out.functions] == ["Twice"]
-    assert {(n.domain, n.op_type) for n in out.graph.node} == {("local", "Twice"), ("", "Relu"), ("com.example", "Mystery")}
+    assert {(n.domain, n.op_type) for n in out.graph.node} == {
+        ("local", "Twice"),
+        ("", "Relu"),
+        ("com.example", "Mystery"),
+    }
     assert {o.domain: o.version for o in out.opset_import} == {"": 17, "local": 1, "com.example": 1}
     assert report.before.custom_domains == ["com.example", "local"]
 
@@ -294,8 +308,13 @@ def test_model_over_2gb_loads_and_saves(tmp_path):
     w = np.ones((n, n), np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
-                          "big", [x], [y], [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w * 0.5, "w2")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "big",
+        [x],
+        [y],
+        [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w * 0.5, "w2")],
+    )
     del w
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(m, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.data")

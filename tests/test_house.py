@@ -65,7 +65,7 @@ def test_no_import_cycles():
         stack.append(m)
         for dep in sorted(graph[m]):
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)
@@ -89,15 +89,18 @@ def test_passes_import_only_the_core_and_their_own_family():
             if d.startswith("onnxslim.passes."):
                 parts = d.split(".")
                 assert parts[2] == family, f"{m} imports {d}, a module of another family"
-                assert len(parts) == 3 or parts[3].startswith("_"), \
+                assert len(parts) == 3 or parts[3].startswith("_"), (
                     f"{m} imports the pass module {d}; what two passes share goes to a private helper or the core"
+                )
             elif d != "onnxslim.passes":
-                assert d not in ("onnxslim.cli", "onnxslim.pipeline", "onnxslim.testing"), \
+                assert d not in ("onnxslim.cli", "onnxslim.pipeline", "onnxslim.testing"), (
                     f"{m} imports {d}: a pass sees the core, never the pipeline, the CLI or the test helpers"
+                )
 
 
 def test_a_decorated_pass_cannot_take_a_registered_name():
     with pytest.raises(PluginError, match=r"'eliminate_dead_nodes' is taken by onnxslim .*EliminateDeadNodes"):
+
         @register_pass
         class Shadow(Pass):
             name = "eliminate_dead_nodes"
@@ -114,10 +117,12 @@ def test_a_decorated_pass_cannot_take_a_registered_name():
 
     try:
         with pytest.raises(PluginError, match="taken by .*First.*Second"):
+
             @register_pass("test_house_unique")
             class Second(Pass):
                 def run_graph(self, graph, ctx):
                     return PassResult()
+
         register_pass("test_house_unique")(First)  # the same class again (a re-run notebook cell) is fine
     finally:
         registry.unregister_pass("test_house_unique")
@@ -155,8 +160,9 @@ def test_a_plain_checkout_imports_the_passes_without_an_install():
     assert out == [str(PASSES / "slim" / "fold_constants.py"), str(PASSES / "quantize" / "_ops.py")]
 
 
-@pytest.mark.parametrize("entry", [m for m in MODELS if m["name"] in ("cnn_digits", "wine_ifloop")],
-                         ids=lambda m: m["name"])
+@pytest.mark.parametrize(
+    "entry", [m for m in MODELS if m["name"] in ("cnn_digits", "wine_ifloop")], ids=lambda m: m["name"]
+)
 def test_passes_keep_no_per_run_state(entry):
     """After running, a pass instance holds its options and nothing else: per-run state lives in the context."""
     passes = [onnxslim.get_pass(n)() for n in onnxslim.DEFAULT_PASSES]

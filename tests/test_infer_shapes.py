@@ -13,8 +13,8 @@ from onnxslim.data import load_feeds
 from onnxslim.graph import load_model
 from onnxslim.gs_bridge import import_graph
 from onnxslim.passes.slim.infer_shapes import InferShapes
-from onnxslim.shape_inference import export_weightless
 from onnxslim.pipeline import optimize
+from onnxslim.shape_inference import export_weightless
 from onnxslim.testing import assert_outputs_close, check_pass_contract, run_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -23,7 +23,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 def _vi(m: onnx.ModelProto) -> dict[str, list]:
     out = {}
     for vi in m.graph.value_info:
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim
+        ]
         out[vi.name] = (vi.type.tensor_type.elem_type, dims)
     return out
 
@@ -63,10 +65,12 @@ def test_custom_domain_is_skipped_quietly():
 def test_weightless_export_carries_no_weight_data():
     w = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)  # 1 MiB
     g = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])], "g",
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 512])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 512])],
-        [onnx.numpy_helper.from_array(w, "w")])
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
     m.ir_version = 8
     graph = import_graph(load_model(m))
@@ -84,8 +88,9 @@ def test_subgraph_values_annotated():
       y = If(c) <then_branch = a () => (float[3] o1) { t = Neg(x)  o1 = Relu(t) },
                  else_branch = b () => (float[3] o2) { o2 = Abs(x) }>
     }""")
-    out = check_pass_contract(InferShapes(), m, [{"x": np.ones(3, np.float32), "c": np.array(True)}],
-                              expect_modified=True)
+    out = check_pass_contract(
+        InferShapes(), m, [{"x": np.ones(3, np.float32), "c": np.array(True)}], expect_modified=True
+    )
     branch = out.graph.node[0].attribute[0].g
     assert any(vi.name == "t" for vi in branch.value_info)
 
@@ -134,17 +139,25 @@ def test_external_weights_are_never_read(tmp_path, monkeypatch):
     w = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
     h = onnx.helper
     g = h.make_graph(
-        [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Shape", ["m"], ["s"]),
-         h.make_node("Relu", ["m"], ["y"])], "g",
+        [
+            h.make_node("MatMul", ["x", "w"], ["m"]),
+            h.make_node("Shape", ["m"], ["s"]),
+            h.make_node("Relu", ["m"], ["y"]),
+        ],
+        "g",
         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 256])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 64]),
-         h.make_tensor_value_info("s", onnx.TensorProto.INT64, [2])],
-        [onnx.numpy_helper.from_array(w, "w")])
+        [
+            h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 64]),
+            h.make_tensor_value_info("s", onnx.TensorProto.INT64, [2]),
+        ],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     m.ir_version = 8
     path = tmp_path / "m.onnx"
-    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="m.data", size_threshold=0)
+    onnx.save_model(
+        m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0
+    )
 
     def refuse(self):
         raise AssertionError("an external weight was read")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -10,9 +9,10 @@ from onnxslim.passes.slim.inline_constant_if import InlineConstantIf
 from onnxslim.pipeline import optimize
 from onnxslim.testing import check_pass_contract
 
-from _graphs import op_types as _ops, optimize_sample_model, parse_checked as _model
+from _graphs import op_types as _ops
+from _graphs import optimize_sample_model
+from _graphs import parse_checked as _model
 from conftest import MODEL_IDS, MODELS
-
 
 
 @pytest.mark.parametrize("cond,kept", [(1, "Mul"), (0, "Sqrt")])
@@ -84,8 +84,9 @@ def test_dynamic_condition_is_left_alone():
       y = If(c) <then_branch = a () => (float[3] o1) { o1 = Neg(x) },
                  else_branch = b () => (float[3] o2) { o2 = Abs(x) }>
     }""")
-    out = check_pass_contract(InlineConstantIf(), m, [{"x": np.ones(3, np.float32), "c": np.array(True)}],
-                              expect_modified=False)
+    out = check_pass_contract(
+        InlineConstantIf(), m, [{"x": np.ones(3, np.float32), "c": np.array(True)}], expect_modified=False
+    )
     assert "If" in _ops(out)
 
 

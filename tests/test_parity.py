@@ -81,8 +81,14 @@ def test_per_output_threshold_overrides_default(planted):
 
 
 def test_lossy_mode_uses_declared_floors(planted):
-    r = check(CNN, planted, data=CNN_EVAL, max_samples=2, mode="lossy", metric_floors={"cosine": 0.5,
-              "channel_cosine": 0.5, "sample_cosine": 0.5, "top1_agreement": 0.5})
+    r = check(
+        CNN,
+        planted,
+        data=CNN_EVAL,
+        max_samples=2,
+        mode="lossy",
+        metric_floors={"cosine": 0.5, "channel_cosine": 0.5, "sample_cosine": 0.5, "top1_agreement": 0.5},
+    )
     assert r.passed, r.failures
     r = check(CNN, planted, data=CNN_EVAL, max_samples=2, mode="lossy")  # defaults: cosine 0.99, channel 0.95
     assert not r.passed and any("cosine = " in f for f in r.failures)
@@ -146,15 +152,26 @@ def test_integer_inputs_get_valid_synthetic_ids():
 
 
 def test_int_range_found_through_cast_and_unsqueeze():
-    m = helper.make_model(helper.make_graph(
-        [helper.make_node("Cast", ["ids"], ["c"], to=onnx.TensorProto.INT32),
-         helper.make_node("Unsqueeze", ["c", "axes"], ["u"]),
-         helper.make_node("Gather", ["table", "u"], ["y"], axis=0)],
-        "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"]),
-              helper.make_tensor_value_info("other", onnx.TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.zeros((17, 4), np.float32), "table"),
-         numpy_helper.from_array(np.array([0], np.int64), "axes")]), opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("Cast", ["ids"], ["c"], to=onnx.TensorProto.INT32),
+                helper.make_node("Unsqueeze", ["c", "axes"], ["u"]),
+                helper.make_node("Gather", ["table", "u"], ["y"], axis=0),
+            ],
+            "g",
+            [
+                helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"]),
+                helper.make_tensor_value_info("other", onnx.TensorProto.INT64, [2]),
+            ],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [
+                numpy_helper.from_array(np.zeros((17, 4), np.float32), "table"),
+                numpy_helper.from_array(np.array([0], np.int64), "axes"),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     assert infer_int_ranges(m) == {"ids": (0, 17)}
     (f,) = list(synthetic_feeds(m, count=1, dim=5))
     assert f["ids"].shape == (2,) and f["ids"].max() < 17
@@ -197,13 +214,20 @@ def test_json_report_round_trips(planted):
 def test_int_outputs_user_metric_and_progress(tmp_path):
     model = ROOT / "sklearn_cancer" / "model.onnx"
     script = tmp_path / "metric.py"
-    script.write_text("import numpy as np\n"
-                      "def agree(ref, cand, samples):\n"
-                      "    return {'labels_equal': float(np.mean([np.mean(r['label'] == c['label']) "
-                      "for r, c in zip(ref, cand)])), 'n': len(samples)}\n")
+    script.write_text(
+        "import numpy as np\n"
+        "def agree(ref, cand, samples):\n"
+        "    return {'labels_equal': float(np.mean([np.mean(r['label'] == c['label']) "
+        "for r, c in zip(ref, cand)])), 'n': len(samples)}\n"
+    )
     calls = []
-    r = check(model, model, data=ROOT / "sklearn_cancer" / "eval", metric=f"{script}:agree",
-              progress=lambda stage, done, total: calls.append((stage, done, total)))
+    r = check(
+        model,
+        model,
+        data=ROOT / "sklearn_cancer" / "eval",
+        metric=f"{script}:agree",
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
     assert r.passed
     label = r.runs[0]["outputs"]["label"]
     assert label["metrics"]["fraction_equal"] == 1.0 and label["threshold"]["fraction_equal"] == 1.0
@@ -233,7 +257,9 @@ def test_tolerance_statistics():
     t = Threshold(atol=1e-3, statistic="max")
     assert not compare_output("y", [ref], [cand], ["x"], t)["passed"]
     assert compare_output("y", [ref], [cand], ["x"], t.updated(statistic="quantile", quantile=0.99))["passed"]
-    assert not compare_output("y", [ref], [cand], ["x"], t.updated(statistic="mean"))["passed"]  # mean ratio 2000/1000 > 1
+    assert not compare_output("y", [ref], [cand], ["x"], t.updated(statistic="mean"))[
+        "passed"
+    ]  # mean ratio 2000/1000 > 1
     shape = compare_output("y", [ref], [cand[:10]], ["x"], t)
     assert not shape["passed"] and shape["checks"][0]["check"] == "shape/dtype"
     with pytest.raises(UsageError):
@@ -251,5 +277,7 @@ def test_nan_mismatch_fails_and_snr_is_json_safe():
 
 
 def test_merge_floors_takes_the_most_lenient():
-    assert merge_floors([{"cosine": 0.99, "accuracy_drop": 0.01}, {"cosine": 0.98, "accuracy_drop": 0.02}]) == \
-        {"cosine": 0.98, "accuracy_drop": 0.02}
+    assert merge_floors([{"cosine": 0.99, "accuracy_drop": 0.01}, {"cosine": 0.98, "accuracy_drop": 0.02}]) == {
+        "cosine": 0.98,
+        "accuracy_drop": 0.02,
+    }

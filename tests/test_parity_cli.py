@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_parity import CNN, CNN_EVAL, PLANTED_NODE, ROOT, planted_cnn
 
 from onnxslim.cli import main
 from onnxslim.parity import ParityResult
 from onnxslim.report import Report
-
-from test_parity import CNN, CNN_EVAL, PLANTED_NODE, ROOT, planted_cnn
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +20,24 @@ def planted(tmp_path_factory) -> Path:
 
 def test_check_identical_exits_0_and_writes_a_round_tripping_report(tmp_path, capsys):
     rep = tmp_path / "r.json"
-    assert main(["check", str(CNN), str(CNN), "--data", str(CNN_EVAL), "--max-samples", "2",
-                 "--providers", "CPU,cuda", "--report", str(rep)]) == 0
+    assert (
+        main(
+            [
+                "check",
+                str(CNN),
+                str(CNN),
+                "--data",
+                str(CNN_EVAL),
+                "--max-samples",
+                "2",
+                "--providers",
+                "CPU,cuda",
+                "--report",
+                str(rep),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "parity (exact): pass" in out and "logits" in out
     d = json.loads(rep.read_text())
@@ -32,14 +47,44 @@ def test_check_identical_exits_0_and_writes_a_round_tripping_report(tmp_path, ca
 
 def test_check_planted_change_exits_1_and_explain_names_the_layer(planted, tmp_path, capsys):
     rep = tmp_path / "r.json"
-    assert main(["check", str(CNN), str(planted), "--data", str(CNN_EVAL), "--max-samples", "2", "--explain",
-                 "--report", str(rep)]) == 1
+    assert (
+        main(
+            [
+                "check",
+                str(CNN),
+                str(planted),
+                "--data",
+                str(CNN_EVAL),
+                "--max-samples",
+                "2",
+                "--explain",
+                "--report",
+                str(rep),
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert f"first divergent tensor '{PLANTED_NODE}_output_0'" in out
     assert json.loads(rep.read_text())["explain"]["first_divergent"]["node"] == PLANTED_NODE
     # Loosen the gate per output: the same run passes.
-    assert main(["check", str(CNN), str(planted), "--data", str(CNN_EVAL), "--max-samples", "1", "-q",
-                 "--threshold", "logits:atol=100"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                str(CNN),
+                str(planted),
+                "--data",
+                str(CNN_EVAL),
+                "--max-samples",
+                "1",
+                "-q",
+                "--threshold",
+                "logits:atol=100",
+            ]
+        )
+        == 0
+    )
 
 
 def test_required_provider_missing_exits_1(capsys):
@@ -54,13 +99,16 @@ def test_required_provider_missing_exits_1(capsys):
     assert "required provider CUDAExecutionProvider did not run" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra", [
-    ["--data", "/nonexistent/eval.npz"],
-    ["--providers", "warpdrive"],
-    ["--shapes", "input:1x2"],
-    ["--threshold", "logits"],
-    ["--floor", "cosine=0.9"],  # floors need --mode lossy
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--data", "/nonexistent/eval.npz"],
+        ["--providers", "warpdrive"],
+        ["--shapes", "input:1x2"],
+        ["--threshold", "logits"],
+        ["--floor", "cosine=0.9"],  # floors need --mode lossy
+    ],
+)
 def test_bad_input_exits_2(extra, capsys):
     assert main(["check", str(CNN), str(CNN), *extra]) == 2
     assert "onnxslim: error:" in capsys.readouterr().err
@@ -71,8 +119,21 @@ def test_missing_model_exits_2(tmp_path, capsys):
 
 
 def test_synthetic_check_says_so(capsys):
-    assert main(["check", str(ROOT / "transformer_text" / "model.onnx"), str(ROOT / "transformer_text" / "model.onnx"),
-                 "--shapes", "input_ids:1x6,attention_mask:1x6", "--samples", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                str(ROOT / "transformer_text" / "model.onnx"),
+                str(ROOT / "transformer_text" / "model.onnx"),
+                "--shapes",
+                "input_ids:1x6,attention_mask:1x6",
+                "--samples",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["data"]["synthetic"] is True and "SYNTHETIC" in d["notes"][0]
     assert d["data"]["plan"]["input_ids"]["shape"] == [1, 6]
@@ -80,8 +141,24 @@ def test_synthetic_check_says_so(capsys):
 
 def test_optimize_with_check_data_puts_parity_in_the_report(tmp_path, capsys):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main(["optimize", str(CNN), "-o", str(out), "--check-data", str(CNN_EVAL), "--max-samples", "2",
-                 "--report", str(rep), "-q"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                str(CNN),
+                "-o",
+                str(out),
+                "--check-data",
+                str(CNN_EVAL),
+                "--max-samples",
+                "2",
+                "--report",
+                str(rep),
+                "-q",
+            ]
+        )
+        == 0
+    )
     report = Report.from_json(rep.read_text())
     assert report.parity["verdict"] == "pass" and report.parity["mode"] == "exact"
     assert report.parity["candidate"] == str(out)
@@ -91,7 +168,22 @@ def test_optimize_with_check_data_puts_parity_in_the_report(tmp_path, capsys):
 def test_optimize_check_data_fails_gate_with_exit_1(tmp_path, capsys):
     # A cosine floor above 1 cannot be met: the gate fails and optimize exits 1 after writing the model.
     out = tmp_path / "o.onnx"
-    assert main(["optimize", str(CNN), "-o", str(out), "--check-data", str(CNN_EVAL), "--max-samples", "1",
-                 "--cosine-min", "1.5"]) == 1
+    assert (
+        main(
+            [
+                "optimize",
+                str(CNN),
+                "-o",
+                str(out),
+                "--check-data",
+                str(CNN_EVAL),
+                "--max-samples",
+                "1",
+                "--cosine-min",
+                "1.5",
+            ]
+        )
+        == 1
+    )
     assert "parity (exact): FAIL" in capsys.readouterr().out
     assert out.exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -10,16 +9,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper
 
 import onnxslim
-from onnxslim import Pass, PassResult, register_pass
-from onnxslim import registry
+from onnxslim import Pass, PassResult, register_pass, registry
 from onnxslim.config import OptimizeSettings, load_config, settings_from_mapping
 from onnxslim.errors import PassError, PluginError, UsageError
 from onnxslim.pipeline import PassSpec, resolve_passes
 from onnxslim.report import Report
-from onnxslim.testing import check_pass_contract, run_model
+from onnxslim.testing import check_pass_contract
 
 
 def tiny_model() -> onnx.ModelProto:
@@ -118,7 +115,10 @@ def test_invalid_graph_after_a_pass_is_caught():
 def test_order_is_checked_not_silently_changed():
     with pytest.raises(UsageError, match="requires 'eliminate_dead_nodes' to run before it"):
         resolve_passes([NeedsFirst()])
-    assert [p.name for p in resolve_passes(["eliminate_dead_nodes", NeedsFirst()])] == ["eliminate_dead_nodes", "test_needs_first"]
+    assert [p.name for p in resolve_passes(["eliminate_dead_nodes", NeedsFirst()])] == [
+        "eliminate_dead_nodes",
+        "test_needs_first",
+    ]
 
 
 def test_calibration_needed_and_given():
@@ -218,15 +218,19 @@ def test_check_pass_contract_catches_a_lying_pass():
 # ------------------------------------------------------------------------------------------ config
 def test_config_file_and_cli_map_to_the_same_settings(tmp_path):
     toml = tmp_path / "s.toml"
-    toml.write_text('passes = ["eliminate_dead_nodes"]\ncalib = "data"\nseed = 3\n'
-                    '[[pass]]\nname = "fold_constants"\nsize_threshold = 10\n')
+    toml.write_text(
+        'passes = ["eliminate_dead_nodes"]\ncalib = "data"\nseed = 3\n'
+        '[[pass]]\nname = "fold_constants"\nsize_threshold = 10\n'
+    )
     yaml_file = tmp_path / "s.yaml"
-    yaml_file.write_text("passes:\n  - eliminate_dead_nodes\n  - name: fold_constants\n    size_threshold: 10\n"
-                         "calib: data\nseed: 3\n")
+    yaml_file.write_text(
+        "passes:\n  - eliminate_dead_nodes\n  - name: fold_constants\n    size_threshold: 10\ncalib: data\nseed: 3\n"
+    )
     a, b = load_config(toml), load_config(yaml_file)
     assert a == b
-    cli = settings_from_mapping({"passes": ["eliminate_dead_nodes", "fold_constants:size_threshold=10"],
-                                 "calibration": "data", "seed": 3})
+    cli = settings_from_mapping(
+        {"passes": ["eliminate_dead_nodes", "fold_constants:size_threshold=10"], "calibration": "data", "seed": 3}
+    )
     assert [p.name for p in cli.passes] == [p.name for p in a.passes]
     assert set(OptimizeSettings().api_kwargs()) <= set(onnxslim.optimize.__code__.co_varnames)
     with pytest.raises(UsageError, match="unknown setting 'bogus'"):

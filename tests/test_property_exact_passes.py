@@ -18,14 +18,21 @@ from onnxslim.pipeline import optimize
 from onnxslim.testing import assert_outputs_close, run_model
 
 MY_PASSES = ["eliminate_identity_ops", "eliminate_common_subexpressions", "share_identical_weights"]
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 _UNARY = ["Relu", "Neg", "Abs", "Sigmoid", "Identity"]
 _BINARY = ["Add", "Mul", "Sub", "Max"]
 _CONST_VALUES = {  # shapes broadcast to [2,3]; ones/zeros make no-ops, the rest are real
-    "ones3": np.ones(3, np.float32), "zeros23": np.zeros((2, 3), np.float32), "ones13": np.ones((1, 3), np.float32),
-    "v3": np.array([0.5, -1.5, 2.0], np.float32), "v23": np.arange(6, dtype=np.float32).reshape(2, 3) / 4,
+    "ones3": np.ones(3, np.float32),
+    "zeros23": np.zeros((2, 3), np.float32),
+    "ones13": np.ones((1, 3), np.float32),
+    "v3": np.array([0.5, -1.5, 2.0], np.float32),
+    "v23": np.arange(6, dtype=np.float32).reshape(2, 3) / 4,
     "w33": (np.arange(9, dtype=np.float32).reshape(3, 3) - 4) / 8,
 }
 
@@ -87,15 +94,23 @@ def graphs(draw) -> onnx.ModelProto:
     if not outs:
         emit("Relu", ["x0"])
         outs = [pool[-1]]
-    graph = h.make_graph(nodes, "random", [h.make_tensor_value_info(n, T.FLOAT, [2, 3]) for n in ("x0", "x1")],
-                         [h.make_tensor_value_info(o, T.FLOAT, [2, 3]) for o in outs],
-                         [nh.from_array(v, k) for k, v in inits.items()])
+    graph = h.make_graph(
+        nodes,
+        "random",
+        [h.make_tensor_value_info(n, T.FLOAT, [2, 3]) for n in ("x0", "x1")],
+        [h.make_tensor_value_info(o, T.FLOAT, [2, 3]) for o in outs],
+        [nh.from_array(v, k) for k, v in inits.items()],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
-FEEDS = [{"x0": np.array([[-1.0, 0.0, 2.5], [3.0, -0.0, -4.0]], np.float32),
-          "x1": np.array([[0.25, -2.0, 1.0], [-3.5, 5.0, 0.5]], np.float32)}]
+FEEDS = [
+    {
+        "x0": np.array([[-1.0, 0.0, 2.5], [3.0, -0.0, -4.0]], np.float32),
+        "x1": np.array([[0.25, -2.0, 1.0], [-3.5, 5.0, 0.5]], np.float32),
+    }
+]
 
 
 def _count_nodes(model: onnx.ModelProto) -> int:

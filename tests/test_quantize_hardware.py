@@ -47,18 +47,21 @@ CPU implementer\t: 0x41
 """
 
 
-@pytest.mark.parametrize("text,machine,want", [
-    (X86_VNNI, "x86_64", "x86-vnni"),
-    (X86_AVX_VNNI, "x86_64", "x86-vnni"),
-    (X86_AVX2, "x86_64", "x86-avx2"),
-    (X86_OLD, "x86_64", "generic"),
-    (ARM_DOT, "aarch64", "arm-dotprod"),
-    (ARM_NODOT, "aarch64", "arm"),
-    (X86_AVX2, "", "x86-avx2"),  # architecture read from the text itself
-    (ARM_DOT, "", "arm-dotprod"),
-    ("", "", "generic"),
-    ("processor : 0\n", "riscv64", "generic"),
-])
+@pytest.mark.parametrize(
+    "text,machine,want",
+    [
+        (X86_VNNI, "x86_64", "x86-vnni"),
+        (X86_AVX_VNNI, "x86_64", "x86-vnni"),
+        (X86_AVX2, "x86_64", "x86-avx2"),
+        (X86_OLD, "x86_64", "generic"),
+        (ARM_DOT, "aarch64", "arm-dotprod"),
+        (ARM_NODOT, "aarch64", "arm"),
+        (X86_AVX2, "", "x86-avx2"),  # architecture read from the text itself
+        (ARM_DOT, "", "arm-dotprod"),
+        ("", "", "generic"),
+        ("processor : 0\n", "riscv64", "generic"),
+    ],
+)
 def test_detect_target_from_cpuinfo(text, machine, want):
     assert detect_target(text, machine) == want
 
@@ -92,14 +95,22 @@ def _conv_model() -> onnx.ModelProto:
     r = np.random.default_rng(0)
     w = r.standard_normal((8, 3, 3, 3)).astype(np.float32)
     b = r.standard_normal(8).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-                           helper.make_node("Relu", ["c"], ["r"]),
-                           helper.make_node("Flatten", ["r"], ["f"]),
-                           helper.make_node("Gemm", ["f", "G"], ["y"], transB=1)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
-                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
-                           numpy_helper.from_array(r.standard_normal((5, 128)).astype(np.float32), "G")])
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "G"], ["y"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(b, "B"),
+            numpy_helper.from_array(r.standard_normal((5, 128)).astype(np.float32), "G"),
+        ],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     check_model(m, full=True)
@@ -112,8 +123,12 @@ def _calib(n=8):
 
 
 def _int8_weights(m: onnx.ModelProto) -> list[np.ndarray]:
-    return [numpy_helper.to_array(t) for g in iter_graphs(m.graph) for t in g.initializer
-            if t.data_type == TensorProto.INT8 and len(t.dims) >= 2]
+    return [
+        numpy_helper.to_array(t)
+        for g in iter_graphs(m.graph)
+        for t in g.initializer
+        if t.data_type == TensorProto.INT8 and len(t.dims) >= 2
+    ]
 
 
 def _zero_point_types(m: onnx.ModelProto) -> set[int]:
@@ -121,8 +136,15 @@ def _zero_point_types(m: onnx.ModelProto) -> set[int]:
     return {inits[n.input[2]].data_type for n in m.graph.node if n.op_type == "QuantizeLinear"}
 
 
-@pytest.mark.parametrize("target,qmax,act", [("x86-vnni", 127, TensorProto.UINT8), ("x86-avx2", 63, TensorProto.UINT8),
-                                             ("arm-dotprod", 127, TensorProto.INT8), ("arm", 127, TensorProto.INT8)])
+@pytest.mark.parametrize(
+    "target,qmax,act",
+    [
+        ("x86-vnni", 127, TensorProto.UINT8),
+        ("x86-avx2", 63, TensorProto.UINT8),
+        ("arm-dotprod", 127, TensorProto.INT8),
+        ("arm", 127, TensorProto.INT8),
+    ],
+)
 def test_target_sets_weight_range_and_activation_type_and_runs(target, qmax, act):
     m = _conv_model()
     out, rep = optimize(m, [f"{FULL},target={target},bias_correction=false"], calibration=_calib())
@@ -144,8 +166,9 @@ def test_target_sets_weight_range_and_activation_type_and_runs(target, qmax, act
 
 
 def test_explicit_reduce_range_and_activations_override_the_target():
-    out, rep = optimize(_conv_model(), [f"{FULL},target=x86-avx2,reduce_range=false,activations=int8"],
-                        calibration=_calib())
+    out, rep = optimize(
+        _conv_model(), [f"{FULL},target=x86-avx2,reduce_range=false,activations=int8"], calibration=_calib()
+    )
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out)) == 127
     assert _zero_point_types(out) == {TensorProto.INT8}
     out, _ = optimize(_conv_model(), [f"{FULL},target=x86-vnni,reduce_range=true"], calibration=_calib())
@@ -169,8 +192,23 @@ def test_cli_target_cpu_applies_to_the_quantize_pass(tmp_path):
     calib.mkdir()
     for i, f in enumerate(_calib(4)):
         np.savez(calib / f"{i}.npz", **f)
-    rc = cli_main(["optimize", str(src), "-o", str(dst), "-p", "eliminate_dead_nodes", "--quantize", "int8",
-                   "--calib", str(calib), "--target-cpu", "x86-avx2", "-q"])
+    rc = cli_main(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(dst),
+            "-p",
+            "eliminate_dead_nodes",
+            "--quantize",
+            "int8",
+            "--calib",
+            str(calib),
+            "--target-cpu",
+            "x86-avx2",
+            "-q",
+        ]
+    )
     assert rc == 0
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(onnx.load(str(dst)))) == 63
 

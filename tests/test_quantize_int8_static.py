@@ -9,13 +9,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _graphs import stored_weight
-from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.cli import main as cli_main
 from onnxslim.errors import UsageError
 from onnxslim.graph import check_model, iter_graphs
 from onnxslim.passes.quantize.quantize_int8_static import QuantizeInt8Static
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
+
+from _graphs import stored_weight
+from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 
 QUANT = "quantize_int8_static"
 # The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
@@ -40,8 +41,9 @@ def _vi(name, shape, elem=TensorProto.FLOAT):
 
 def _session(m: onnx.ModelProto, optimize_graph: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize_graph
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize_graph else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -57,7 +59,9 @@ def _inits(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     out = {t.name: t for t in g.initializer}
     for n in g.node:
         if n.op_type == "Constant":
-            out.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
     return out
 
 
@@ -92,12 +96,14 @@ def test_conv_matches_numpy_fake_quant_reference():
     r = np.random.default_rng(1)
     w = r.standard_normal((4, 3, 3, 3)).astype(np.float32)
     b = r.standard_normal(4).astype(np.float32)
-    m = _model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
-               [_vi("x", [1, 3, 6, 6])], [_vi("y", None)],
-               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    m = _model(
+        [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
+        [_vi("x", [1, 3, 6, 6])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
     calib = _calib((1, 3, 6, 6))
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"],
-                        calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"], calibration=calib)
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.modified and rec.stats["weights_quantized"] == 1 and rec.stats["activations_quantized"] == 1
@@ -114,13 +120,19 @@ def test_conv_matches_numpy_fake_quant_reference():
     xq, sx = _fq_act(x, float(allx.min()), float(allx.max()))
     wq, sw = _fq_weight(w, 0)
     bq = (np.round(b / (sx * sw)) * (sx * sw)).astype(np.float32)
-    ref_model = _model(list(m.graph.node), list(m.graph.input), list(m.graph.output),
-                       [numpy_helper.from_array(wq, "W"), numpy_helper.from_array(bq, "B")])
+    ref_model = _model(
+        list(m.graph.node),
+        list(m.graph.input),
+        list(m.graph.output),
+        [numpy_helper.from_array(wq, "W"), numpy_helper.from_array(bq, "B")],
+    )
     ref = _run(ref_model, {"x": xq})[0]
     got = _run(out, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     fused = _run(out, {"x": x}, optimize_graph=True)[0]  # QLinearConv in onnxruntime: same up to rounding
-    np.testing.assert_allclose(fused, ref, atol=4 * float(sx) * float(np.abs(wq).sum(axis=(1, 2, 3)).max()) / 127 + 1e-3)
+    np.testing.assert_allclose(
+        fused, ref, atol=4 * float(sx) * float(np.abs(wq).sum(axis=(1, 2, 3)).max()) / 127 + 1e-3
+    )
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Gemm"])
@@ -130,15 +142,17 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
     if op == "Gemm":  # transB=1: weight [N, K], channel axis 0
         node = helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)
         wt, axis = w.T.copy(), 0
-        inits = [numpy_helper.from_array(wt, "W"), numpy_helper.from_array(r.standard_normal(6).astype(np.float32), "B")]
+        inits = [
+            numpy_helper.from_array(wt, "W"),
+            numpy_helper.from_array(r.standard_normal(6).astype(np.float32), "B"),
+        ]
     else:
         node = helper.make_node("MatMul", ["x", "W"], ["y"])
         wt, axis = w, 1
         inits = [numpy_helper.from_array(wt, "W")]
     m = _model([node], [_vi("x", [3, 5])], [_vi("y", None)], inits)
     calib = _calib((3, 5), seed=3)
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"],
-                        calibration=calib)
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest"], calibration=calib)
     check_model(out, full=True)
     axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axes[0] == axis
@@ -157,8 +171,13 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
 def test_opset12_uses_per_tensor_weights_and_loads():
     r = np.random.default_rng(4)
     w = (r.standard_normal((4, 3)) * np.array([1.0, 0.01, 5.0])).astype(np.float32)  # columns of unequal size
-    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [2, 4])], [_vi("y", None)],
-               [numpy_helper.from_array(w, "W")], opset=12)
+    m = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [_vi("x", [2, 4])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W")],
+        opset=12,
+    )
     # target=x86-vnni: the numpy references assume full 8-bit weights
     out, _ = optimize(m, [f"{FULL},target=x86-vnni"], calibration=_calib((2, 4)))  # DequantizeLinear weights
     check_model(out, full=True)
@@ -179,14 +198,21 @@ def test_branch_not_reached_by_calibration_keeps_float_activation_but_int8_weigh
     r = np.random.default_rng(5)
 
     def branch(tag):
-        w = helper.make_node("Constant", [], [f"W_{tag}"],
-                             value=numpy_helper.from_array(r.standard_normal((4, 3)).astype(np.float32), f"Wv_{tag}"))
+        w = helper.make_node(
+            "Constant",
+            [],
+            [f"W_{tag}"],
+            value=numpy_helper.from_array(r.standard_normal((4, 3)).astype(np.float32), f"Wv_{tag}"),
+        )
         act = helper.make_node("Relu", ["x"], [f"h_{tag}"])  # a branch-local activation
         mm = helper.make_node("MatMul", [f"h_{tag}", f"W_{tag}"], [f"y_{tag}"])
         return helper.make_graph([w, act, mm], tag, [], [_vi(f"y_{tag}", [2, 3])])
 
-    m = _model([helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
-               [_vi("c", [], TensorProto.BOOL), _vi("x", [2, 4])], [_vi("y", [2, 3])])
+    m = _model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        [_vi("c", [], TensorProto.BOOL), _vi("x", [2, 4])],
+        [_vi("y", [2, 3])],
+    )
     calib = [{"c": np.array(True), "x": f["x"]} for f in _calib((2, 4))]  # the else branch never runs
     out, rep = optimize(m, [FULL], calibration=calib)
     check_model(out, full=True)
@@ -199,11 +225,18 @@ def test_branch_not_reached_by_calibration_keeps_float_activation_but_int8_weigh
 
 def test_excluded_nodes_stay_float_with_reason():
     r = np.random.default_rng(6)
-    m = _model([helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
-                helper.make_node("MatMul", ["h", "W2"], ["y"], name="second")],
-               [_vi("x", [2, 4])], [_vi("y", None)],
-               [numpy_helper.from_array(r.standard_normal((4, 4)).astype(np.float32), "W1"),
-                numpy_helper.from_array(r.standard_normal((4, 2)).astype(np.float32), "W2")])
+    m = _model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
+            helper.make_node("MatMul", ["h", "W2"], ["y"], name="second"),
+        ],
+        [_vi("x", [2, 4])],
+        [_vi("y", None)],
+        [
+            numpy_helper.from_array(r.standard_normal((4, 4)).astype(np.float32), "W1"),
+            numpy_helper.from_array(r.standard_normal((4, 2)).astype(np.float32), "W2"),
+        ],
+    )
     out, rep = optimize(m, ["quantize_int8_static:exclude_nodes=second"], calibration=_calib((2, 4)))
     assert "W2" in _all_inits(out) and "W1" not in _all_inits(out)
     assert any(s["node"] == "second" and "exclude" in s["reason"] for s in rep.passes[0].skipped)
@@ -216,8 +249,12 @@ def test_nothing_to_quantize_is_an_error_unless_allowed_and_second_run_says_alre
     out, rep = optimize(m, ["quantize_int8_static:allow_nothing=true"], calibration=_calib((2,)))
     assert out.SerializeToString() == m.SerializeToString() and not rep.passes[0].modified
     r = np.random.default_rng(7)
-    mm = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [2, 4])], [_vi("y", None)],
-                [numpy_helper.from_array(r.standard_normal((4, 3)).astype(np.float32), "W")])
+    mm = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [_vi("x", [2, 4])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(r.standard_normal((4, 3)).astype(np.float32), "W")],
+    )
     once, _ = optimize(mm, [QUANT], calibration=_calib((2, 4)))
     with pytest.raises(UsageError, match="already quantized"):
         optimize(once, [QUANT], calibration=_calib((2, 4)))
@@ -247,8 +284,9 @@ ACCURACY_TOLERANCE = 0.01
 def test_sample_model_quantizes_loads_and_keeps_accuracy(entry, tmp_path):
     src = SAMPLES / entry["path"]
     dst = tmp_path / "int8.onnx"
-    _, rep = optimize(src, [*DEFAULT_PASSES, QUANT], output=dst, calibration=SAMPLES / entry["calib"],
-                      on_pass_error="raise")
+    _, rep = optimize(
+        src, [*DEFAULT_PASSES, QUANT], output=dst, calibration=SAMPLES / entry["calib"], on_pass_error="raise"
+    )
     rec = next(p for p in rep.passes if p.name == QUANT)
     assert rec.modified and rec.stats["weights_quantized"] > 0
     # gru_digits (LSTM + a 640-MAC head) and wine_ifloop (13x16 layers) are all below the default
@@ -262,8 +300,13 @@ def test_sample_model_quantizes_loads_and_keeps_accuracy(entry, tmp_path):
     out = onnx.load(str(dst))
     int8 = [t for t in _all_inits(out).values() if t.data_type == TensorProto.INT8]
     assert int8
-    has_axis = any(a.name == "axis" for g in iter_graphs(out.graph) for n in g.node
-                   if n.op_type == "DequantizeLinear" for a in n.attribute)
+    has_axis = any(
+        a.name == "axis"
+        for g in iter_graphs(out.graph)
+        for n in g.node
+        if n.op_type == "DequantizeLinear"
+        for a in n.attribute
+    )
     assert has_axis == (entry["opset"] >= 13)  # per-channel only where DequantizeLinear has 'axis'
     if entry["name"] in ("cnn_digits", "transformer_text", "gru_digits"):
         ratio = src.stat().st_size / dst.stat().st_size
@@ -271,8 +314,7 @@ def test_sample_model_quantizes_loads_and_keeps_accuracy(entry, tmp_path):
         assert ratio > 2.2, (entry["name"], ratio)
 
 
-@pytest.mark.parametrize("entry", [m for m in MODELS if m["name"].startswith("sklearn")],
-                         ids=lambda m: m["name"])
+@pytest.mark.parametrize("entry", [m for m in MODELS if m["name"].startswith("sklearn")], ids=lambda m: m["name"])
 def test_sklearn_models_have_nothing_to_quantize(entry, tmp_path):
     src = SAMPLES / entry["path"]
     with pytest.raises(UsageError, match="nothing to quantize.*ai.onnx.ml"):
@@ -319,8 +361,20 @@ def test_wine_ifloop_branch_gemm_gets_int8_weight_inside_the_branch(lossless_fir
 def test_cli_quantize_int8_with_parity_gate(tmp_path, capsys):
     src = SAMPLES / "cnn_digits" / "model.onnx"
     dst = tmp_path / "q.onnx"
-    rc = cli_main(["optimize", str(src), "-o", str(dst), "--quantize", "int8", "--calib",
-                   str(SAMPLES / "cnn_digits" / "calib"), "--check-data", str(SAMPLES / "cnn_digits" / "eval")])
+    rc = cli_main(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(dst),
+            "--quantize",
+            "int8",
+            "--calib",
+            str(SAMPLES / "cnn_digits" / "calib"),
+            "--check-data",
+            str(SAMPLES / "cnn_digits" / "eval"),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "quantize_int8_static" in text and "parity (lossy): pass" in text
@@ -341,15 +395,33 @@ def test_cli_quantize_respects_given_passes():
     assert names("-p", "fold_constants", "--quantize", "int8", "--calib", "d") == ["fold_constants", QUANT]
     assert names("-p", "quantize_int8_static:activations=int8", "--quantize", "int8", "--calib", "d") == [QUANT]
     # --quantize-option configures the pass and keeps the default lossless pipeline in front of it
-    args = build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--quantize", "int8", "--calib", "d",
-                                      "--quantize-option", "weight_rounding=nearest", "--quantize-option",
-                                      "bias_correction=false", "--target-cpu", "arm"])
+    args = build_parser().parse_args(
+        [
+            "optimize",
+            "in.onnx",
+            "-o",
+            "out.onnx",
+            "--quantize",
+            "int8",
+            "--calib",
+            "d",
+            "--quantize-option",
+            "weight_rounding=nearest",
+            "--quantize-option",
+            "bias_correction=false",
+            "--target-cpu",
+            "arm",
+        ]
+    )
     specs = Optimize.settings(args).passes
     assert [p.name for p in specs] == [*DEFAULT_PASSES, QUANT]
     assert specs[-1].options == {"weight_rounding": "nearest", "bias_correction": "false", "target": "arm"}
     with pytest.raises(UsageError, match="--quantize-option applies to int8"):
-        Optimize.settings(build_parser().parse_args(["optimize", "in.onnx", "-o", "o.onnx", "--quantize-option",
-                                                     "weight_rounding=nearest"]))
+        Optimize.settings(
+            build_parser().parse_args(
+                ["optimize", "in.onnx", "-o", "o.onnx", "--quantize-option", "weight_rounding=nearest"]
+            )
+        )
 
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
@@ -371,22 +443,36 @@ def test_mixed_ops_load_and_run_in_onnxruntime(opset):
         helper.make_node("Concat", ["u", "c1"], ["cat"], axis=1),
         helper.make_node("GlobalAveragePool", ["cat"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gather", ["E", "ids"], ["emb"]),           # [2, 10] embedding rows
+        helper.make_node("Gather", ["E", "ids"], ["emb"]),  # [2, 10] embedding rows
         helper.make_node("Concat", ["f", "emb"], ["feat"], axis=1),  # [2, 16]
-        helper.make_node("Unsqueeze", ["feat"] + ([] if opset < 13 else ["ax"]),
-                         ["seq"], **({"axes": [0]} if opset < 13 else {})),
+        helper.make_node(
+            "Unsqueeze", ["feat"] + ([] if opset < 13 else ["ax"]), ["seq"], **({"axes": [0]} if opset < 13 else {})
+        ),
         helper.make_node("LSTM", ["seq", "LW", "LR"], ["", "h"], hidden_size=4),
-        helper.make_node("Squeeze", ["h"] + ([] if opset < 13 else ["ax"]), ["hs"], **({"axes": [0]} if opset < 13 else {})),
+        helper.make_node(
+            "Squeeze", ["h"] + ([] if opset < 13 else ["ax"]), ["hs"], **({"axes": [0]} if opset < 13 else {})
+        ),
         helper.make_node("Gemm", ["hs", "WH", "BH"], ["y"], transB=1),
     ]
-    inits = [w("W1", 4, 2, 3, 3), numpy_helper.from_array(np.full(4, 0.1, np.float32), "B1"), w("W2", 4, 2, 3, 3),
-             w("WT", 4, 2, 2, 2), w("E", 32, 10), w("LW", 1, 16, 16), w("LR", 1, 16, 4), w("WH", 3, 4),
-             numpy_helper.from_array(np.zeros(3, np.float32), "BH"),
-             numpy_helper.from_array(np.array([0], np.int64), "ax")]
-    m = _model(nodes, [_vi("x", [2, 2, 6, 6]), _vi("ids", [2], TensorProto.INT64)], [_vi("y", None)], inits,
-               opset=opset)
-    calib = [{"x": f["x"], "ids": np.array([i % 32, (3 * i) % 32], np.int64)} for i, f in
-             enumerate(_calib((2, 2, 6, 6), n=12, seed=10))]
+    inits = [
+        w("W1", 4, 2, 3, 3),
+        numpy_helper.from_array(np.full(4, 0.1, np.float32), "B1"),
+        w("W2", 4, 2, 3, 3),
+        w("WT", 4, 2, 2, 2),
+        w("E", 32, 10),
+        w("LW", 1, 16, 16),
+        w("LR", 1, 16, 4),
+        w("WH", 3, 4),
+        numpy_helper.from_array(np.zeros(3, np.float32), "BH"),
+        numpy_helper.from_array(np.array([0], np.int64), "ax"),
+    ]
+    m = _model(
+        nodes, [_vi("x", [2, 2, 6, 6]), _vi("ids", [2], TensorProto.INT64)], [_vi("y", None)], inits, opset=opset
+    )
+    calib = [
+        {"x": f["x"], "ids": np.array([i % 32, (3 * i) % 32], np.int64)}
+        for i, f in enumerate(_calib((2, 2, 6, 6), n=12, seed=10))
+    ]
     out, rep = optimize(m, [QUANT], calibration=calib)
     check_model(out, full=True)
     rec = rep.passes[0]
@@ -420,15 +506,19 @@ def test_registered_lossy_pass_with_typed_options():
 # ------------------------------------------------------------------------------------------ cost rules
 def _pool_head_model() -> onnx.ModelProto:
     r = np.random.default_rng(11)
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "WH", "BH"], ["y"], transB=1)]
-    inits = [numpy_helper.from_array((r.standard_normal((16, 2, 3, 3)) * 0.3).astype(np.float32), "W"),
-             numpy_helper.from_array(np.full(16, 0.1, np.float32), "B"),
-             numpy_helper.from_array((r.standard_normal((4, 16)) * 0.3).astype(np.float32), "WH"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "BH")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "WH", "BH"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array((r.standard_normal((16, 2, 3, 3)) * 0.3).astype(np.float32), "W"),
+        numpy_helper.from_array(np.full(16, 0.1, np.float32), "B"),
+        numpy_helper.from_array((r.standard_normal((4, 16)) * 0.3).astype(np.float32), "WH"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "BH"),
+    ]
     return _model(nodes, [_vi("x", [2, 2, 8, 8])], [_vi("y", [2, 4])], inits)
 
 
@@ -495,15 +585,27 @@ def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
     def w(name, *shape):
         return numpy_helper.from_array((r.standard_normal(shape) * 0.3).astype(np.float32), name)
 
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["f"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["f"], ["fr"]),
-             helper.make_node("Conv", ["fr", "WB"], ["b"]), helper.make_node("Sigmoid", ["b"], ["bs"]),
-             helper.make_node("Mul", ["bs", "px"], ["boxes"]),
-             helper.make_node("Conv", ["fr", "WS"], ["s"]), helper.make_node("Sigmoid", ["s"], ["scores"]),
-             helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1)]
-    m = _model(nodes, [_vi("x", [1, 3, 16, 16])], [_vi("y", None)],
-               [w("W1", 8, 3, 3, 3), w("WB", 4, 8, 1, 1), w("WS", 5, 8, 1, 1),
-                numpy_helper.from_array(np.array(320.0, np.float32), "px")])
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["f"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f"], ["fr"]),
+        helper.make_node("Conv", ["fr", "WB"], ["b"]),
+        helper.make_node("Sigmoid", ["b"], ["bs"]),
+        helper.make_node("Mul", ["bs", "px"], ["boxes"]),
+        helper.make_node("Conv", ["fr", "WS"], ["s"]),
+        helper.make_node("Sigmoid", ["s"], ["scores"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1),
+    ]
+    m = _model(
+        nodes,
+        [_vi("x", [1, 3, 16, 16])],
+        [_vi("y", None)],
+        [
+            w("W1", 8, 3, 3, 3),
+            w("WB", 4, 8, 1, 1),
+            w("WS", 5, 8, 1, 1),
+            numpy_helper.from_array(np.array(320.0, np.float32), "px"),
+        ],
+    )
     calib = _calib((1, 3, 16, 16), n=16, seed=22)
     x = _calib((1, 3, 16, 16), n=1, seed=23)[0]
     ref = _run(m, x)[0]
@@ -524,8 +626,12 @@ def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
 def test_calibration_reports_progress_through_optimize():
     entry = next(m for m in MODELS if m["name"] == "cnn_digits")
     seen: list[tuple[str, int, int | None]] = []
-    optimize(SAMPLES / entry["path"], [QUANT], calibration=SAMPLES / entry["calib"],
-             progress=lambda stage, done, total: seen.append((stage, done, total)))
+    optimize(
+        SAMPLES / entry["path"],
+        [QUANT],
+        calibration=SAMPLES / entry["calib"],
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
     n = entry["n_calib"]
     assert [d for s, d, _ in seen if s == "calibration"] == list(range(1, n + 1))
     assert {t for _, _, t in seen} == {n}

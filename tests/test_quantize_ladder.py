@@ -8,8 +8,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _graphs import stored_weight
-from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 from onnxslim.errors import UsageError
 from onnxslim.graph import check_model
 from onnxslim.parity_metrics import cosine_similarity
@@ -17,13 +15,17 @@ from onnxslim.passes.quantize.quantize_int8_static import QuantizeInt8Static
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 from onnxslim.testing import check_pass_contract
 
+from _graphs import stored_weight
+from conftest import MODELS, SAMPLES, accuracy, eval_feeds
+
 Q = "quantize_int8_static"
 # The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
 FULL = {"min_macs_for_activation_quantization": 0}
 
 
-def _outlier_model(opset: int = 17, contrib: bool = False, op: str = "MatMul",
-                   outlier: float = 1000.0) -> onnx.ModelProto:
+def _outlier_model(
+    opset: int = 17, contrib: bool = False, op: str = "MatMul", outlier: float = 1000.0
+) -> onnx.ModelProto:
     """x[1,16] -> mm1 -> h -> mm2 (MatMul or Gemm) -> y. h's channel 0 is ~1000x the others (and mm2 ignores
     it): an 8-bit range for h rounds every other channel to a few levels, so int8 on mm2's input ruins y."""
     r = np.random.default_rng(0)
@@ -34,11 +36,17 @@ def _outlier_model(opset: int = 17, contrib: bool = False, op: str = "MatMul",
     shape = [1, 16]
     if op == "Conv":  # 1x1 convolutions on a [1, 16, 1, 1] input: the same numbers
         w1, w2, shape = w1.T[:, :, None, None].copy(), w2.T[:, :, None, None].copy(), [1, 16, 1, 1]
-    nodes = [helper.make_node(op if op == "Conv" else "MatMul", ["x", "W1"], ["h"], name="mm1"),
-             helper.make_node(op, ["h", "W2"], ["y"], name="mm2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8] + shape[2:])],
-                          [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    nodes = [
+        helper.make_node(op if op == "Conv" else "MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node(op, ["h", "W2"], ["y"], name="mm2"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8] + shape[2:])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
     ops = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
     m = helper.make_model(g, opset_imports=ops)
     m.ir_version = 10 if opset >= 21 else 8
@@ -64,8 +72,9 @@ def _run(m: onnx.ModelProto, feeds, optimized: bool = False, accuracy_level: int
     so = ort.SessionOptions()
     if accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return np.concatenate([s.run(None, f)[0].reshape(-1) for f in _as(m, feeds)])
 
@@ -127,8 +136,15 @@ def test_int16_rung_has_16bit_qdq_and_runs_in_onnxruntime(opset, contrib, domain
 
 def test_int16_rung_in_the_pass_contract_check():
     m = _outlier_model(21)
-    check_pass_contract(QuantizeInt8Static(**FULL, int16_activation_nodes=["mm2"]), m, EVAL, rtol=0.1, atol=2.0,
-                        calibration=CALIB, expect_modified=True)
+    check_pass_contract(
+        QuantizeInt8Static(**FULL, int16_activation_nodes=["mm2"]),
+        m,
+        EVAL,
+        rtol=0.1,
+        atol=2.0,
+        calibration=CALIB,
+        expect_modified=True,
+    )
 
 
 def test_int16_without_opset21_or_contrib_import_falls_back_to_weight_only():
@@ -163,8 +179,9 @@ def test_float_rung_keeps_node_float_with_reason():
 
 
 # ------------------------------------------------------------------------------------------ overrides
-@pytest.mark.parametrize("pattern,hits", [("mm2", {"mm2"}), ("mm*", {"mm1", "mm2"}), ("re:mm[2-9]", {"mm2"}),
-                                          ("op:MatMul", {"mm1", "mm2"})])
+@pytest.mark.parametrize(
+    "pattern,hits", [("mm2", {"mm2"}), ("mm*", {"mm1", "mm2"}), ("re:mm[2-9]", {"mm2"}), ("op:MatMul", {"mm1", "mm2"})]
+)
 def test_overrides_by_name_glob_regex_and_op_type(pattern, hits):
     out, rec = _quantize(_outlier_model(), float_nodes=[pattern], allow_nothing=True)
     float_nodes = {n.name for n in out.graph.node if n.op_type == "MatMul" and n.input[1] in ("W1", "W2")}
@@ -174,24 +191,30 @@ def test_overrides_by_name_glob_regex_and_op_type(pattern, hits):
 
 
 def test_highest_requested_rung_wins_and_unmatched_pattern_is_noted():
-    out, rec = _quantize(_outlier_model(), int16_activation_nodes=["mm*"], weight_only_nodes=["mm2"],
-                         float_nodes=["nope*"])
+    out, rec = _quantize(
+        _outlier_model(), int16_activation_nodes=["mm*"], weight_only_nodes=["mm2"], float_nodes=["nope*"]
+    )
     assert _node(out, "mm2").input[0] == "h" and rec.stats["layers_weight_only"] == 2  # mm1: int16 -> weights only
     assert any("'nope*' matches no node" in n for n in rec.notes)
 
 
 def test_bad_floor_is_a_usage_error():
     with pytest.raises(UsageError, match="precision_floor_cosine"):
-        optimize(_outlier_model(), [QuantizeInt8Static(**FULL, auto_precision=True, precision_floor_cosine=1.5)],
-                 calibration=CALIB)
+        optimize(
+            _outlier_model(),
+            [QuantizeInt8Static(**FULL, auto_precision=True, precision_floor_cosine=1.5)],
+            calibration=CALIB,
+        )
 
 
 # ------------------------------------------------------------------------------------------ auto_precision
 # Conv: int16 where the opset allows it, else weights only. MatMul and Gemm: int16 activations become
 # MatMulNBits in ORT's default mode, which re-quantizes the activation to int8 (see above), so int16 misses the
 # floor there; weights only (Cast + Mul, folded at load) holds it. The search judges both modes and sees that.
-@pytest.mark.parametrize("op,opset,rung", [("Conv", 17, "weight_only"), ("Conv", 21, "int16"),
-                                           ("MatMul", 17, "weight_only"), ("Gemm", 21, "weight_only")])
+@pytest.mark.parametrize(
+    "op,opset,rung",
+    [("Conv", 17, "weight_only"), ("Conv", 21, "int16"), ("MatMul", 17, "weight_only"), ("Gemm", 21, "weight_only")],
+)
 def test_auto_precision_moves_the_outlier_layer_up_and_meets_the_floor(op, opset, rung):
     m = _outlier_model(opset, op=op)
     out, rec = _quantize(m, auto_precision=True, precision_floor_cosine=0.999)
@@ -236,12 +259,18 @@ def test_float_rung_keeps_the_original_bias_despite_bias_correction():
     r = np.random.default_rng(3)
     w1, w2 = r.standard_normal((8, 4, 3, 3)).astype(np.float32), r.standard_normal((4, 8, 3, 3)).astype(np.float32)
     b1, b2 = r.standard_normal(8).astype(np.float32), r.standard_normal(4).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h"], ["hr"]),
-             helper.make_node("Conv", ["hr", "W2", "B2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
-                          [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (w2, "W2"), (b1, "B1"), (b2, "B2"))])
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Conv", ["hr", "W2", "B2"], ["y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (w2, "W2"), (b1, "B1"), (b2, "B2"))],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     calib = [{"x": r.standard_normal((1, 4, 6, 6)).astype(np.float32) + 0.5} for _ in range(8)]

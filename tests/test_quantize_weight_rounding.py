@@ -9,15 +9,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _fusion_testlib import model
-from _graphs import stored_weight
-from conftest import MODELS, SAMPLES, eval_feeds
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import BadInputError
 from onnxslim.graph import check_model, save_model
 from onnxslim.passes.quantize._gptq import WeightQuantizer, gptq_round
 from onnxslim.passes.quantize._math import quantize_weight
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
+
+from _fusion_testlib import model
+from _graphs import stored_weight
+from conftest import MODELS, SAMPLES, eval_feeds
 
 QUANT = "quantize_int8_static"
 
@@ -123,8 +124,12 @@ def test_gram_needs_a_fixed_channel_count():
 # -- the pass -----------------------------------------------------------------------------------------------
 def _matmul_model(rng, k=48, n=24):
     w = rng.standard_normal((k, n)).astype(np.float32)
-    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [None, k])], [_vi("y", None)],
-                  [numpy_helper.from_array(w, "W")])
+    return _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [_vi("x", [None, k])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W")],
+    )
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -132,7 +137,7 @@ def test_gptq_in_the_pass_lowers_held_out_error(full):
     rng = np.random.default_rng(4)
     m = _matmul_model(rng)
     data = _correlated(rng, 96, 48)
-    calib = [{"x": data[i:i + 4]} for i in range(0, 64, 4)]
+    calib = [{"x": data[i : i + 4]} for i in range(0, 64, 4)]
     held_out = {"x": data[64:]}
     q = f"{QUANT}:min_macs_for_activation_quantization={0 if full else 10**9},bias_correction=false"
     near, _ = optimize(m, [f"{q},weight_rounding=nearest"], calibration=calib)
@@ -150,9 +155,13 @@ def test_lstm_w_and_r_are_gptq_rounded_and_run():
     hidden, inp = 8, 6
     lw = (rng.standard_normal((1, 4 * hidden, inp)) * 0.5).astype(np.float32)
     lr = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.5).astype(np.float32)
-    m = _model([helper.make_node("LSTM", ["x", "W", "R"], ["y", "h"], hidden_size=hidden)],
-               [_vi("x", [5, None, inp])], [_vi("h", None)],
-               [numpy_helper.from_array(lw, "W"), numpy_helper.from_array(lr, "R")], opset=12)
+    m = _model(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y", "h"], hidden_size=hidden)],
+        [_vi("x", [5, None, inp])],
+        [_vi("h", None)],
+        [numpy_helper.from_array(lw, "W"), numpy_helper.from_array(lr, "R")],
+        opset=12,
+    )
     calib = [{"x": rng.standard_normal((5, 2, inp)).astype(np.float32)} for _ in range(8)]
     out, rep = optimize(m, [QUANT], calibration=calib)
     check_model(out, full=True)
@@ -187,8 +196,9 @@ def test_weight_only_encodings_give_the_same_values(encoding):
     m = _matmul_model(rng, 8, 4)
     calib = [{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(4)]
     # target=x86-vnni: the numpy reference below uses full 8-bit weights
-    out, _ = optimize(m, [f"{QUANT}:weight_only_encoding={encoding},weight_rounding=nearest,target=x86-vnni"],
-                      calibration=calib)
+    out, _ = optimize(
+        m, [f"{QUANT}:weight_only_encoding={encoding},weight_rounding=nearest,target=x86-vnni"], calibration=calib
+    )
     assert stored_weight(out, out.graph.node[-1].input[1])[0] == encoding
     x = {"x": calib[0]["x"]}
     w = numpy_helper.to_array(m.graph.initializer[0])
@@ -221,8 +231,9 @@ def test_external_data_model_quantizes_like_the_inline_one(tmp_path):
     # the quantized result must be the same as for the same model held inline.
     entry = next(e for e in MODELS if e["name"] == "cnn_digits")
     src = SAMPLES / entry["path"]
-    onnx.save(onnx.load(str(src)), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
-              size_threshold=0)
+    onnx.save(
+        onnx.load(str(src)), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin", size_threshold=0
+    )
     calib = SAMPLES / entry["calib"]
     inline, _ = optimize(src, [*DEFAULT_PASSES, QUANT], calibration=calib)
     external, _ = optimize(tmp_path / "m.onnx", [*DEFAULT_PASSES, QUANT], calibration=calib)
@@ -232,11 +243,14 @@ def test_external_data_model_quantizes_like_the_inline_one(tmp_path):
     np.testing.assert_array_equal(got, _run(inline, x, optimize_graph=True))
 
 
-@pytest.mark.parametrize("kernel,strides,pads,dilations,shape", [
-    ((3, 2), (2, 1), (1, 0, 1, 1), (1, 2), (2, 3, 7, 6)),
-    ((3,), (2,), (1, 1), (1,), (2, 4, 9)),
-    ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), (1, 5, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "kernel,strides,pads,dilations,shape",
+    [
+        ((3, 2), (2, 1), (1, 0, 1, 1), (1, 2), (2, 3, 7, 6)),
+        ((3,), (2,), (1, 1), (1,), (2, 4, 9)),
+        ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), (1, 5, 4, 4)),
+    ],
+)
 def test_conv_patch_rows_are_what_the_conv_multiplies(kernel, strides, pads, dilations, shape):
     # Oracle: onnxruntime's Conv output equals W.reshape(M, -1) @ patch for every output position, so the rows
     # (and the Gram matrix built from them) use the weight's own column order.
@@ -245,9 +259,22 @@ def test_conv_patch_rows_are_what_the_conv_multiplies(kernel, strides, pads, dil
     rng = np.random.default_rng(8)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal((4, shape[1], *kernel)).astype(np.float32)
-    m = _model([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=list(kernel), strides=list(strides),
-                                 pads=list(pads), dilations=list(dilations))],
-               [_vi("x", list(shape))], [_vi("y", None)], [numpy_helper.from_array(w, "W")])
+    m = _model(
+        [
+            helper.make_node(
+                "Conv",
+                ["x", "W"],
+                ["y"],
+                kernel_shape=list(kernel),
+                strides=list(strides),
+                pads=list(pads),
+                dilations=list(dilations),
+            )
+        ],
+        [_vi("x", list(shape))],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W")],
+    )
     y = _run(m, {"x": x})  # [N, M, *out]
     spec = ConvPatches(kernel, strides, pads, dilations)
     rows = np.concatenate(list(spec.rows(x, chunk=10**9)))  # one piece: rows in (n, out positions) order
@@ -272,8 +299,12 @@ def test_conv_gptq_lowers_held_out_error_on_smooth_images():
         return np.concatenate([out, 0.8 * out + 0.2 * rng.standard_normal(out.shape)], 1).astype(np.float32)
 
     w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
-    m = _model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], [_vi("x", [None, 2, 10, 10])],
-               [_vi("y", None)], [numpy_helper.from_array(w, "W")])
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])],
+        [_vi("x", [None, 2, 10, 10])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W")],
+    )
     calib = [{"x": smooth(2)} for _ in range(16)]
     held_out = {"x": smooth(8)}
     q = f"{QUANT}:min_macs_for_activation_quantization={10**9},bias_correction=false"  # weights only

@@ -11,9 +11,16 @@ from onnxslim.runtime import make_session, node_placement, normalize_provider
 from conftest import SAMPLES
 
 
-@pytest.mark.parametrize("given,full", [("cpu", "CPUExecutionProvider"), ("CUDA", "CUDAExecutionProvider"),
-                                        ("trt", "TensorrtExecutionProvider"), ("OpenVINO", "OpenVINOExecutionProvider"),
-                                        ("cudaexecutionprovider", "CUDAExecutionProvider")])
+@pytest.mark.parametrize(
+    "given,full",
+    [
+        ("cpu", "CPUExecutionProvider"),
+        ("CUDA", "CUDAExecutionProvider"),
+        ("trt", "TensorrtExecutionProvider"),
+        ("OpenVINO", "OpenVINOExecutionProvider"),
+        ("cudaexecutionprovider", "CUDAExecutionProvider"),
+    ],
+)
 def test_provider_names_are_case_insensitive(given, full):
     assert normalize_provider(given) == full
 
@@ -29,6 +36,7 @@ def test_session_reports_the_provider_really_used():
 
 
 def test_node_placement_counts_executed_nodes_per_provider():
-    counts = node_placement(str(SAMPLES / "cnn_digits" / "model.onnx"), "cpu",
-                            {"input": np.zeros((2, 1, 8, 8), np.float32)})
+    counts = node_placement(
+        str(SAMPLES / "cnn_digits" / "model.onnx"), "cpu", {"input": np.zeros((2, 1, 8, 8), np.float32)}
+    )
     assert set(counts) == {"CPUExecutionProvider"} and counts["CPUExecutionProvider"] >= 5

@@ -29,21 +29,33 @@ def _initializers(model: onnx.ModelProto) -> list[str]:
 
 def test_two_1m_element_initializers_one_read_inside_an_if_branch():
     w = RNG.standard_normal(1_000_000).astype(np.float32)
-    then_g = h.make_graph([h.make_node("Add", ["x", "W_inner"], ["t"])], "then", [],
-                          [h.make_tensor_value_info("t", T.FLOAT, [1_000_000])], [nh.from_array(w.copy(), "W_inner")])
-    else_g = h.make_graph([h.make_node("Neg", ["x"], ["e"])], "else", [],
-                          [h.make_tensor_value_info("e", T.FLOAT, [1_000_000])])
+    then_g = h.make_graph(
+        [h.make_node("Add", ["x", "W_inner"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, [1_000_000])],
+        [nh.from_array(w.copy(), "W_inner")],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Neg", ["x"], ["e"])], "else", [], [h.make_tensor_value_info("e", T.FLOAT, [1_000_000])]
+    )
     g = h.make_graph(
-        [h.make_node("Mul", ["x", "W_outer"], ["m"]), h.make_node("Mul", ["m", "W_copy"], ["m2"]),
-         h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [1_000_000]), h.make_tensor_value_info("c", T.BOOL, [])],
+        [
+            h.make_node("Mul", ["x", "W_outer"], ["m"]),
+            h.make_node("Mul", ["m", "W_copy"], ["m2"]),
+            h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [1_000_000]), h.make_tensor_value_info("c", T.BOOL, [])],
         [h.make_tensor_value_info("y", T.FLOAT, [1_000_000]), h.make_tensor_value_info("m2", T.FLOAT, [1_000_000])],
-        [nh.from_array(w, "W_outer"), nh.from_array(w.copy(), "W_copy")])
+        [nh.from_array(w, "W_outer"), nh.from_array(w.copy(), "W_copy")],
+    )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     onnx.checker.check_model(m, full_check=True)
     x = RNG.standard_normal(1_000_000).astype(np.float32)
-    out = check_pass_contract(Pass(), m, [{"x": x, "c": np.array(True)}, {"x": x, "c": np.array(False)}],
-                              expect_modified=True)
+    out = check_pass_contract(
+        Pass(), m, [{"x": x, "c": np.array(True)}, {"x": x, "c": np.array(False)}], expect_modified=True
+    )
     # One copy left, in the main graph; the branch reads it from the outer scope.
     assert _initializers(out) == ["W_outer"]
     assert out.ByteSize() < m.ByteSize() - 7_900_000
@@ -53,12 +65,25 @@ def test_two_1m_element_initializers_one_read_inside_an_if_branch():
 
 def test_same_bytes_with_another_dtype_or_shape_are_not_merged():
     raw = np.arange(4, dtype=np.float32)
-    m = h.make_model(h.make_graph(
-        [h.make_node("Add", ["x", "a"], ["p"]), h.make_node("Add", ["p", "b"], ["q"]),
-         h.make_node("Cast", ["i"], ["fi"], to=T.FLOAT), h.make_node("Add", ["q", "fi"], ["y"])],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4])],
-        [nh.from_array(raw, "a"), nh.from_array(raw.reshape(1, 4), "b"), nh.from_array(raw.view(np.int32).reshape(1, 4), "i")]),
-        opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph(
+            [
+                h.make_node("Add", ["x", "a"], ["p"]),
+                h.make_node("Add", ["p", "b"], ["q"]),
+                h.make_node("Cast", ["i"], ["fi"], to=T.FLOAT),
+                h.make_node("Add", ["q", "fi"], ["y"]),
+            ],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+            [h.make_tensor_value_info("y", T.FLOAT, [1, 4])],
+            [
+                nh.from_array(raw, "a"),
+                nh.from_array(raw.reshape(1, 4), "b"),
+                nh.from_array(raw.view(np.int32).reshape(1, 4), "i"),
+            ],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     out = check_pass_contract(Pass(), m, [{"x": RNG.standard_normal((1, 4)).astype(np.float32)}], expect_modified=False)
     assert sorted(_initializers(out)) == ["a", "b", "i"]
 
@@ -75,8 +100,9 @@ def test_identical_constant_nodes_in_sibling_branches_are_hoisted_once():
     """)
     onnx.checker.check_model(m, full_check=True)
     x = RNG.standard_normal(3).astype(np.float32)
-    out = check_pass_contract(Pass(), m, [{"x": x, "c": np.array(True)}, {"x": x, "c": np.array(False)}],
-                              expect_modified=True)
+    out = check_pass_contract(
+        Pass(), m, [{"x": x, "c": np.array(True)}, {"x": x, "c": np.array(False)}], expect_modified=True
+    )
     assert [n.op_type for n in out.graph.node] == ["Constant", "If"]
     for attr in out.graph.node[1].attribute:
         assert [n.op_type for n in attr.g.node] in (["Mul"], ["Add"])
@@ -85,20 +111,32 @@ def test_identical_constant_nodes_in_sibling_branches_are_hoisted_once():
 
 def test_initializer_that_is_a_graph_output_keeps_its_name():
     w = np.arange(6, dtype=np.float32)
-    m = h.make_model(h.make_graph(
-        [h.make_node("Add", ["x", "w2"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [6])],
-        [h.make_tensor_value_info("y", T.FLOAT, [6]), h.make_tensor_value_info("w1", T.FLOAT, [6])],
-        [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2")]), opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph(
+            [h.make_node("Add", ["x", "w2"], ["y"])],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [6])],
+            [h.make_tensor_value_info("y", T.FLOAT, [6]), h.make_tensor_value_info("w1", T.FLOAT, [6])],
+            [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2")],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     out = check_pass_contract(Pass(), m, [{"x": w}], expect_modified=True)
     assert _initializers(out) == ["w1"] and out.graph.node[0].input[1] == "w1"
 
 
 def test_two_identical_1m_element_initializers_save_4_mb():
     w = RNG.standard_normal(1_000_000).astype(np.float32)
-    m = h.make_model(h.make_graph(
-        [h.make_node("Add", ["x", "w1"], ["a"]), h.make_node("Mul", ["a", "w2"], ["y"])], "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [1_000_000])], [h.make_tensor_value_info("y", T.FLOAT, [1_000_000])],
-        [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2")]), opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph(
+            [h.make_node("Add", ["x", "w1"], ["a"]), h.make_node("Mul", ["a", "w2"], ["y"])],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [1_000_000])],
+            [h.make_tensor_value_info("y", T.FLOAT, [1_000_000])],
+            [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2")],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     out = check_pass_contract(Pass(), m, [{"x": w}], expect_modified=True)
     assert _initializers(out) == ["w1"]
     assert _record(m).stats == {"tensors_merged": 1, "bytes_saved": 4_000_000}
@@ -108,34 +146,59 @@ def test_external_weights_are_hashed_from_the_data_file(tmp_path):
     w = RNG.standard_normal(50_000).astype(np.float32)
     other = w.copy()
     other[-1] += 1  # same size, differs in the last chunk only
-    m = h.make_model(h.make_graph(
-        [h.make_node("Add", ["x", "w1"], ["a"]), h.make_node("Mul", ["a", "w2"], ["b"]),
-         h.make_node("Sub", ["b", "w3"], ["y"])], "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [50_000])], [h.make_tensor_value_info("y", T.FLOAT, [50_000])],
-        [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2"), nh.from_array(other, "w3")]),
-        opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph(
+            [
+                h.make_node("Add", ["x", "w1"], ["a"]),
+                h.make_node("Mul", ["a", "w2"], ["b"]),
+                h.make_node("Sub", ["b", "w3"], ["y"]),
+            ],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [50_000])],
+            [h.make_tensor_value_info("y", T.FLOAT, [50_000])],
+            [nh.from_array(w, "w1"), nh.from_array(w.copy(), "w2"), nh.from_array(other, "w3")],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     path = tmp_path / "m.onnx"
-    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
-                    size_threshold=0)
+    onnx.save_model(
+        m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0
+    )
     out, report = optimize(str(path), [Pass()], output=str(tmp_path / "out.onnx"), on_pass_error="raise")
     assert report.passes[0].stats == {"tensors_merged": 1, "bytes_saved": 200_000}
     slim = onnx.load(str(tmp_path / "out.onnx"))
     assert sorted(t.name for t in slim.graph.initializer) == ["w1", "w3"]
     feed = {"x": w}
     from onnxslim.testing import assert_outputs_close, run_model
+
     assert_outputs_close(run_model(onnx.load(str(path)), feed), run_model(slim, feed))
 
 
 def test_identical_initializers_of_sibling_branches_are_stored_once_in_the_parent():
     w = RNG.standard_normal(1000).astype(np.float32)
-    then_g = h.make_graph([h.make_node("Add", ["x", "Wt"], ["t"])], "then", [],
-                          [h.make_tensor_value_info("t", T.FLOAT, [1000])], [nh.from_array(w, "Wt")])
-    else_g = h.make_graph([h.make_node("Mul", ["x", "We"], ["e"])], "else", [],
-                          [h.make_tensor_value_info("e", T.FLOAT, [1000])], [nh.from_array(w.copy(), "We")])
-    m = h.make_model(h.make_graph(
-        [h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [1000]), h.make_tensor_value_info("c", T.BOOL, [])],
-        [h.make_tensor_value_info("y", T.FLOAT, [1000])]), opset_imports=[h.make_opsetid("", 17)])
+    then_g = h.make_graph(
+        [h.make_node("Add", ["x", "Wt"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, [1000])],
+        [nh.from_array(w, "Wt")],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Mul", ["x", "We"], ["e"])],
+        "else",
+        [],
+        [h.make_tensor_value_info("e", T.FLOAT, [1000])],
+        [nh.from_array(w.copy(), "We")],
+    )
+    m = h.make_model(
+        h.make_graph(
+            [h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [1000]), h.make_tensor_value_info("c", T.BOOL, [])],
+            [h.make_tensor_value_info("y", T.FLOAT, [1000])],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     onnx.checker.check_model(m, full_check=True)
     feeds = [{"x": w, "c": np.array(True)}, {"x": w, "c": np.array(False)}]
     out = check_pass_contract(Pass(), m, feeds, expect_modified=True)
@@ -149,12 +212,20 @@ def test_same_prefix_different_tail_is_not_merged_but_a_true_twin_is():
     a = RNG.standard_normal(40_000).astype(np.float32)
     b = a.copy()
     b[-1] += 1.0
-    m = h.make_model(h.make_graph(
-        [h.make_node("Add", ["x", "a"], ["p"]), h.make_node("Add", ["p", "b"], ["q"]),
-         h.make_node("Add", ["q", "a2"], ["y"])],
-        "g", [h.make_tensor_value_info("x", T.FLOAT, [40_000])], [h.make_tensor_value_info("y", T.FLOAT, [40_000])],
-        [nh.from_array(a, "a"), nh.from_array(b, "b"), nh.from_array(a.copy(), "a2")]),
-        opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph(
+            [
+                h.make_node("Add", ["x", "a"], ["p"]),
+                h.make_node("Add", ["p", "b"], ["q"]),
+                h.make_node("Add", ["q", "a2"], ["y"]),
+            ],
+            "g",
+            [h.make_tensor_value_info("x", T.FLOAT, [40_000])],
+            [h.make_tensor_value_info("y", T.FLOAT, [40_000])],
+            [nh.from_array(a, "a"), nh.from_array(b, "b"), nh.from_array(a.copy(), "a2")],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
     out = check_pass_contract(Pass(), m, [{"x": RNG.standard_normal(40_000).astype(np.float32)}], expect_modified=True)
     assert sorted(_initializers(out)) == ["a", "b"]
     assert _record(m).stats == {"tensors_merged": 1, "bytes_saved": 160_000}

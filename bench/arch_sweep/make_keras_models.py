@@ -6,6 +6,7 @@ Needs tensorflow-cpu and tf2onnx (their own venv):
 Keras' gelu is avoided: tf2onnx 1.17 writes it with an 'Erfc' node, which is not an ONNX op (onnxruntime
 cannot load that model at all; our calibration then says so and exits 2).
 """
+
 import sys
 
 import keras

@@ -7,6 +7,7 @@ bidirectional GRU, and a ViT-style encoder (patch Conv, LayerNorm, attention Mat
 
 Needs torch (the sample-model build venv):  python bench/arch_sweep/make_models.py bench/out/arch_sweep/models
 """
+
 import os
 import sys
 
@@ -33,9 +34,15 @@ class InvRes(nn.Module):
         hid = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(),
-            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(),
-            nn.Conv2d(hid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(cin, hid, 1, bias=False),
+            nn.BatchNorm2d(hid),
+            nn.ReLU6(),
+            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False),
+            nn.BatchNorm2d(hid),
+            nn.ReLU6(),
+            nn.Conv2d(hid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
 
     def forward(self, x):
         return x + self.conv(x) if self.use_res else self.conv(x)
@@ -45,8 +52,9 @@ class MobileNetish(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
-        self.blocks = nn.Sequential(InvRes(16, 16, 1, 1), InvRes(16, 24, 2, 4), InvRes(24, 24, 1, 4),
-                                    InvRes(24, 32, 2, 4), InvRes(32, 32, 1, 4))
+        self.blocks = nn.Sequential(
+            InvRes(16, 16, 1, 1), InvRes(16, 24, 2, 4), InvRes(24, 24, 1, 4), InvRes(24, 32, 2, 4), InvRes(32, 32, 1, 4)
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, 100))
 
     def forward(self, x):
@@ -60,8 +68,11 @@ class Basic(nn.Module):
         self.b1 = nn.BatchNorm2d(cout)
         self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.b2 = nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.down = (
+            None
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x):
         y = torch.relu(self.b1(self.c1(x)))
@@ -72,8 +83,9 @@ class Basic(nn.Module):
 class ResNetish(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         self.layers = nn.Sequential(Basic(32, 32, 1), Basic(32, 64, 2), Basic(64, 64, 1), Basic(64, 128, 2))
         self.fc = nn.Linear(128, 100)
 
@@ -86,8 +98,14 @@ class Detectorish(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                                      nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 1, 1),
+            nn.ReLU(),
+        )
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.box = nn.Conv2d(32, 4, 1)
         self.cls = nn.Conv2d(32, 5, 1)
@@ -161,6 +179,14 @@ for name, (cls, make, dyn) in MODELS.items():
             continue
         path = os.path.join(OUT, f"{name}_op{opset}.onnx")
         with torch.no_grad():
-            torch.onnx.export(m, (make(),), path, input_names=["x"], output_names=["y"], opset_version=opset,
-                              dynamic_axes={**dyn, "y": {0: "batch"}}, dynamo=False)
+            torch.onnx.export(
+                m,
+                (make(),),
+                path,
+                input_names=["x"],
+                output_names=["y"],
+                opset_version=opset,
+                dynamic_axes={**dyn, "y": {0: "batch"}},
+                dynamo=False,
+            )
         print("wrote", path)

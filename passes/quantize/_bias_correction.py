@@ -34,6 +34,7 @@ __all__ = ["bias_correction_means", "correct_biases"]
 
 log = logging.getLogger(__name__)
 
+
 def _weight_error_shift(node: gs.Node, w: np.ndarray, wq: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
     """``(W_q - W) E[x]`` per output channel (float64), or None when the shapes do not fit."""
     dw = wq.astype(np.float64) - w.astype(np.float64)
@@ -77,8 +78,14 @@ def _bias_slot(p: NodePlan, planner: QuantizePlanner) -> tuple[gs.Node, int] | N
 
 
 def _corrected(plans: list[NodePlan]) -> list[NodePlan]:
-    return [p for p in plans if input_axis(p.node) is not None and not p.node.domain and 0 in p.activations
-            and any(i == 1 for i, _ in p.weights)]
+    return [
+        p
+        for p in plans
+        if input_axis(p.node) is not None
+        and not p.node.domain
+        and 0 in p.activations
+        and any(i == 1 for i, _ in p.weights)
+    ]
 
 
 def bias_correction_means(plans: list[NodePlan]) -> dict[str, int]:
@@ -89,8 +96,14 @@ def bias_correction_means(plans: list[NodePlan]) -> dict[str, int]:
     return axes
 
 
-def correct_biases(ctx: PassContext, stats, plans: list[NodePlan], planner: QuantizePlanner,
-                   weights: WeightQuantizer, result: PassResult) -> None:
+def correct_biases(
+    ctx: PassContext,
+    stats,
+    plans: list[NodePlan],
+    planner: QuantizePlanner,
+    weights: WeightQuantizer,
+    result: PassResult,
+) -> None:
     """Shift the float biases of quantized Conv/Gemm/MatMul nodes by ``-(W_q - W) E[x]`` (before the rewriter
     turns them into int32), ``E[x]`` from ``stats`` (collected with ``means=bias_correction_means(plans)``).
     Layers without a bias are left alone (no sample model has one, so adding a bias was never measured)."""

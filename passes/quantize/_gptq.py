@@ -15,7 +15,8 @@ with group 1 and explicit pads (``H`` of the input patches, ``calibration_stats.
 ``[M, C * k...]``); the W (input ``X``) and R (hidden state: the ``Y`` output, every step; the zero initial
 state adds nothing) weights of LSTM/RNN, and of GRU when ``linear_before_reset=1`` (otherwise R multiplies
 ``r * h``, which is not exposed). Bidirectional RNNs use one ``H`` for both directions. Grouped/depthwise
-Conv, ConvTranspose, Gather tables and weights read through a Gather stay round-to-nearest. A weight read by several layers gets the mean of their ``H``.
+Conv, ConvTranspose, Gather tables and weights read through a Gather stay round-to-nearest. A weight read by
+several layers gets the mean of their ``H``.
 Columns that never saw a non-zero input (``H_jj = 0``) keep round-to-nearest values: calibration data may
 simply never reach them (an image border), and GPTQ's usual "zero the dead weight" would break the model on
 data that does.
@@ -78,8 +79,9 @@ class WeightQuantizer:
             self.cache[key] = (q, scale)
         return self.cache[key]
 
-    def _gptq(self, w: np.ndarray, axis: int | None, in_axes: tuple[int, ...], hessian: np.ndarray,
-              scale: np.ndarray) -> np.ndarray:
+    def _gptq(
+        self, w: np.ndarray, axis: int | None, in_axes: tuple[int, ...], hessian: np.ndarray, scale: np.ndarray
+    ) -> np.ndarray:
         shape = [1] * w.ndim
         if axis is not None:
             shape[axis] = -1
@@ -96,8 +98,9 @@ class WeightQuantizer:
         return q.reshape(moved.shape).transpose(np.argsort(order)).astype(np.int8)
 
 
-def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int, damping: float = 0.01,
-               act_order: bool = True) -> np.ndarray:
+def gptq_round(
+    w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int, damping: float = 0.01, act_order: bool = True
+) -> np.ndarray:
     """Integer values (float64 array) for ``w`` [rows, cols] with per-row ``scale``, minimizing
     ``tr((W - W_q) H (W - W_q)^T)``: columns rounded in turn, errors pushed onto later columns via the
     Cholesky factor of ``H^-1`` (blocked lazy updates)."""

@@ -18,8 +18,15 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TARGETS", "HardwareChoice", "detect_target", "host_target", "resolve_hardware", "target_settings",
-           "REDUCED_WEIGHT_QMAX"]
+__all__ = [
+    "TARGETS",
+    "HardwareChoice",
+    "detect_target",
+    "host_target",
+    "resolve_hardware",
+    "target_settings",
+    "REDUCED_WEIGHT_QMAX",
+]
 
 TARGETS = ("auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic")
 REDUCED_WEIGHT_QMAX = 63  # 7-bit symmetric weights: [-63, 63] inside onnxruntime's reduce_range [-64, 63]
@@ -106,8 +113,9 @@ def target_settings(target: str) -> tuple[bool, str]:
     return table[target]
 
 
-def resolve_hardware(target: str, reduce_range: bool | None, activations: str,
-                     cpuinfo_path: str | Path = "/proc/cpuinfo") -> HardwareChoice:
+def resolve_hardware(
+    target: str, reduce_range: bool | None, activations: str, cpuinfo_path: str | Path = "/proc/cpuinfo"
+) -> HardwareChoice:
     """The settings the pass uses: the target's defaults, overridden by an explicit ``reduce_range`` and by
     ``activations`` other than ``auto``."""
     detected = target == "auto"

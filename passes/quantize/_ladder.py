@@ -32,10 +32,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.gs_bridge import export_standalone
 from onnxslim.graph_edit import Names, constant_source
-from onnxslim.sensitivity import SensitivityEngine
+from onnxslim.gs_bridge import export_standalone
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
+from onnxslim.sensitivity import SensitivityEngine
 
 from ._ops import FOLLOWING_ADD, OPS
 from ._plan import _ELEMENTWISE_PASS_THROUGH, _SINGLE_INPUT_PASS_THROUGH, NodePlan, QuantizePlanner
@@ -71,9 +71,11 @@ def _matches(pattern: str, node: gs.Node) -> bool:
 
 def _requested_rungs(opts, plans: list[NodePlan], keys: dict[int, Key], result: PassResult) -> dict[Key, str]:
     rungs: dict[Key, str] = {}
-    for rung, patterns, option in (("int16", opts.int16_activation_nodes, "int16_activation_nodes"),
-                                   ("weight_only", opts.weight_only_nodes, "weight_only_nodes"),
-                                   ("float", opts.float_nodes, "float_nodes")):
+    for rung, patterns, option in (
+        ("int16", opts.int16_activation_nodes, "int16_activation_nodes"),
+        ("weight_only", opts.weight_only_nodes, "weight_only_nodes"),
+        ("float", opts.float_nodes, "float_nodes"),
+    ):
         for pat in patterns:
             hit = [p for p in plans if _matches(pat, p.node)]
             if not hit:
@@ -91,8 +93,9 @@ def _floor_rung(p: NodePlan) -> str:
     return "int8" if p.activations else "weight_only"
 
 
-def _adjust(plans: list[NodePlan], rungs: dict[Key, str], keys: dict[int, Key], planner: QuantizePlanner,
-            root: gs.Graph) -> list[NodePlan]:
+def _adjust(
+    plans: list[NodePlan], rungs: dict[Key, str], keys: dict[int, Key], planner: QuantizePlanner, root: gs.Graph
+) -> list[NodePlan]:
     """Plans with the rungs applied; pass-through plans are re-planned around what stays quantized."""
     out = []
     for p in plans:
@@ -149,8 +152,11 @@ def _widen(root: gs.Graph, rungs: dict[Key, str], domain: str, result: PassResul
         done = False
         for i, t in enumerate(list(node.inputs)):
             dq = t.inputs[0] if len(t.inputs) == 1 else None
-            q = dq.inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" and \
-                len(dq.inputs[0].inputs) == 1 else None
+            q = (
+                dq.inputs[0].inputs[0]
+                if dq is not None and dq.op == "DequantizeLinear" and len(dq.inputs[0].inputs) == 1
+                else None
+            )
             if q is None or q.op != "QuantizeLinear" or isinstance(q.inputs[0], gs.Constant):
                 continue  # not an activation pair (int8 weights stay int8 on every rung)
             x = q.inputs[0]
@@ -166,10 +172,24 @@ def _widen(root: gs.Graph, rungs: dict[Key, str], domain: str, result: PassResul
                 zc = gs.Constant(fresh(f"{x.name}_zero_point16"), zp)
                 q16 = gs.Variable(fresh(f"{x.name}_quantized16"), dtype=zp.dtype, shape=x.shape)
                 dq16 = gs.Variable(fresh(f"{x.name}_dequantized16"), dtype=np.float32, shape=x.shape)
-                g.nodes.append(gs.Node("QuantizeLinear", fresh(f"{x.name}_QuantizeLinear16"), domain=domain or None,
-                                       inputs=[x, sc, zc], outputs=[q16]))
-                g.nodes.append(gs.Node("DequantizeLinear", fresh(f"{x.name}_DequantizeLinear16"),
-                                       domain=domain or None, inputs=[q16, sc, zc], outputs=[dq16]))
+                g.nodes.append(
+                    gs.Node(
+                        "QuantizeLinear",
+                        fresh(f"{x.name}_QuantizeLinear16"),
+                        domain=domain or None,
+                        inputs=[x, sc, zc],
+                        outputs=[q16],
+                    )
+                )
+                g.nodes.append(
+                    gs.Node(
+                        "DequantizeLinear",
+                        fresh(f"{x.name}_DequantizeLinear16"),
+                        domain=domain or None,
+                        inputs=[q16, sc, zc],
+                        outputs=[dq16],
+                    )
+                )
                 cache[ck] = dq16
                 if result is not None:
                     result.count("activations_int16")
@@ -206,20 +226,31 @@ def _qparams16(lo: float, hi: float, signed: bool) -> tuple[np.float32, np.ndarr
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def apply_precision_ladder(ctx: PassContext, model: onnx.ModelProto, plans: list[NodePlan],
-                           planner: QuantizePlanner, opts, result: PassResult, rewriter) -> None:
+def apply_precision_ladder(
+    ctx: PassContext,
+    model: onnx.ModelProto,
+    plans: list[NodePlan],
+    planner: QuantizePlanner,
+    opts,
+    result: PassResult,
+    rewriter,
+) -> None:
     """Apply the requested (and, with auto_precision, searched) rungs and rewrite ``ctx.graph`` with
     ``rewriter`` (the pass's configured ``Rewriter``; trial copies get clones of it)."""
     if not 0.0 < opts.precision_floor_cosine <= 1.0 or opts.sensitivity_samples < 1:
-        raise UsageError(f"precision_floor_cosine must be in (0, 1] and sensitivity_samples >= 1; got "
-                         f"{opts.precision_floor_cosine} and {opts.sensitivity_samples}")
+        raise UsageError(
+            f"precision_floor_cosine must be in (0, 1] and sensitivity_samples >= 1; got "
+            f"{opts.precision_floor_cosine} and {opts.sensitivity_samples}"
+        )
     keys, _ = _keys(ctx.graph)
     domain = _int16_domain(ctx)
     rungs = _requested_rungs(opts, plans, keys, result)
     if domain is None and "int16" in rungs.values():
-        result.notes.append(f"16-bit activations need opset >= 21 (or a model that imports com.microsoft); this "
-                            f"model is opset {ctx.opset}, so the int16_activation_nodes move one rung up "
-                            "(int8 weights only; float where there is no weight)")
+        result.notes.append(
+            f"16-bit activations need opset >= 21 (or a model that imports com.microsoft); this "
+            f"model is opset {ctx.opset}, so the int16_activation_nodes move one rung up "
+            "(int8 weights only; float where there is no weight)"
+        )
         rungs = {k: ("weight_only" if r == "int16" else r) for k, r in rungs.items()}
     rungs = _normalize(rungs, plans, keys)
     if opts.auto_precision:
@@ -273,8 +304,9 @@ class _Search:
         g = self.ctx.graph.copy()
         c = self.ctx.for_graph(g)
         scratch = PassResult()
-        planner = QuantizePlanner(self.planner.opts, self.planner.types, self.planner.per_channel, scratch,
-                                  self.planner.shapes)
+        planner = QuantizePlanner(
+            self.planner.opts, self.planner.types, self.planner.per_channel, scratch, self.planner.shapes
+        )
         keys, _ = _keys(g)
         plans = _adjust(planner.plan(g), rungs, keys, planner, g)
         _restore_float_biases(g, rungs, self.originals, c.names)
@@ -311,27 +343,34 @@ class _Search:
         rungs = dict(start)
         layers = self.layers(start)
         base = self.cosine(rungs)
-        res.notes.append(f"auto_precision: output cosine {base:.6f} with the requested rungs "
-                         f"(floor {floor}; {len(self.engine.feeds)} calibration samples)")
+        res.notes.append(
+            f"auto_precision: output cosine {base:.6f} with the requested rungs "
+            f"(floor {floor}; {len(self.engine.feeds)} calibration samples)"
+        )
         if base >= floor or not layers:
             res.count("sensitivity_sessions", self.engine.sessions)
             return rungs
         # Probe: each layer quantized alone (the rest float); beyond the cap, the layers nearest the outputs.
-        probed = layers[-self.opts.max_sensitivity_layers:] if self.opts.max_sensitivity_layers > 0 else []
+        probed = layers[-self.opts.max_sensitivity_layers :] if self.opts.max_sensitivity_layers > 0 else []
         if len(probed) < len(layers):
-            res.notes.append(f"auto_precision: probed the {len(probed)} layers nearest the outputs of "
-                             f"{len(layers)} (max_sensitivity_layers)")
+            res.notes.append(
+                f"auto_precision: probed the {len(probed)} layers nearest the outputs of "
+                f"{len(layers)} (max_sensitivity_layers)"
+            )
         everything_float = {lay.key: "float" for lay in layers}
         by_key = {lay.key: lay for lay in probed}
         damages = self.engine.probe(
             [lay.key for lay in probed],
             lambda k: self.build({**everything_float, k: start.get(k, by_key[k].floor)}),
-            on_result=lambda k, d: res.count("layers_probed"))
+            on_result=lambda k, d: res.count("layers_probed"),
+        )
         for lay in probed:
             lay.damage = damages[lay.key].loss
         ranked = sorted(probed, key=lambda lay: -lay.damage)
-        res.notes.append("auto_precision: most sensitive layers: " + ", ".join(
-            f"{lay.name or lay.op} (cosine alone {1 - lay.damage:.6f})" for lay in ranked[:5]))
+        res.notes.append(
+            "auto_precision: most sensitive layers: "
+            + ", ".join(f"{lay.name or lay.op} (cosine alone {1 - lay.damage:.6f})" for lay in ranked[:5])
+        )
         current = base
         for lay in ranked:  # greedy: a move is kept only if it helps; stop once the floor holds
             if current >= floor:
@@ -340,8 +379,10 @@ class _Search:
             best_rung, best, rung = was, current, was
             while (rung := self.next_rung(lay, rung)) is not None:
                 got = self.cosine({**rungs, lay.key: rung})
-                res.notes.append(f"auto_precision: tried {lay.name or lay.op} {was} -> {rung}: output cosine "
-                                 f"{current:.6f} -> {got:.6f}")
+                res.notes.append(
+                    f"auto_precision: tried {lay.name or lay.op} {was} -> {rung}: output cosine "
+                    f"{current:.6f} -> {got:.6f}"
+                )
                 if got > best:
                     best_rung, best = rung, got
                 if got >= floor:
@@ -351,8 +392,10 @@ class _Search:
                 current = best
                 res.notes.append(f"auto_precision: {lay.name or lay.op} moved {was} -> {best_rung}")
         if current < floor:
-            res.notes.append(f"auto_precision: the floor {floor} was not reached (output cosine {current:.6f} "
-                             "after moving every probed layer up); raise max_sensitivity_layers or add float_nodes")
+            res.notes.append(
+                f"auto_precision: the floor {floor} was not reached (output cosine {current:.6f} "
+                "after moving every probed layer up); raise max_sensitivity_layers or add float_nodes"
+            )
         res.stats["output_cosine"] = round(current, 6)
         res.count("sensitivity_sessions", self.engine.sessions)
         return rungs
@@ -360,12 +403,14 @@ class _Search:
 
 def _cloner(proto):
     """A factory of rewriters configured like ``proto`` (attributes the pass set after construction kept)."""
+
     def make(ctx: PassContext, result: PassResult):
         rw = type(proto)(ctx, result, proto.qparams, proto.opts, proto.types)
         for k, v in vars(proto).items():
             if k not in vars(rw):
                 setattr(rw, k, v)
         return rw
+
     return make
 
 
@@ -377,12 +422,15 @@ def _original_constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
         out.update({t.name: t for t in g.initializer})
         for n in g.node:
             if n.op_type == "Constant" and not n.domain:
-                out.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+                for a in n.attribute:
+                    if a.name == "value":
+                        out[n.output[0]] = a.t
     return out
 
 
-def _restore_float_biases(root: gs.Graph, rungs: dict[Key, str], originals: dict[str, onnx.TensorProto],
-                          names: Names) -> None:
+def _restore_float_biases(
+    root: gs.Graph, rungs: dict[Key, str], originals: dict[str, onnx.TensorProto], names: Names
+) -> None:
     """Float-rung nodes get back the bias they had before bias correction (their weights stay float, so the
     correction for weight rounding would be an error). A corrected bias is the same name changed in place or a
     private ``<name>_corrected`` copy; a changed one is replaced by a new constant (never mutated: the graph may

@@ -14,15 +14,24 @@ so the runtime keeps the chain in int8).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import onnx_graphsurgeon as gs
 
 from onnxslim.calibration_stats import ConvPatches
 
-__all__ = ["QuantOp", "OPS", "DEFAULT_OP_TYPES", "TRANSPARENT", "ops_with_role", "weight_axis", "input_axis",
-           "gram_request", "FOLLOWING_ADD"]
+__all__ = [
+    "QuantOp",
+    "OPS",
+    "DEFAULT_OP_TYPES",
+    "TRANSPARENT",
+    "ops_with_role",
+    "weight_axis",
+    "input_axis",
+    "gram_request",
+    "FOLLOWING_ADD",
+]
 
 FOLLOWING_ADD = -1  # ``QuantOp.bias``: the bias is the constant of the Add that alone reads the output (MatMul)
 
@@ -84,8 +93,12 @@ def _rnn_gptq(node, i, shape):
     x = node.inputs[0]
     if i == 1 and x.name:
         return (2,), x.name, -1
-    if i == 2 and node.outputs and node.outputs[0].name and (
-            node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1):
+    if (
+        i == 2
+        and node.outputs
+        and node.outputs[0].name
+        and (node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1)
+    ):
         return (2,), node.outputs[0].name, -1
     return None
 
@@ -115,14 +128,28 @@ def _gather_axis(node, rank):
 
 
 OPS: dict[str, QuantOp] = {
-    "Conv": QuantOp("weighted", (1,), axis=lambda n, r: 0 if r >= 2 else None, bias=2, in_axis=lambda n: 1,
-                    gptq=_conv_gptq),
-    "ConvTranspose": QuantOp("weighted", (1,), axis=lambda n, r: 1 if r >= 2 and int(n.attrs.get("group", 1)) == 1
-                             else None),
-    "MatMul": QuantOp("weighted", (1,), axis=lambda n, r: r - 1 if r >= 2 else None, bias=FOLLOWING_ADD,
-                      in_axis=lambda n: -1, gptq=_matmul_gptq),
-    "Gemm": QuantOp("weighted", (1,), axis=lambda n, r: (0 if int(n.attrs.get("transB", 0)) else 1) if r == 2 else None,
-                    bias=2, in_axis=_gemm_in_axis, gptq=_gemm_gptq),
+    "Conv": QuantOp(
+        "weighted", (1,), axis=lambda n, r: 0 if r >= 2 else None, bias=2, in_axis=lambda n: 1, gptq=_conv_gptq
+    ),
+    "ConvTranspose": QuantOp(
+        "weighted", (1,), axis=lambda n, r: 1 if r >= 2 and int(n.attrs.get("group", 1)) == 1 else None
+    ),
+    "MatMul": QuantOp(
+        "weighted",
+        (1,),
+        axis=lambda n, r: r - 1 if r >= 2 else None,
+        bias=FOLLOWING_ADD,
+        in_axis=lambda n: -1,
+        gptq=_matmul_gptq,
+    ),
+    "Gemm": QuantOp(
+        "weighted",
+        (1,),
+        axis=lambda n, r: (0 if int(n.attrs.get("transB", 0)) else 1) if r == 2 else None,
+        bias=2,
+        in_axis=_gemm_in_axis,
+        gptq=_gemm_gptq,
+    ),
     "LSTM": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
     "GRU": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
     "RNN": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),

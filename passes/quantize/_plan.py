@@ -64,8 +64,9 @@ class NodePlan:
 
 
 class QuantizePlanner:
-    def __init__(self, opts, types: dict[str, int], per_channel: bool, result: PassResult,
-                 shapes: dict[str, list] | None = None):
+    def __init__(
+        self, opts, types: dict[str, int], per_channel: bool, result: PassResult, shapes: dict[str, list] | None = None
+    ):
         self.opts, self.types, self.per_channel, self.result = opts, types, per_channel, result
         self.shapes = shapes or {}  # inferred shapes by tensor name (dims are int or None)
         self.min_macs = int(getattr(opts, "min_macs_for_activation_quantization", 0) or 0)
@@ -103,8 +104,13 @@ class QuantizePlanner:
         return found[0] if np.dtype(found[0].dtype) == np.float32 else None
 
     def activation_ok(self, t: gs.Tensor) -> bool:
-        return bool(t.name) and not isinstance(t, gs.Constant) and self.constant_of(t) is None \
-            and not _dequantized(t) and self.is_float(t)
+        return (
+            bool(t.name)
+            and not isinstance(t, gs.Constant)
+            and self.constant_of(t) is None
+            and not _dequantized(t)
+            and self.is_float(t)
+        )
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, root: gs.Graph) -> list[NodePlan]:
@@ -146,8 +152,9 @@ class QuantizePlanner:
             self.result.skip(node, "already quantized (its inputs come from DequantizeLinear)", g)
             return None
         if not self.activation_ok(x):
-            self.result.skip(node, f"input '{x.name}' is not a float32 activation (no inferred float type); "
-                                   "it stays float", g)
+            self.result.skip(
+                node, f"input '{x.name}' is not a float32 activation (no inferred float type); it stays float", g
+            )
             return None
         p.activations.append(0)
         weight = self.float_weight(w)
@@ -158,8 +165,9 @@ class QuantizePlanner:
         elif op in ("MatMul", "Gemm") and self.activation_ok(w):
             p.activations.append(1)  # activation x activation (attention scores, context)
         else:
-            self.result.skip(node, f"weight '{w.name}' is neither a float32 constant nor a float activation; "
-                                   "the node stays float", g)
+            self.result.skip(
+                node, f"weight '{w.name}' is neither a float32 constant nor a float activation; the node stays float", g
+            )
             return None
         bias = OPS[op].bias
         if weight is not None and bias is not None and bias >= 0 and len(node.inputs) > bias and node.inputs[bias].name:
@@ -175,12 +183,12 @@ class QuantizePlanner:
         elif weight is not None:
             p.macs = self.macs_per_sample(node, weight)
         if p.macs is not None and p.macs < self.min_macs:
-                # Cost rule: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
-                # saves; int8 weights + float activation still shrink the file.
-                p.activations, p.bias = [], None
-                self.result.count("layers_weight_only_small")
-                if weight is not None:
-                    p.weights = [(1, self.weight_axis(node, weight, weight_only=True))]
+            # Cost rule: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
+            # saves; int8 weights + float activation still shrink the file.
+            p.activations, p.bias = [], None
+            self.result.count("layers_weight_only_small")
+            if weight is not None:
+                p.weights = [(1, self.weight_axis(node, weight, weight_only=True))]
         return p
 
     def shape_of(self, t: gs.Tensor) -> list | None:
@@ -207,8 +215,13 @@ class QuantizePlanner:
 
     def gathered_weight(self, t: gs.Tensor) -> bool:
         src = t.inputs[0] if len(t.inputs) == 1 else None
-        return (src is not None and src.op == "Gather" and not src.domain and "Gather" in self.op_types
-                and self.gather_table(src) is not None)
+        return (
+            src is not None
+            and src.op == "Gather"
+            and not src.domain
+            and "Gather" in self.op_types
+            and self.gather_table(src) is not None
+        )
 
     def gather_table(self, node: gs.Node) -> gs.Constant | None:
         table = self.float_weight(node.inputs[0]) if node.inputs else None
@@ -263,12 +276,18 @@ class QuantizePlanner:
                 if not ins or not all(self.activation_ok(t) for t in ins):
                     continue
 
-                def adjacent(t: gs.Tensor, depth: int = 0) -> bool:
+                def adjacent(t: gs.Tensor, depth: int = 0, g: gs.Graph = g) -> bool:
                     if (id(g), t.name) in planned_acts or any(id(n) in planned_nodes for n in t.inputs):
                         return True
                     src = t.inputs[0] if len(t.inputs) == 1 else None
-                    return (src is not None and src.op in TRANSPARENT and not src.domain and depth < 8
-                            and bool(src.inputs) and adjacent(src.inputs[0], depth + 1))
+                    return (
+                        src is not None
+                        and src.op in TRANSPARENT
+                        and not src.domain
+                        and depth < 8
+                        and bool(src.inputs)
+                        and adjacent(src.inputs[0], depth + 1)
+                    )
 
                 if not all(adjacent(t) for t in ins):
                     continue

@@ -33,7 +33,9 @@ class Rewriter:
         self.act_cache: dict[tuple[int, str], gs.Variable] = {}
         self.made: dict[int, str] = {}  # id of a DQ output this rewriter made -> the activation it stands for
         self.weight_cache: dict[tuple[int, int, int | None], tuple[gs.Variable, np.ndarray]] = {}
-        self.int8_cache: dict[tuple[int, int | None, int | None], tuple[gs.Constant, gs.Constant, gs.Constant, list]] = {}
+        self.int8_cache: dict[
+            tuple[int, int | None, int | None], tuple[gs.Constant, gs.Constant, gs.Constant, list]
+        ] = {}
         self.replaced: dict[int, tuple[gs.Constant, gs.Node | None, gs.Graph | None]] = {}
 
     def fresh(self, base: str) -> str:
@@ -48,8 +50,12 @@ class Rewriter:
                     x_scales[i] = self.qparams[self.made[id(t)]][0]
                     continue
                 if t.name not in self.qparams:
-                    self.result.skip(p.node, f"input '{t.name}' has no calibration statistics (not reached by the "
-                                             "calibration data); it stays float", p.graph)
+                    self.result.skip(
+                        p.node,
+                        f"input '{t.name}' has no calibration statistics (not reached by the "
+                        "calibration data); it stays float",
+                        p.graph,
+                    )
                     continue
                 p.node.inputs[i] = self.dequantized_activation(p.graph, t)
                 x_scales[i] = self.qparams[t.name][0]
@@ -66,8 +72,9 @@ class Rewriter:
             home = self.ctx.graph if weight_only and (cast_mul or p.node.op == "Gather") else p.graph
             for i, axis in p.weights:
                 const, const_node, owner = planner.constant_of(p.node.inputs[i])
-                dq, w_scale = self.dequantized_weight(home, p.node, const, axis, local and home is p.graph,
-                                                      cast_mul=cast_mul)
+                dq, w_scale = self.dequantized_weight(
+                    home, p.node, const, axis, local and home is p.graph, cast_mul=cast_mul
+                )
                 self.replaced[id(const)] = (const, const_node, owner)
                 p.node.inputs[i] = dq
             if p.bias is not None and w_scale is not None and 0 in x_scales:
@@ -89,9 +96,12 @@ class Rewriter:
         z = gs.Constant(self.fresh(f"{base}_zero_point"), zp)
         q = gs.Variable(self.fresh(f"{base}_quantized"), dtype=zp.dtype, shape=t.shape)
         dq = gs.Variable(self.fresh(f"{base}_dequantized"), dtype=np.float32, shape=t.shape)
-        graph.nodes.append(gs.Node("QuantizeLinear", self.fresh(f"{base}_QuantizeLinear"), inputs=[t, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), inputs=[q, s, z],
-                                   outputs=[dq]))
+        graph.nodes.append(
+            gs.Node("QuantizeLinear", self.fresh(f"{base}_QuantizeLinear"), inputs=[t, s, z], outputs=[q])
+        )
+        graph.nodes.append(
+            gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), inputs=[q, s, z], outputs=[dq])
+        )
         self.act_cache[key] = dq
         self.made[id(dq)] = t.name
         self.result.count("activations_quantized")
@@ -112,15 +122,28 @@ class Rewriter:
                 s = gs.Constant(self.fresh(f"{out.name}_scale"), np.array(scale, dtype=np.float32))
                 z = gs.Constant(self.fresh(f"{out.name}_zero_point"), zp)
                 q = gs.Variable(self.fresh(f"{out.name}_quantized"), dtype=zp.dtype, shape=out.shape)
-                main.nodes.append(gs.Node("QuantizeLinear", self.fresh(f"{out.name}_QuantizeLinear"),
-                                          inputs=[inner, s, z], outputs=[q]))
-                main.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{out.name}_DequantizeLinear"),
-                                          inputs=[q, s, z], outputs=[out]))
+                main.nodes.append(
+                    gs.Node(
+                        "QuantizeLinear", self.fresh(f"{out.name}_QuantizeLinear"), inputs=[inner, s, z], outputs=[q]
+                    )
+                )
+                main.nodes.append(
+                    gs.Node(
+                        "DequantizeLinear", self.fresh(f"{out.name}_DequantizeLinear"), inputs=[q, s, z], outputs=[out]
+                    )
+                )
                 self.result.count("outputs_quantized")
 
     # -------------------------------------------------------------------------------- weights
-    def dequantized_weight(self, graph: gs.Graph, node: gs.Node, const: gs.Constant, axis: int | None,
-                           local: bool = False, cast_mul: bool = False) -> tuple[gs.Variable, np.ndarray]:
+    def dequantized_weight(
+        self,
+        graph: gs.Graph,
+        node: gs.Node,
+        const: gs.Constant,
+        axis: int | None,
+        local: bool = False,
+        cast_mul: bool = False,
+    ) -> tuple[gs.Variable, np.ndarray]:
         key = (id(graph), id(const), axis, cast_mul)
         if key in self.weight_cache:
             return self.weight_cache[key]
@@ -133,11 +156,13 @@ class Rewriter:
                 self.weights = WeightQuantizer(self.weight_qmax)
             q, scale = self.weights.quantize(w, axis)
             base = const.name
-            self.int8_cache[ckey] = (gs.Constant(self.fresh(f"{base}_int8"), q),
-                                     gs.Constant(self.fresh(f"{base}_scale"), scale),
-                                     # explicit zero points: onnxruntime's QGemm fusion needs them
-                                     gs.Constant(self.fresh(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)),
-                                     list(w.shape))
+            self.int8_cache[ckey] = (
+                gs.Constant(self.fresh(f"{base}_int8"), q),
+                gs.Constant(self.fresh(f"{base}_scale"), scale),
+                # explicit zero points: onnxruntime's QGemm fusion needs them
+                gs.Constant(self.fresh(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)),
+                list(w.shape),
+            )
             self.result.count("weights_quantized")
             self.result.count("weight_bytes_int8", q.nbytes + scale.nbytes + scale.size)
         qc, sc, zc, shape = self.int8_cache[ckey]
@@ -147,13 +172,21 @@ class Rewriter:
             self.weight_cache[key] = (dq, sc.values)
             return dq, sc.values
         attrs = {"axis": int(axis)} if axis is not None else {}
-        graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{const.name}_DequantizeLinear"), attrs=attrs,
-                                   inputs=[qc, sc, zc], outputs=[dq]))
+        graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear",
+                self.fresh(f"{const.name}_DequantizeLinear"),
+                attrs=attrs,
+                inputs=[qc, sc, zc],
+                outputs=[dq],
+            )
+        )
         self.weight_cache[key] = (dq, sc.values)
         return dq, sc.values
 
-    def cast_mul_weight(self, graph: gs.Graph, base: str, qc: gs.Constant, sc: gs.Constant, axis: int | None,
-                        out: gs.Variable) -> None:
+    def cast_mul_weight(
+        self, graph: gs.Graph, base: str, qc: gs.Constant, sc: gs.Constant, axis: int | None, out: gs.Variable
+    ) -> None:
         """out = float(int8) * scale, the scale shaped to broadcast along ``axis``: the same values as
         DequantizeLinear, at any opset, and a pure function of initializers, so onnxruntime folds it into a
         float weight when the session loads."""
@@ -164,15 +197,21 @@ class Rewriter:
             scale = scale.reshape(shape)
         s = gs.Constant(self.fresh(f"{base}_scale_broadcast"), np.ascontiguousarray(scale, dtype=np.float32))
         cast = gs.Variable(self.fresh(f"{base}_int8_as_float"), dtype=np.float32, shape=list(qc.shape))
-        graph.nodes.append(gs.Node("Cast", self.fresh(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT},
-                                   inputs=[qc], outputs=[cast]))
+        graph.nodes.append(
+            gs.Node(
+                "Cast", self.fresh(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[qc], outputs=[cast]
+            )
+        )
         graph.nodes.append(gs.Node("Mul", self.fresh(f"{base}_Mul"), inputs=[cast, s], outputs=[out]))
 
     def quantize_bias(self, p: NodePlan, b_t: gs.Constant, x_scale: np.float32, w_scale: np.ndarray) -> bool:
         b = peek_values(b_t).astype(np.float32)
         if b.ndim != 1 or (w_scale.ndim == 1 and b.shape[0] != w_scale.shape[0]):
-            self.result.skip(p.node, f"bias '{b_t.name}' shape {list(b.shape)} does not match the weight "
-                                     "channels; it stays float", p.graph)
+            self.result.skip(
+                p.node,
+                f"bias '{b_t.name}' shape {list(b.shape)} does not match the weight channels; it stays float",
+                p.graph,
+            )
             return False
         got = quantize_bias(b, x_scale, w_scale)
         if got is None:
@@ -186,8 +225,11 @@ class Rewriter:
         attrs = {"axis": 0} if scale.ndim == 1 else {}
         # No zero point (it defaults to 0): an int32 one per channel would cost as much as the bias itself
         # (mobilenet-style depthwise layers: 9 weight bytes per channel), and onnxruntime fuses either way.
-        p.graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), attrs=attrs,
-                                     inputs=[qc, sc], outputs=[dq]))
+        p.graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), attrs=attrs, inputs=[qc, sc], outputs=[dq]
+            )
+        )
         p.node.inputs[p.bias] = dq
         self.result.count("biases_quantized")
         self.result.count("weight_bytes_int8", q.nbytes + scale.nbytes)  # int32 values + float scale

@@ -106,8 +106,12 @@ class EqualizeCrossLayer(Pass):
     @dataclass
     class Options:
         max_sweeps: int = field(default=50, metadata={"help": "sweeps over the pairs (chains need several)"})
-        tolerance: float = field(default=1e-3, metadata={
-            "help": "a pair counts as changed when some |log s_i| exceeds this (sweeps continue to tolerance/100)"})
+        tolerance: float = field(
+            default=1e-3,
+            metadata={
+                "help": "a pair counts as changed when some |log s_i| exceeds this (sweeps continue to tolerance/100)"
+            },
+        )
 
         def validate(self) -> str | None:
             if self.max_sweeps < 1:

@@ -60,9 +60,9 @@ from onnxslim.pass_base import Pass, PassContext, PassResult
 from ._bias_correction import bias_correction_means, correct_biases
 from ._gptq import WeightQuantizer, gptq_requests
 from ._hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
+from ._ladder import apply_precision_ladder
 from ._math import WEIGHT_QMAX, activation_qparams
 from ._ops import DEFAULT_OP_TYPES
-from ._ladder import apply_precision_ladder
 from ._plan import QuantizePlanner
 from ._rewrite import Rewriter
 
@@ -72,7 +72,6 @@ __all__ = ["QuantizeInt8Static"]
 RangeMethodName = Literal[("auto", *RANGE_METHODS)]
 
 log = logging.getLogger(__name__)
-
 
 
 class QuantizeInt8Static(Pass):
@@ -87,79 +86,137 @@ class QuantizeInt8Static(Pass):
     @dataclass
     class Options:
         activations: Literal["auto", "uint8", "int8"] = field(
-            default="auto", metadata={"help": "activation type: uint8 (affine; fastest on x86) or int8 (s8s8; ARM); "
-                                              "auto = from target"})
+            default="auto",
+            metadata={
+                "help": "activation type: uint8 (affine; fastest on x86) or int8 (s8s8; ARM); auto = from target"
+            },
+        )
         weights_per_channel: bool = field(
-            default=True, metadata={"help": "one weight scale per output channel (opset >= 13; else per tensor)"})
+            default=True, metadata={"help": "one weight scale per output channel (opset >= 13; else per tensor)"}
+        )
         range_method: RangeMethodName = field(
-            default="auto", metadata={"help": "activation range from calibration; auto = minmax (weights are "
-                                              "always minmax)"})
+            default="auto",
+            metadata={"help": "activation range from calibration; auto = minmax (weights are always minmax)"},
+        )
         percentile: float = field(default=99.999, metadata={"help": "percentile for range_method=percentile"})
         exclude_nodes: list[str] = field(default_factory=list, metadata={"help": "node names to keep float"})
         exclude_op_types: list[str] = field(default_factory=list, metadata={"help": "op types to keep float"})
         op_types: list[str] = field(
             default_factory=lambda: list(DEFAULT_OP_TYPES),
-            metadata={"help": "op types to quantize (Conv/ConvTranspose/MatMul/Gemm fully; LSTM/GRU/RNN/Gather "
-                              "weights only; Add/Mul/Concat/pooling/Resize as pass-through between quantized nodes)"})
+            metadata={
+                "help": "op types to quantize (Conv/ConvTranspose/MatMul/Gemm fully; LSTM/GRU/RNN/Gather "
+                "weights only; Add/Mul/Concat/pooling/Resize as pass-through between quantized nodes)"
+            },
+        )
         keep_float_outputs: bool = field(
-            default=True, metadata={"help": "never put Q/DQ on a graph output (the logits stay float); false "
-                                            "quantizes outputs of quantized nodes so the last op fuses too"})
+            default=True,
+            metadata={
+                "help": "never put Q/DQ on a graph output (the logits stay float); false "
+                "quantizes outputs of quantized nodes so the last op fuses too"
+            },
+        )
         min_macs_for_activation_quantization: int = field(
-            default=1024, metadata={"help": "Conv/MatMul/Gemm layers with fewer multiply-accumulates per sample "
-                                            "(weight elements x output positions) get int8 weights only, float "
-                                            "activations: their Q/DQ costs more than the int8 kernel saves; "
-                                            "0 = quantize every layer fully"})
+            default=1024,
+            metadata={
+                "help": "Conv/MatMul/Gemm layers with fewer multiply-accumulates per sample "
+                "(weight elements x output positions) get int8 weights only, float "
+                "activations: their Q/DQ costs more than the int8 kernel saves; "
+                "0 = quantize every layer fully"
+            },
+        )
         weight_only_encoding: Literal["cast_mul", "dequantize_linear"] = field(
-            default="cast_mul", metadata={"help": "how int8 weights of weights-only layers (LSTM/GRU/RNN, Gather "
-                                                  "tables, small or weight_only layers) are stored: cast_mul = "
-                                                  "Cast + Mul by a per-channel scale (any opset; onnxruntime "
-                                                  "folds it into a float weight at load, so the layer runs at "
-                                                  "fp32 speed); dequantize_linear = DequantizeLinear (per "
-                                                  "channel needs opset >= 13)"})
+            default="cast_mul",
+            metadata={
+                "help": "how int8 weights of weights-only layers (LSTM/GRU/RNN, Gather "
+                "tables, small or weight_only layers) are stored: cast_mul = "
+                "Cast + Mul by a per-channel scale (any opset; onnxruntime "
+                "folds it into a float weight at load, so the layer runs at "
+                "fp32 speed); dequantize_linear = DequantizeLinear (per "
+                "channel needs opset >= 13)"
+            },
+        )
         weight_rounding: Literal["gptq", "nearest"] = field(
-            default="gptq", metadata={"help": "int8 weight values: gptq = GPTQ, rounded column by column with the "
-                                              "error pushed onto later columns to minimize the layer's output "
-                                              "error on calibration data (MatMul/Gemm, group-1 Conv, "
-                                              "LSTM/GRU/RNN); nearest = round to nearest"})
+            default="gptq",
+            metadata={
+                "help": "int8 weight values: gptq = GPTQ, rounded column by column with the "
+                "error pushed onto later columns to minimize the layer's output "
+                "error on calibration data (MatMul/Gemm, group-1 Conv, "
+                "LSTM/GRU/RNN); nearest = round to nearest"
+            },
+        )
         gptq_damping: float = field(
-            default=0.01, metadata={"help": "GPTQ: added to the diagonal of E[x x^T], relative to its mean"})
+            default=0.01, metadata={"help": "GPTQ: added to the diagonal of E[x x^T], relative to its mean"}
+        )
         gptq_max_gram_mb: int = field(
-            default=1024, metadata={"help": "GPTQ: memory for the input Gram matrices (8 C^2 bytes per C-feature "
-                                            "input) while calibrating; inputs past it are rounded to nearest"})
+            default=1024,
+            metadata={
+                "help": "GPTQ: memory for the input Gram matrices (8 C^2 bytes per C-feature "
+                "input) while calibrating; inputs past it are rounded to nearest"
+            },
+        )
         allow_nothing: bool = field(
-            default=False, metadata={"help": "accept a model with nothing to quantize (else it is an error)"})
+            default=False, metadata={"help": "accept a model with nothing to quantize (else it is an error)"}
+        )
         # --- hardware-aware defaults and bias correction (_quantize_hardware, _quantize_bias_correction)
         target: Literal["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"] = field(
-            default="auto", metadata={"help": "CPU the model will run on: sets reduce_range (x86-avx2) and the "
-                                              "activation type (uint8 on x86, int8 on ARM); auto = this machine"})
+            default="auto",
+            metadata={
+                "help": "CPU the model will run on: sets reduce_range (x86-avx2) and the "
+                "activation type (uint8 on x86, int8 on ARM); auto = this machine"
+            },
+        )
         reduce_range: bool | None = field(
-            default=None, metadata={"help": "7-bit weights [-64, 63] (avoids int16 saturation of u8s8 on x86 "
-                                            "without VNNI); unset = from target"})
+            default=None,
+            metadata={
+                "help": "7-bit weights [-64, 63] (avoids int16 saturation of u8s8 on x86 "
+                "without VNNI); unset = from target"
+            },
+        )
         bias_correction: bool = field(
-            default=True, metadata={"help": "shift each quantized Conv/Gemm/MatMul bias by -(W_q - W) E[x] "
-                                             "(E[x] from calibration) to cancel the mean weight-rounding error"})
+            default=True,
+            metadata={
+                "help": "shift each quantized Conv/Gemm/MatMul bias by -(W_q - W) E[x] "
+                "(E[x] from calibration) to cancel the mean weight-rounding error"
+            },
+        )
 
         # --- precision ladder per node and auto_precision search (_quantize_ladder)
         int16_activation_nodes: list[str] = field(
-            default_factory=list, metadata={"help": "nodes given int8 weights + 16-bit activations (names, globs, "
-                                                    "re:REGEX or op:OpType; needs opset >= 21 or a com.microsoft "
-                                                    "import, else they get weights only)"})
+            default_factory=list,
+            metadata={
+                "help": "nodes given int8 weights + 16-bit activations (names, globs, "
+                "re:REGEX or op:OpType; needs opset >= 21 or a com.microsoft "
+                "import, else they get weights only)"
+            },
+        )
         weight_only_nodes: list[str] = field(
-            default_factory=list, metadata={"help": "nodes given int8 weights and float activations (names, globs, "
-                                                    "re:REGEX or op:OpType)"})
+            default_factory=list,
+            metadata={"help": "nodes given int8 weights and float activations (names, globs, re:REGEX or op:OpType)"},
+        )
         float_nodes: list[str] = field(
-            default_factory=list, metadata={"help": "nodes kept float (names, globs, re:REGEX or op:OpType)"})
+            default_factory=list, metadata={"help": "nodes kept float (names, globs, re:REGEX or op:OpType)"}
+        )
         auto_precision: bool = field(
-            default=False, metadata={"help": "measure each layer's damage to the outputs on calibration data and "
-                                             "move the worst up the ladder (int16 act -> weights only -> float) "
-                                             "until precision_floor_cosine holds"})
+            default=False,
+            metadata={
+                "help": "measure each layer's damage to the outputs on calibration data and "
+                "move the worst up the ladder (int16 act -> weights only -> float) "
+                "until precision_floor_cosine holds"
+            },
+        )
         precision_floor_cosine: float = field(
-            default=0.999, metadata={"help": "auto_precision: output cosine (float vs quantized) to reach"})
+            default=0.999, metadata={"help": "auto_precision: output cosine (float vs quantized) to reach"}
+        )
         max_sensitivity_layers: int = field(
-            default=24, metadata={"help": "auto_precision: most layers probed one by one (the ones nearest the "
-                                          "outputs when there are more)"})
+            default=24,
+            metadata={
+                "help": "auto_precision: most layers probed one by one (the ones nearest the "
+                "outputs when there are more)"
+            },
+        )
         sensitivity_samples: int = field(
-            default=16, metadata={"help": "auto_precision: calibration samples the outputs are compared on"})
+            default=16, metadata={"help": "auto_precision: calibration samples the outputs are compared on"}
+        )
 
         def validate(self) -> str | None:
             if not 50.0 < self.percentile <= 100.0:
@@ -175,15 +232,19 @@ class QuantizeInt8Static(Pass):
         result = PassResult()
         opts = self.options
         if ctx.opset < 10:
-            raise UsageError(f"{self.name}: QuantizeLinear needs opset >= 10 and this model uses opset {ctx.opset}; "
-                             "convert it first (onnx.version_converter)")
+            raise UsageError(
+                f"{self.name}: QuantizeLinear needs opset >= 10 and this model uses opset {ctx.opset}; "
+                "convert it first (onnx.version_converter)"
+            )
         # The graph is in topological order here (the pipeline sorts it after every pass; a file's order is).
         model = export_standalone(ctx.graph, ctx.opset)  # the graph as it is now, for calibration
         types, shapes = _inferred_types(model)
         per_channel = opts.weights_per_channel and ctx.opset >= 13
         if opts.weights_per_channel and not per_channel:
-            result.notes.append(f"opset {ctx.opset} < 13: per-tensor weight scales (DequantizeLinear has no "
-                                "axis attribute before opset 13)")
+            result.notes.append(
+                f"opset {ctx.opset} < 13: per-tensor weight scales (DequantizeLinear has no "
+                "axis attribute before opset 13)"
+            )
         planner = QuantizePlanner(opts, types, per_channel, result, shapes)
         plans = planner.plan(ctx.graph)
         if not plans:
@@ -191,12 +252,19 @@ class QuantizeInt8Static(Pass):
             if opts.allow_nothing:
                 result.notes.append(f"nothing to quantize: {why}")
                 return result
-            raise UsageError(f"{self.name}: nothing to quantize in this model: {why}; pass allow_nothing=true "
-                             "to accept an unchanged model")
+            raise UsageError(
+                f"{self.name}: nothing to quantize in this model: {why}; pass allow_nothing=true "
+                "to accept an unchanged model"
+            )
         names = {n for p in plans for n in p.activation_names()}
         if not opts.keep_float_outputs:
-            names.update(o.name for p in plans if p.graph is ctx.graph and p.activations
-                         for o in p.node.outputs if o in ctx.graph.outputs and planner.is_float(o))
+            names.update(
+                o.name
+                for p in plans
+                if p.graph is ctx.graph and p.activations
+                for o in p.node.outputs
+                if o in ctx.graph.outputs and planner.is_float(o)
+            )
         names = sorted(names)
         # --- hardware-aware defaults, one calibration run, weight rounding, bias correction
         hw = resolve_hardware(opts.target, opts.reduce_range, opts.activations)
@@ -224,8 +292,10 @@ class QuantizeInt8Static(Pass):
             result.count("weights_gptq_rounded", weights.gptq_weights)
         result.modified = bool(result.stats.get("weights_quantized") or result.stats.get("activations_quantized"))
         if not result.modified and not opts.allow_nothing:
-            raise UsageError(f"{self.name}: nothing could be quantized in this model (see the skips); pass "
-                             "allow_nothing=true to accept an unchanged model")
+            raise UsageError(
+                f"{self.name}: nothing could be quantized in this model (see the skips); pass "
+                "allow_nothing=true to accept an unchanged model"
+            )
         return result
 
     def _gram_budget(self, requests: list, shapes: dict[str, list], result: PassResult) -> dict[str, int]:
@@ -234,15 +304,18 @@ class QuantizeInt8Static(Pass):
         grams: dict[str, int] = {}
         budget = self.options.gptq_max_gram_mb * 2**20
         left_out = 0
-        for node, i, axis, in_axes, x, x_axis in requests:
+        for *_, x, x_axis in requests:
             if x in grams:
                 if grams[x] != x_axis:
                     left_out += 1  # the same tensor read along another axis (Gemm transA): rare
                 continue
             shape = shapes.get(x)
             if isinstance(x_axis, ConvPatches):
-                c = shape[1] * int(np.prod(x_axis.kernel)) if shape and len(shape) > 1 \
-                    and isinstance(shape[1], int) else None
+                c = (
+                    shape[1] * int(np.prod(x_axis.kernel))
+                    if shape and len(shape) > 1 and isinstance(shape[1], int)
+                    else None
+                )
             else:
                 c = shape[x_axis] if shape and -len(shape) <= x_axis < len(shape) else None
             if not isinstance(c, int) or c <= 0 or 8 * c * c > budget:
@@ -251,12 +324,15 @@ class QuantizeInt8Static(Pass):
             budget -= 8 * c * c
             grams[x] = x_axis
         if left_out:
-            result.notes.append(f"GPTQ: {left_out} weight(s) rounded to nearest (input feature count unknown or "
-                                f"past gptq_max_gram_mb={self.options.gptq_max_gram_mb})")
+            result.notes.append(
+                f"GPTQ: {left_out} weight(s) rounded to nearest (input feature count unknown or "
+                f"past gptq_max_gram_mb={self.options.gptq_max_gram_mb})"
+            )
         return grams
 
-    def _collect(self, ctx: PassContext, model: onnx.ModelProto, names: list[str], means: dict[str, int],
-                 grams: dict[str, int]):
+    def _collect(
+        self, ctx: PassContext, model: onnx.ModelProto, names: list[str], means: dict[str, int], grams: dict[str, int]
+    ):
         """Everything the pass needs from the calibration data (activation ranges, bias-correction means, GPTQ
         Gram matrices) as ONE request: one run over the data."""
         if not (names or means or grams):
@@ -264,12 +340,19 @@ class QuantizeInt8Static(Pass):
         if ctx.calibration is None:
             raise UsageError(f"{self.name} needs calibration data; give --calib DIR (or calibration=...)")
         method = "minmax" if self.options.range_method == "auto" else self.options.range_method
-        return ctx.statistics(StatisticsRequest(
-            tensors=tuple(names), means=means, grams=grams,
-            histograms=frozenset(names) if RANGE_METHODS[method].needs_histogram else frozenset()), model=model)
+        return ctx.statistics(
+            StatisticsRequest(
+                tensors=tuple(names),
+                means=means,
+                grams=grams,
+                histograms=frozenset(names) if RANGE_METHODS[method].needs_histogram else frozenset(),
+            ),
+            model=model,
+        )
 
-    def _activation_qparams(self, stats, names: list[str], result: PassResult,
-                            signed: bool | None = None) -> dict[str, tuple[np.float32, np.ndarray]]:
+    def _activation_qparams(
+        self, stats, names: list[str], result: PassResult, signed: bool | None = None
+    ) -> dict[str, tuple[np.float32, np.ndarray]]:
         if signed is None:
             signed = self.options.activations == "int8"
         method = "minmax" if self.options.range_method == "auto" else self.options.range_method
@@ -304,8 +387,10 @@ def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, l
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types.setdefault(vi.name, vi.type.tensor_type.elem_type)
                 if vi.type.tensor_type.HasField("shape"):
-                    shapes.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None
-                                                for d in vi.type.tensor_type.shape.dim])
+                    shapes.setdefault(
+                        vi.name,
+                        [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim],
+                    )
         for t in g.initializer:
             types.setdefault(t.name, t.data_type)
     return types, shapes

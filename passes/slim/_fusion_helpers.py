@@ -28,8 +28,15 @@ class FusionPass(Pass):
         raise NotImplementedError
 
 
-def per_channel_operand(edit: GraphEditor, conv: gs.Node, node: gs.Node, other: gs.Tensor, *,
-                        scales_weight: bool = True, kind: str = "per output channel"):
+def per_channel_operand(
+    edit: GraphEditor,
+    conv: gs.Node,
+    node: gs.Node,
+    other: gs.Tensor,
+    *,
+    scales_weight: bool = True,
+    kind: str = "per output channel",
+):
     """``(w, b, cout, vec)`` when ``node`` is the Conv's sole reader and ``other`` a per-output-channel
     constant of the weight's dtype (``vec`` has ``cout`` entries); otherwise the reason it is not."""
     if not edit.owns(conv) or edit.sole_consumer(conv.outputs[0]) is not node:

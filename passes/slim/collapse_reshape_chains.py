@@ -117,8 +117,9 @@ class CollapseReshapeChains(FusionPass):
                 else:
                     return f"target dim {i} is 0 and the intermediate dim is unknown"
             if new != s2:
-                self._set_input(edit, node, 1,
-                                edit.new_constant(f"{node.name or 'Reshape'}_shape", np.asarray(new, np.int64)))
+                self._set_input(
+                    edit, node, 1, edit.new_constant(f"{node.name or 'Reshape'}_shape", np.asarray(new, np.int64))
+                )
         self._skip_prev(edit, prev, node)
         return None
 
@@ -204,7 +205,9 @@ class CollapseReshapeChains(FusionPass):
         free_list = list(free)
         axes = sorted(set(outer) | {free_list[p] for p in inner})
         if opset >= 13 and "axes" not in node.attrs:
-            self._set_input(edit, node, 1, edit.new_constant(f"{node.name or node.op}_axes", np.asarray(axes, np.int64)))
+            self._set_input(
+                edit, node, 1, edit.new_constant(f"{node.name or node.op}_axes", np.asarray(axes, np.int64))
+            )
         else:
             node.attrs["axes"] = axes
         self._skip_prev(edit, prev, node)

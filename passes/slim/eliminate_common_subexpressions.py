@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -28,8 +29,15 @@ __all__ = ["EliminateCommonSubexpressions"]
 
 log = logging.getLogger(__name__)
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                     "Bernoulli", "Dropout"}
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+}
 _KNOWN_DOMAINS = {None, "", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
 
@@ -95,11 +103,17 @@ class EliminateCommonSubexpressions(Pass):
 
     @dataclass
     class Options:
-        max_constant_bytes: int = field(default=65536, metadata={
-            "help": "constants up to this size are compared by value; larger ones only by identity "
-                    "(run share_identical_weights first to make equal large constants one tensor)"})
-        merge_custom_domains: bool = field(default=False, metadata={
-            "help": "also merge ops of custom domains (their kernels may be stateful or random)"})
+        max_constant_bytes: int = field(
+            default=65536,
+            metadata={
+                "help": "constants up to this size are compared by value; larger ones only by identity "
+                "(run share_identical_weights first to make equal large constants one tensor)"
+            },
+        )
+        merge_custom_domains: bool = field(
+            default=False,
+            metadata={"help": "also merge ops of custom domains (their kernels may be stateful or random)"},
+        )
 
         def validate(self) -> str | None:
             return "max_constant_bytes must be >= 0" if self.max_constant_bytes < 0 else None

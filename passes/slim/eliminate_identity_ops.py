@@ -122,8 +122,11 @@ def _reshape(node: gs.Node, ctx: PassContext, opts) -> int | None:
     if target is None:
         # Dynamic target: a no-op only when both shapes are fully static and equal.
         out_shape = _shape(y)
-        ok = out_shape is not None and all(_static(d) for d in in_shape) and list(map(int, in_shape)) == [
-            int(d) if _static(d) else -2 for d in out_shape]
+        ok = (
+            out_shape is not None
+            and all(_static(d) for d in in_shape)
+            and list(map(int, in_shape)) == [int(d) if _static(d) else -2 for d in out_shape]
+        )
         return 0 if ok else None
     if len(target) != len(in_shape):
         return None
@@ -131,7 +134,7 @@ def _reshape(node: gs.Node, ctx: PassContext, opts) -> int | None:
     infer = [i for i, t in enumerate(target) if t == -1]
     if len(infer) > 1:
         return None
-    for i, (t, d) in enumerate(zip(target, in_shape)):
+    for t, d in zip(target, in_shape):
         if t == -1:
             continue
         if t == 0 and not allowzero:
@@ -259,9 +262,13 @@ class EliminateIdentityOps(Pass):
 
     @dataclass
     class Options:
-        ignore_zero_sign: bool = field(default=True, metadata={
-            "help": "remove x+0.0 and x-(-0.0) for floats too, although they turn -0.0 into +0.0 "
-                    "(as onnxsim and OnnxSlim do); false keeps them"})
+        ignore_zero_sign: bool = field(
+            default=True,
+            metadata={
+                "help": "remove x+0.0 and x-(-0.0) for floats too, although they turn -0.0 into +0.0 "
+                "(as onnxsim and OnnxSlim do); false keeps them"
+            },
+        )
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -273,7 +280,7 @@ class EliminateIdentityOps(Pass):
     def run_graph(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return self._run_graph(graph, ctx, _Outputs.of(ctx.graph))
 
-    def _run_graph(self, graph: gs.Graph, ctx: PassContext, scope: "_Outputs") -> PassResult:
+    def _run_graph(self, graph: gs.Graph, ctx: PassContext, scope: _Outputs) -> PassResult:
         result = PassResult()
         local = {id(n) for n in graph.nodes}
         removed: set[int] = set()
@@ -304,7 +311,7 @@ class EliminateIdentityOps(Pass):
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
         return result
 
-    def _bypass(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor, scope: "_Outputs", local: set[int]) -> str | None:
+    def _bypass(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor, scope: _Outputs, local: set[int]) -> str | None:
         """Make y's readers read x and drop the node; a reason when y's name must stay and can't."""
         y = node.outputs[0]
         owners = scope.returned_by.get(id(y), [])
@@ -349,7 +356,7 @@ class _Outputs:
     graph_inputs: set[int] = field(default_factory=set)
 
     @classmethod
-    def of(cls, root: gs.Graph) -> "_Outputs":
+    def of(cls, root: gs.Graph) -> _Outputs:
         out = cls()
         for g in iter_graphs(root):
             for t in g.outputs:

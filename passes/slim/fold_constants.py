@@ -28,7 +28,6 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxslim.graph import tensor_nbytes
-
 from onnxslim.gs_bridge import RawAttribute
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 from onnxslim.runtime import make_session
@@ -37,8 +36,14 @@ __all__ = ["FoldConstants"]
 
 log = logging.getLogger(__name__)
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                     "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 _QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _MAX_ROUNDS = 64
 # onnxruntime's CPU kernels run many 16-bit float ops in float32 and skip the rounding between
@@ -46,12 +51,46 @@ _MAX_ROUNDS = 64
 # move data (no arithmetic) are folded on float16/bfloat16.
 _HALF = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # Types onnxruntime hands back to Python as something else (float8 as uint8) or not at all: never folded.
-_EXOTIC = {getattr(onnx.TensorProto, n) for n in ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
-                                                "FLOAT8E5M2FNUZ", "UINT4", "INT4", "FLOAT4E2M1", "FLOAT8E8M0")
-           if hasattr(onnx.TensorProto, n)}
-_MOVES_DATA = {"Reshape", "Transpose", "Concat", "Gather", "GatherElements", "GatherND", "Slice", "Squeeze",
-               "Unsqueeze", "Identity", "Flatten", "Expand", "Tile", "Split", "Shape", "Size", "Cast",
-               "ConstantOfShape", "Pad", "DepthToSpace", "SpaceToDepth", "ScatterElements", "ScatterND"}
+_EXOTIC = {
+    getattr(onnx.TensorProto, n)
+    for n in (
+        "BFLOAT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2",
+        "FLOAT8E5M2FNUZ",
+        "UINT4",
+        "INT4",
+        "FLOAT4E2M1",
+        "FLOAT8E8M0",
+    )
+    if hasattr(onnx.TensorProto, n)
+}
+_MOVES_DATA = {
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Flatten",
+    "Expand",
+    "Tile",
+    "Split",
+    "Shape",
+    "Size",
+    "Cast",
+    "ConstantOfShape",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "ScatterElements",
+    "ScatterND",
+}
 
 
 def _nbytes(t: gs.Constant) -> int:
@@ -115,9 +154,15 @@ class FoldConstants(Pass):
 
     @dataclass
     class Options:
-        size_threshold: int = field(default=0, metadata={
-            "help": "bytes a single fold may add to the model (new constant minus the node and inputs it removes)"})
-        allow_growth: bool = field(default=False, metadata={"help": "fold even when the model grows by more than size_threshold"})
+        size_threshold: int = field(
+            default=0,
+            metadata={
+                "help": "bytes a single fold may add to the model (new constant minus the node and inputs it removes)"
+            },
+        )
+        allow_growth: bool = field(
+            default=False, metadata={"help": "fold even when the model grows by more than size_threshold"}
+        )
 
         def validate(self) -> str | None:
             if self.size_threshold < 0:
@@ -149,7 +194,10 @@ class FoldConstants(Pass):
                 if not isinstance(out, gs.Variable) or isinstance(out, gs.Constant):
                     continue
                 values = value._values if isinstance(value, gs.Constant) else value
-                if _scopes(out, owner) > 1 and (_nbytes(value) if isinstance(value, gs.Constant) else value.nbytes) > 64:
+                if (
+                    _scopes(out, owner) > 1
+                    and (_nbytes(value) if isinstance(value, gs.Constant) else value.nbytes) > 64
+                ):
                     continue  # read from several subgraphs: an initializer would be stored once per graph
                 node.outputs.clear()
                 g.nodes.remove(node)
@@ -190,16 +238,28 @@ class FoldConstants(Pass):
             if bool(np.asarray(mode.values).reshape(-1)[:1].any()):
                 return "Dropout in training mode is nondeterministic"
         for v in node.attrs.values():
-            if isinstance(v, (gs.Graph, RawAttribute)) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v)):
+            if isinstance(v, (gs.Graph, RawAttribute)) or (
+                isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v)
+            ):
                 return "node has subgraphs or attributes that are not folded"
         if not any(t.name for t in node.outputs):
             return "node has no named outputs"
-        if any(_onnx_type(t) in _EXOTIC for t in node.inputs if isinstance(t, gs.Constant)) \
-                or node.op == "Cast" and int(node.attrs.get("to", 0)) in _EXOTIC \
-                or node.op == "CastLike" and _onnx_type(node.inputs[1]) in _EXOTIC \
-                or isinstance(node.attrs.get("value"), gs.Constant) and _onnx_type(node.attrs["value"]) in _EXOTIC:
+        if (
+            any(_onnx_type(t) in _EXOTIC for t in node.inputs if isinstance(t, gs.Constant))
+            or node.op == "Cast"
+            and int(node.attrs.get("to", 0)) in _EXOTIC
+            or node.op == "CastLike"
+            and _onnx_type(node.inputs[1]) in _EXOTIC
+            or isinstance(node.attrs.get("value"), gs.Constant)
+            and _onnx_type(node.attrs["value"]) in _EXOTIC
+        ):
             return "bfloat16/float8/int4 values are not folded (no exact numpy round trip)"
-        if node.op == "Cast" and int(node.attrs.get("to", 0)) in _HALF or node.op == "CastLike" and _is_half(node.inputs[1]):
+        if (
+            node.op == "Cast"
+            and int(node.attrs.get("to", 0)) in _HALF
+            or node.op == "CastLike"
+            and _is_half(node.inputs[1])
+        ):
             # onnxruntime drops a float->half->float Cast pair it inserts around half ops: no rounding there
             return "Cast to float16/bfloat16 feeding half arithmetic is not folded"
         if node.op not in _MOVES_DATA and any(_is_half(t) for t in node.inputs if t.name):
@@ -222,7 +282,9 @@ class FoldConstants(Pass):
                 growth = self._growth(node, values[id(node)], folding, outputs, owner)
                 if growth > self.options.size_threshold and not self.options.allow_growth:
                     refused.add(id(node))
-                    result.skip(node, f"folding would add {growth} bytes (size_threshold={self.options.size_threshold})", g)
+                    result.skip(
+                        node, f"folding would add {growth} bytes (size_threshold={self.options.size_threshold})", g
+                    )
                     continue
                 keep.append((g, node))
                 growths[id(node)] = growth
@@ -245,15 +307,19 @@ class FoldConstants(Pass):
         return len(cands)
 
     @staticmethod
-    def _growth(node: gs.Node, arrays: list[np.ndarray], folding: set[int], outputs: set[int],
-                owner: dict[int, int]) -> int:
+    def _growth(
+        node: gs.Node, arrays: list[np.ndarray], folding: set[int], outputs: set[int], owner: dict[int, int]
+    ) -> int:
         """Approximate serialized bytes added by the fold: new constants minus the node and freed inputs."""
         added = 0
         for t, arr in zip(node.outputs, arrays):
             if t.name and (t.outputs or id(t) in outputs):
                 added += (arr.nbytes + len(t.name) + 2 * arr.ndim + 8) * _scopes(t, owner)
-        removed = OnnxExporter.export_node(node).ByteSize() if not node.attrs or all(
-            not isinstance(v, RawAttribute) for v in node.attrs.values()) else 0
+        removed = (
+            OnnxExporter.export_node(node).ByteSize()
+            if not node.attrs or all(not isinstance(v, RawAttribute) for v in node.attrs.values())
+            else 0
+        )
         seen: set[int] = set()
         for t in node.inputs:
             if not isinstance(t, gs.Constant) or id(t) in seen or id(t) in outputs:
@@ -265,8 +331,9 @@ class FoldConstants(Pass):
         return added - removed
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, ctx: PassContext, nodes: list[gs.Node], result: PassResult,
-                  refused: set[int]) -> dict[int, list[np.ndarray]]:
+    def _evaluate(
+        self, ctx: PassContext, nodes: list[gs.Node], result: PassResult, refused: set[int]
+    ) -> dict[int, list[np.ndarray]]:
         """Values of the nodes' outputs; a failing batch is split in halves to find the nodes at fault."""
         try:
             got = self._run_nodes(ctx, nodes)
@@ -298,10 +365,18 @@ class FoldConstants(Pass):
             p.name = f"fold_{i}"
             protos.append(p)
             outs.extend(t.name for t in node.outputs if t.name)
-        graph = onnx.helper.make_graph(protos, "fold", [], [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
-                                       initializer=list(inits.values()))
-        opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in (ctx.graph.import_domains or [])
-                  if d.domain in ("", "ai.onnx")] or [onnx.helper.make_opsetid("", ctx.opset)]
+        graph = onnx.helper.make_graph(
+            protos,
+            "fold",
+            [],
+            [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
+            initializer=list(inits.values()),
+        )
+        opsets = [
+            onnx.helper.make_opsetid(d.domain, d.version)
+            for d in (ctx.graph.import_domains or [])
+            if d.domain in ("", "ai.onnx")
+        ] or [onnx.helper.make_opsetid("", ctx.opset)]
         model = onnx.helper.make_model(graph, opset_imports=opsets)
         model.ir_version = max(7, min(onnx.IR_VERSION, onnx.helper.find_min_ir_version_for(opsets)))
         sess = make_session(model, "cpu", optimize=False).session

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,8 +30,21 @@ __all__ = ["FoldShapeComputations"]
 log = logging.getLogger(__name__)
 
 _MAX_ELEMENTS = 64
-_SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity",
-              "Add", "Sub", "Mul", "Div"}
+_SHAPE_OPS = {
+    "Shape",
+    "Size",
+    "Gather",
+    "Slice",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Cast",
+    "Identity",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+}
 _INT_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
 
 
@@ -42,7 +54,7 @@ class _Value:
 
     dtype: np.dtype
     scalar: bool
-    elems: list[Optional[int]]
+    elems: list[int | None]
 
     @property
     def known(self) -> bool:
@@ -125,7 +137,6 @@ class FoldShapeComputations(Pass):
         return removed
 
 
-
 class _Evaluator:
     """Symbolic values of shape computations during one run: ``types`` from shape inference, ``trusted`` the
     tensors whose inferred dims may be relied on, ``values`` what was worked out so far (by tensor id)."""
@@ -137,11 +148,20 @@ class _Evaluator:
     def _value(self, t: gs.Tensor) -> _Value | None:
         if id(t) in self.values:
             return self.values[id(t)]
-        if not isinstance(t, gs.Constant) and len(t.inputs) == 1 and t.inputs[0].op == "Constant" \
-                and isinstance(t.inputs[0].attrs.get("value"), gs.Constant):
+        if (
+            not isinstance(t, gs.Constant)
+            and len(t.inputs) == 1
+            and t.inputs[0].op == "Constant"
+            and isinstance(t.inputs[0].attrs.get("value"), gs.Constant)
+        ):
             t = t.inputs[0].attrs["value"]  # a Constant node's value, before fold_constants made it an initializer
-        if isinstance(t, gs.Constant) and t.dtype is not None and np.dtype(t.dtype) in _INT_DTYPES \
-                and len(t.shape) <= 1 and int(np.prod(t.shape)) <= _MAX_ELEMENTS:
+        if (
+            isinstance(t, gs.Constant)
+            and t.dtype is not None
+            and np.dtype(t.dtype) in _INT_DTYPES
+            and len(t.shape) <= 1
+            and int(np.prod(t.shape)) <= _MAX_ELEMENTS
+        ):
             arr = np.asarray(t.values)
             v = _Value(arr.dtype, arr.ndim == 0, [int(x) for x in arr.reshape(-1)])
             self.values[id(t)] = v
@@ -154,7 +174,7 @@ class _Evaluator:
         v = self._value(t)
         return [int(e) for e in v.elems] if v is not None and v.known else None
 
-    def _dims(self, t: gs.Tensor) -> list[Optional[int]] | None:
+    def _dims(self, t: gs.Tensor) -> list[int | None] | None:
         if isinstance(t, gs.Constant):
             return [int(d) for d in t.shape]
         if id(t) not in self._trusted or t.name not in self._types:
@@ -172,7 +192,7 @@ class _Evaluator:
             start, end = int(a.get("start", 0)), a.get("end")
             end = r if end is None else int(end)
             start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
-            return _Value(np.dtype(np.int64), False, dims[max(0, min(r, start)):max(0, min(r, end))])
+            return _Value(np.dtype(np.int64), False, dims[max(0, min(r, start)) : max(0, min(r, end))])
         if op == "Size":
             dims = self._dims(ins[0])
             if dims is None:
@@ -187,7 +207,7 @@ class _Evaluator:
                 to = np.dtype({7: np.int64, 6: np.int32}.get(int(a.get("to", 0)), np.float32))
                 if to not in _INT_DTYPES:
                     return None
-                if to == np.int32 and any(e is not None and not -2**31 <= e < 2**31 for e in v.elems):
+                if to == np.int32 and any(e is not None and not -(2**31) <= e < 2**31 for e in v.elems):
                     return None
                 return _Value(to, v.scalar, list(v.elems))
             return v
@@ -216,8 +236,11 @@ class _Evaluator:
             return None
         if op == "Concat":
             vals = [self._value(t) for t in ins]
-            if int(a.get("axis", 0)) not in (0, -1) or any(v is None or v.scalar for v in vals) \
-                    or len({v.dtype for v in vals}) != 1:
+            if (
+                int(a.get("axis", 0)) not in (0, -1)
+                or any(v is None or v.scalar for v in vals)
+                or len({v.dtype for v in vals}) != 1
+            ):
                 return None
             return _Value(vals[0].dtype, False, [e for v in vals for e in v.elems])
         if op in ("Add", "Sub", "Mul", "Div"):
@@ -234,8 +257,12 @@ class _Evaluator:
         else:
             get = lambda i: self._ints(ins[i]) if len(ins) > i else None  # noqa: E731
             starts, ends, axes, steps = get(1), get(2), get(3), get(4)
-            if starts is None or ends is None or (len(ins) > 3 and ins[3].name and axes is None) \
-                    or (len(ins) > 4 and ins[4].name and steps is None):
+            if (
+                starts is None
+                or ends is None
+                or (len(ins) > 3 and ins[3].name and axes is None)
+                or (len(ins) > 4 and ins[4].name and steps is None)
+            ):
                 return None
         if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
             return None
@@ -262,7 +289,7 @@ class _Evaluator:
         n = max(len(x.elems), len(y.elems))
         xs = x.elems * n if len(x.elems) == 1 and n > 1 else x.elems
         ys = y.elems * n if len(y.elems) == 1 and n > 1 else y.elems
-        out: list[Optional[int]] = []
+        out: list[int | None] = []
         lim = 2**63 if x.dtype == np.int64 else 2**31
         for p, q in zip(xs, ys):
             if p is None or q is None:

@@ -10,7 +10,8 @@ Preconditions: BN in inference mode (training_mode absent/0, spatial != 0, only 
 the producer's output read by the BN alone and not a graph output; weights and BN params constant floats.
 New weights are fresh constants (a shared constant is never edited in place); a weight read by
 another node is not fused at all, since a scaled copy beside the original would grow the model (in
-general a fusion is skipped when its new constants outweigh its share of the constants it replaces). Exact up to float rounding.
+general a fusion is skipped when its new constants outweigh its share of the constants it replaces). Exact up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph_edit import GraphEditor, const_value, is_shared
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, conv_out_channels, conv_weights, grows, scale_out_channels, set_conv_weights, take_output
+from ._fusion_helpers import (
+    FusionPass,
+    conv_out_channels,
+    conv_weights,
+    grows,
+    scale_out_channels,
+    set_conv_weights,
+    take_output,
+)
 
 __all__ = ["FuseBatchnormIntoConv"]
 
@@ -106,8 +115,9 @@ class FuseBatchnormIntoConv(FusionPass):
         take_output(prod, bn)
         return None
 
-    def _fuse_gemm(self, edit: GraphEditor, gemm: gs.Node, bn: gs.Node, s: np.ndarray, mean: np.ndarray,
-                   beta: np.ndarray) -> str | None:
+    def _fuse_gemm(
+        self, edit: GraphEditor, gemm: gs.Node, bn: gs.Node, s: np.ndarray, mean: np.ndarray, beta: np.ndarray
+    ) -> str | None:
         b = const_value(gemm.inputs[1]) if len(gemm.inputs) > 1 else None
         if b is None or b.ndim != 2 or b.dtype.kind != "f":
             return "Gemm B is not a 2-D float constant"

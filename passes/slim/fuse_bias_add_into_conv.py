@@ -18,10 +18,16 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph_edit import GraphEditor
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, fuse_into_preceding_conv, grows, per_channel_operand, set_conv_weights, take_output
+from ._fusion_helpers import (
+    FusionPass,
+    fuse_into_preceding_conv,
+    grows,
+    per_channel_operand,
+    set_conv_weights,
+    take_output,
+)
 
 __all__ = ["FuseBiasAddIntoConv"]
-
 
 
 class FuseBiasAddIntoConv(FusionPass):

@@ -143,8 +143,15 @@ class FuseLayernorm(FusionPass):
         readers = _readers(d)
         if len(readers) != 2:
             return ""
-        sq = next((n for n in readers if (_op(n, "Pow") and n.inputs[0] is d and _is_two(n.inputs[1]))
-                   or (_op(n, "Mul") and len(n.inputs) == 2 and n.inputs[0] is d and n.inputs[1] is d)), None)
+        sq = next(
+            (
+                n
+                for n in readers
+                if (_op(n, "Pow") and n.inputs[0] is d and _is_two(n.inputs[1]))
+                or (_op(n, "Mul") and len(n.inputs) == 2 and n.inputs[0] is d and n.inputs[1] is d)
+            ),
+            None,
+        )
         if sq is None:
             return ""
         div = next(n for n in readers if n is not sq)
@@ -194,9 +201,9 @@ class FuseLayernorm(FusionPass):
                 return ""
         if x.dtype not in _FLOATS:
             return f"input dtype {x.dtype} (float32/float16 only)"
-        if rank is None or any(not isinstance(dim, (int, np.integer)) for dim in x.shape[len(x.shape) - len(axes):]):
+        if rank is None or any(not isinstance(dim, (int, np.integer)) for dim in x.shape[len(x.shape) - len(axes) :]):
             return "the normalized dims of the input are not static"
-        norm_shape = tuple(int(dim) for dim in x.shape[rank - len(axes):])
+        norm_shape = tuple(int(dim) for dim in x.shape[rank - len(axes) :])
         params = []
         for what, v, fill in (("gamma", gamma, 1), ("beta", beta, 0)):
             if v is None:
@@ -204,12 +211,24 @@ class FuseLayernorm(FusionPass):
                 continue
             if v.dtype != x.dtype or v.ndim > rank:
                 return f"{what} has dtype {v.dtype} / rank {v.ndim}"
-            lead = v.shape[:max(0, v.ndim - len(axes))]
-            if any(s != 1 for s in lead) or tuple(v.shape[len(lead):]) != norm_shape[len(norm_shape) - (v.ndim - len(lead)):]:
+            lead = v.shape[: max(0, v.ndim - len(axes))]
+            if (
+                any(s != 1 for s in lead)
+                or tuple(v.shape[len(lead) :]) != norm_shape[len(norm_shape) - (v.ndim - len(lead)) :]
+            ):
                 return f"{what} of shape {list(v.shape)} does not fit the normalized shape {list(norm_shape)}"
-            params.append(np.ascontiguousarray(np.broadcast_to(v.reshape(v.shape[len(lead):]), norm_shape)))
-        return {"x": x, "nodes": nodes, "out": out, "eps": eps, "axis": -len(axes),
-                "gamma": params[0], "beta": params[1], "gamma_t": gamma_t, "beta_t": beta_t}
+            params.append(np.ascontiguousarray(np.broadcast_to(v.reshape(v.shape[len(lead) :]), norm_shape)))
+        return {
+            "x": x,
+            "nodes": nodes,
+            "out": out,
+            "eps": eps,
+            "axis": -len(axes),
+            "gamma": params[0],
+            "beta": params[1],
+            "gamma_t": gamma_t,
+            "beta_t": beta_t,
+        }
 
     # ------------------------------------------------------------------------------------ rewriting
     def _param(self, edit: GraphEditor, t: gs.Tensor | None, values: np.ndarray, base: str) -> gs.Tensor:
@@ -227,9 +246,13 @@ class FuseLayernorm(FusionPass):
         beta = self._param(edit, match["beta_t"], match["beta"], f"{base}_bias")
         out = match["out"]
         tail.outputs.clear()
-        ln = gs.Node(op="LayerNormalization", name=edit.fresh_name(f"{base}_fused"),
-                     attrs={"axis": match["axis"], "epsilon": float(match["eps"])},
-                     inputs=[match["x"], gamma, beta], outputs=[out])
+        ln = gs.Node(
+            op="LayerNormalization",
+            name=edit.fresh_name(f"{base}_fused"),
+            attrs={"axis": match["axis"], "epsilon": float(match["eps"])},
+            inputs=[match["x"], gamma, beta],
+            outputs=[out],
+        )
         edit.insert_node(ln, before=tail)
         for n in nodes:
             edit.remove_node(n)

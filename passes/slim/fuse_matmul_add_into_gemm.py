@@ -21,9 +21,36 @@ __all__ = ["FuseMatmulAddIntoGemm"]
 # Ops whose output rank is the largest input rank (numpy broadcasting or unary); used when a subgraph
 # carries no shape information.
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Sum", "Mean", "Where", "PRelu"}
-_SAME_RANK = {"Relu", "Sigmoid", "Tanh", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Cast", "Identity", "Clip",
-              "LeakyRelu", "Elu", "Selu", "Softmax", "LogSoftmax", "HardSigmoid", "Softplus", "Gelu", "Dropout",
-              "LayerNormalization", "BatchNormalization", "Reciprocal", "Floor", "Ceil", "Round", "Sign"}
+_SAME_RANK = {
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Abs",
+    "Neg",
+    "Cast",
+    "Identity",
+    "Clip",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Softmax",
+    "LogSoftmax",
+    "HardSigmoid",
+    "Softplus",
+    "Gelu",
+    "Dropout",
+    "LayerNormalization",
+    "BatchNormalization",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+}
 
 
 def _rank(t: gs.Tensor, depth: int = 0) -> int | None:
@@ -91,8 +118,11 @@ class FuseMatmulAddIntoGemm(FusionPass):
             return f"Add constant dtype {c.dtype} differs from B dtype {b.dtype}"
         m, n = shape[0], b.shape[1]
         cs = tuple(c.shape)
-        ok = (len(cs) <= 2 and (not cs or cs[-1] in (1, n))
-              and (len(cs) < 2 or cs[0] == 1 or (isinstance(m, int) and cs[0] == m)))
+        ok = (
+            len(cs) <= 2
+            and (not cs or cs[-1] in (1, n))
+            and (len(cs) < 2 or cs[0] == 1 or (isinstance(m, int) and cs[0] == m))
+        )
         if not ok:
             return f"Add constant of shape {list(cs)} does not broadcast as Gemm's C for [{m}, {n}]"
         mm.op = "Gemm"

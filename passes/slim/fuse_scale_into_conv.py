@@ -19,10 +19,17 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph_edit import GraphEditor
 from onnxslim.pass_base import PassContext, PassResult
 
-from ._fusion_helpers import FusionPass, fuse_into_preceding_conv, grows, per_channel_operand, scale_out_channels, set_conv_weights, take_output
+from ._fusion_helpers import (
+    FusionPass,
+    fuse_into_preceding_conv,
+    grows,
+    per_channel_operand,
+    scale_out_channels,
+    set_conv_weights,
+    take_output,
+)
 
 __all__ = ["FuseScaleIntoConv"]
-
 
 
 class FuseScaleIntoConv(FusionPass):
@@ -33,8 +40,12 @@ class FuseScaleIntoConv(FusionPass):
     def fuse_graph(self, edit: GraphEditor, ctx: PassContext) -> PassResult:
         # Div only divides the Conv output (d / Conv(x) is not affine).
         return fuse_into_preceding_conv(
-            edit, ("Mul", "Div"), self._fuse, lambda node, conv: f"{node.op.lower()}_fused_into_{conv.op.lower()}",
-            positions=lambda node: (0, 1) if node.op == "Mul" else (0,))
+            edit,
+            ("Mul", "Div"),
+            self._fuse,
+            lambda node, conv: f"{node.op.lower()}_fused_into_{conv.op.lower()}",
+            positions=lambda node: (0, 1) if node.op == "Mul" else (0,),
+        )
 
     def _fuse(self, edit: GraphEditor, conv: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
         got = per_channel_operand(edit, conv, node, other)

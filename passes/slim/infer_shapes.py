@@ -6,7 +6,8 @@ proto stays small (models over 2 GB included) and no external weight is read. In
 back onto the graphsurgeon Variables of every graph (subgraphs included). Graph inputs and outputs of every
 graph keep exactly the types and dim names they had; dims inference only knows as ``unk__N`` are left
 unnamed. Inside Loop/Scan bodies only dtypes are written: onnx infers a body from the first iteration's
-shapes, and a loop-carried value may change shape per iteration. Ops of unknown or custom domains are skipped by onnx quietly. Exact: only annotations change.
+shapes, and a loop-carried value may change shape per iteration. Ops of unknown or custom domains are skipped
+by onnx quietly. Exact: only annotations change.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.shape_inference import Dims, infer_graph_types
 from onnxslim.pass_base import Pass, PassContext, PassResult
+from onnxslim.shape_inference import Dims, infer_graph_types
 
 __all__ = ["InferShapes"]
 
 log = logging.getLogger(__name__)
+
 
 def _np_dtype(elem: int):
     try:

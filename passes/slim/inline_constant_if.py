@@ -122,7 +122,7 @@ class InlineConstantIf(Pass):
             else:
                 replace_uses(root, o, b)
         branch.outputs.clear()
-        graph.nodes[pos + len(moved):pos + len(moved)] = extra
+        graph.nodes[pos + len(moved) : pos + len(moved)] = extra
         result.count("ifs_inlined")
         result.count("nodes_inlined", len(moved))
         result.modified = True

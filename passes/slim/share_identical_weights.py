@@ -12,7 +12,8 @@ identical Constant nodes in sibling subgraphs (e.g. both If branches) are shared
 the closest graph enclosing all of them. Graph outputs keep their names.
 
 Speed: tensors of equal dtype and shape are first hashed on their first 64 KiB only; the full hash runs
-only for tensors whose prefixes collide. Memory: tensors are hashed one at a time, straight from their raw bytes or, for external data, in
+only for tensors whose prefixes collide. Memory: tensors are hashed one at a time, straight from their raw
+bytes or, for external data, in
 chunks from the data file; only digests are kept. Unlike OnnxSlim (< 1,000 elements) there is no size cap.
 """
 
@@ -21,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -106,7 +107,7 @@ def _joined(chunks: Iterator) -> Iterator[bytes]:
             yield buf
             buf = b""
         while len(view) - pos >= _CHUNK:
-            yield bytes(view[pos:pos + _CHUNK])
+            yield bytes(view[pos : pos + _CHUNK])
             pos += _CHUNK
         buf = bytes(view[pos:])
     if buf:
@@ -138,11 +139,11 @@ def _nbytes(c: gs.Constant) -> int:
 class _Entry:
     """One stored copy: an initializer (tensor used by nodes of some graphs) or a Constant node."""
 
-    tensor: gs.Constant          # the value
+    tensor: gs.Constant  # the value
     node: gs.Node | None = None  # the Constant node, for node entries
     graph: gs.Graph | None = None  # the node's graph, for node entries
     users: dict = field(default_factory=dict)  # id(graph) -> graph, for initializer entries
-    pinned: bool = False          # a graph output: its name must stay
+    pinned: bool = False  # a graph output: its name must stay
 
 
 class _Scopes:
@@ -205,8 +206,9 @@ class ShareIdenticalWeights(Pass):
 
     @dataclass
     class Options:
-        min_bytes: int = field(default=0, metadata={
-            "help": "leave constants smaller than this many bytes alone (0: share all)"})
+        min_bytes: int = field(
+            default=0, metadata={"help": "leave constants smaller than this many bytes alone (0: share all)"}
+        )
 
     def run(self, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -253,8 +255,13 @@ class ShareIdenticalWeights(Pass):
                         e = inits.setdefault(id(t), _Entry(t))
                         e.users[id(g)] = g
                 value = node.attrs.get("value")
-                if (node.op == "Constant" and node.domain in (None, "", "ai.onnx") and len(node.attrs) == 1
-                        and isinstance(value, gs.Constant) and len(node.outputs) == 1):
+                if (
+                    node.op == "Constant"
+                    and node.domain in (None, "", "ai.onnx")
+                    and len(node.attrs) == 1
+                    and isinstance(value, gs.Constant)
+                    and len(node.outputs) == 1
+                ):
                     nodes.append(_Entry(value, node=node, graph=g, pinned=id(node.outputs[0]) in pinned))
             for t in g.outputs:
                 if isinstance(t, gs.Constant):
@@ -331,5 +338,6 @@ class ShareIdenticalWeights(Pass):
 
 def _is_subgraph_output(e: _Entry, scopes: _Scopes) -> bool:
     value = e.node.outputs[0] if e.node is not None else e.tensor
-    return any(scopes.parent[gid] is not None and any(t is value for t in g.outputs)
-               for gid, g in scopes.graphs.items())
+    return any(
+        scopes.parent[gid] is not None and any(t is value for t in g.outputs) for gid, g in scopes.graphs.items()
+    )

@@ -90,9 +90,7 @@ def split_indices(labels: np.ndarray, test_fraction: float = 0.25, seed: int = S
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
-    tr, te = train_test_split(
-        idx, test_size=test_fraction, random_state=seed, stratify=labels
-    )
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
     return np.sort(tr), np.sort(te)
 
 
@@ -144,9 +142,7 @@ def batch_feeds(inputs: dict, labels: np.ndarray, batch_size: int) -> list[dict]
 
 def single_feeds(inputs: dict, indices) -> list[dict]:
     """One feed dict (batch 1) per index."""
-    return [
-        {k: np.ascontiguousarray(v[i : i + 1]) for k, v in inputs.items()} for i in indices
-    ]
+    return [{k: np.ascontiguousarray(v[i : i + 1]) for k, v in inputs.items()} for i in indices]
 
 
 # --------------------------------------------------------------------------- #
@@ -307,9 +303,9 @@ def finalize(
     # re-check from disk (no external data, loads cleanly)
     model = onnx.load(str(model_path))
     onnx.checker.check_model(str(model_path), full_check=True)
-    assert not any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    ), "external data not allowed"
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer), (
+        "external data not allowed"
+    )
 
     n_calib = write_feed_dir(out_dir / "calib", calib_feeds)
     write_feed_dir(out_dir / "eval", eval_feeds)
@@ -393,8 +389,9 @@ def torch_exporter_name() -> str:
     return f"torch.onnx {strip_local_version(torch.__version__)} (dynamo=False)"
 
 
-def export_torch(module, args: tuple, *, input_names, output_names, dynamic_axes, opset: int,
-                 do_constant_folding: bool = True):
+def export_torch(
+    module, args: tuple, *, input_names, output_names, dynamic_axes, opset: int, do_constant_folding: bool = True
+):
     """Export with the legacy TorchScript exporter into memory; return a ModelProto."""
     import warnings
 
@@ -419,9 +416,19 @@ def export_torch(module, args: tuple, *, input_names, output_names, dynamic_axes
     return onnx.load_model_from_string(buf.getvalue())
 
 
-def train_torch_classifier(model, x_train, y_train, *, epochs: int, batch_size: int, lr: float,
-                           weight_decay: float = 0.0, extra_inputs=None, log_every: int = 10,
-                           seed: int = SEED):
+def train_torch_classifier(
+    model,
+    x_train,
+    y_train,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    extra_inputs=None,
+    log_every: int = 10,
+    seed: int = SEED,
+):
     """Minimal seeded Adam training loop. ``extra_inputs`` are aligned tensors
     passed as additional positional args (e.g. an attention mask)."""
     import torch

@@ -24,8 +24,10 @@ def main(names=None):
     data["models"] = [m for m in data["models"] if (common.SAMPLE_DIR / m["path"]).exists()]
     common.MANIFEST.write_text(json.dumps(data, indent=2) + "\n")
     for m in data["models"]:
-        print(f"{m['name']:18s} opset {m['opset']:2d}  acc {m['float_metric']:.4f}  "
-              f"{m['size_bytes']:7d} B  {m['exporter']}")
+        print(
+            f"{m['name']:18s} opset {m['opset']:2d}  acc {m['float_metric']:.4f}  "
+            f"{m['size_bytes']:7d} B  {m['exporter']}"
+        )
 
 
 if __name__ == "__main__":

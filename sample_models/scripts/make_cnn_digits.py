@@ -5,12 +5,11 @@ trained on scikit-learn's 8x8 digits; exported with the legacy torch.onnx export
 Run from the repo root:  python sample_models/scripts/make_cnn_digits.py
 """
 
+import common
 import numpy as np
 import torch
-from torch import nn
 from sklearn.datasets import load_digits
-
-import common
+from torch import nn
 
 NAME = "cnn_digits"
 OPSET = 17
@@ -35,9 +34,7 @@ class ResBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         idt = x if self.shortcut is None else self.shortcut(x)
@@ -101,7 +98,7 @@ def main():
         "Exported in eval mode with do_constant_folding=False: BatchNormalization nodes are "
         "NOT folded (fusion work for an optimizer). The one Identity node is the exporter "
         "de-duplicating two bit-identical BN bias initializers (block2.bn2 and the shortcut BN "
-        "receive identical gradients because their outputs are summed). Data: sklearn load_digits, pixels/16, stratified 75/25 split "
+        "receive identical gradients because their outputs are summed). Data: sklearn load_digits, pixels/16, stratified 75/25 split "  # noqa: E501
         "(seed 0).",
         min_accuracy=0.95,
         reference_accuracy=ref_acc,

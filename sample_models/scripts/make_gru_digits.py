@@ -6,12 +6,11 @@ the last hidden state. Exported with the legacy torch.onnx exporter at opset 12
 Run from the repo root:  python sample_models/scripts/make_gru_digits.py
 """
 
+import common
 import numpy as np
 import torch
-from torch import nn
 from sklearn.datasets import load_digits
-
-import common
+from torch import nn
 
 NAME = "gru_digits"
 OPSET = 12

@@ -6,6 +6,7 @@ ai.onnx.ml ops (Scaler, LinearClassifier, ...).
 Run from the repo root:  python sample_models/scripts/make_sklearn_cancer.py
 """
 
+import common
 import numpy as np
 import skl2onnx
 from skl2onnx import convert_sklearn
@@ -14,8 +15,6 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-
-import common
 
 NAME = "sklearn_cancer"
 OPSET = 17
@@ -29,10 +28,12 @@ def main():
     y = d.target.astype(np.int64)
     tr, te = common.split_indices(y, 0.25)
 
-    pipe = Pipeline([
-        ("scaler", StandardScaler()),
-        ("clf", LogisticRegression(C=1.0, max_iter=1000, random_state=common.SEED)),
-    ])
+    pipe = Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            ("clf", LogisticRegression(C=1.0, max_iter=1000, random_state=common.SEED)),
+        ]
+    )
     pipe.fit(x[tr], y[tr])
     ref_acc = float((pipe.predict(x[te]) == y[te]).mean())
 

@@ -5,14 +5,13 @@ int64 [batch] and ``probabilities`` float [batch, 3].
 Run from the repo root:  python sample_models/scripts/make_sklearn_wine_tree.py
 """
 
+import common
 import numpy as np
 import skl2onnx
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_wine
 from sklearn.ensemble import RandomForestClassifier
-
-import common
 
 NAME = "sklearn_wine_tree"
 OPSET = 17
@@ -28,8 +27,7 @@ def main():
     y = d.target.astype(np.int64)
     tr, te = common.split_indices(y, 0.25)
 
-    clf = RandomForestClassifier(n_estimators=N_TREES, max_depth=MAX_DEPTH, random_state=common.SEED,
-                                 n_jobs=1)
+    clf = RandomForestClassifier(n_estimators=N_TREES, max_depth=MAX_DEPTH, random_state=common.SEED, n_jobs=1)
     clf.fit(x[tr], y[tr])
     ref_acc = float((clf.predict(x[te]) == y[te]).mean())
 

@@ -12,11 +12,10 @@ Run from the repo root:  python sample_models/scripts/make_transformer_text.py
 import json
 import math
 
+import common
 import numpy as np
 import torch
 from torch import nn
-
-import common
 
 NAME = "transformer_text"
 OPSET = 17
@@ -33,50 +32,192 @@ TOPICS = ["sports", "cooking", "technology", "weather"]
 # --------------------------------------------------------------------------- #
 LEX = {
     "sports": {
-        "subj": ["the team", "our striker", "the coach", "the goalkeeper", "the home side",
-                 "the visitors", "the captain", "the young runner", "the referee", "the league leaders"],
-        "verb": ["scored", "defended", "won", "lost", "tied", "trained for", "celebrated",
-                 "missed", "played", "dominated"],
-        "obj": ["the match", "a late goal", "the final", "the penalty", "the championship",
-                "the second half", "the derby", "the season opener", "the relay", "the tournament"],
+        "subj": [
+            "the team",
+            "our striker",
+            "the coach",
+            "the goalkeeper",
+            "the home side",
+            "the visitors",
+            "the captain",
+            "the young runner",
+            "the referee",
+            "the league leaders",
+        ],
+        "verb": [
+            "scored",
+            "defended",
+            "won",
+            "lost",
+            "tied",
+            "trained for",
+            "celebrated",
+            "missed",
+            "played",
+            "dominated",
+        ],
+        "obj": [
+            "the match",
+            "a late goal",
+            "the final",
+            "the penalty",
+            "the championship",
+            "the second half",
+            "the derby",
+            "the season opener",
+            "the relay",
+            "the tournament",
+        ],
         "adj": ["tough", "thrilling", "fast", "physical", "decisive", "close", "stunning"],
         "place": ["at the stadium", "on the pitch", "in the arena", "on the track", "at the field"],
     },
     "cooking": {
-        "subj": ["the chef", "my grandmother", "the baker", "the cook", "our kitchen staff",
-                 "the pastry chef", "the host", "my roommate", "the waiter", "the caterer"],
-        "verb": ["baked", "roasted", "seasoned", "simmered", "chopped", "tasted", "grilled",
-                 "stirred", "served", "burned"],
-        "obj": ["the bread", "a spicy soup", "the garlic", "fresh pasta", "the sauce", "a lemon cake",
-                "the onions", "the roast chicken", "a bowl of rice", "the dumplings"],
+        "subj": [
+            "the chef",
+            "my grandmother",
+            "the baker",
+            "the cook",
+            "our kitchen staff",
+            "the pastry chef",
+            "the host",
+            "my roommate",
+            "the waiter",
+            "the caterer",
+        ],
+        "verb": [
+            "baked",
+            "roasted",
+            "seasoned",
+            "simmered",
+            "chopped",
+            "tasted",
+            "grilled",
+            "stirred",
+            "served",
+            "burned",
+        ],
+        "obj": [
+            "the bread",
+            "a spicy soup",
+            "the garlic",
+            "fresh pasta",
+            "the sauce",
+            "a lemon cake",
+            "the onions",
+            "the roast chicken",
+            "a bowl of rice",
+            "the dumplings",
+        ],
         "adj": ["delicious", "salty", "crispy", "tender", "sweet", "hot", "creamy"],
         "place": ["in the oven", "in the kitchen", "on the stove", "at the bakery", "in a pan"],
     },
     "technology": {
-        "subj": ["the developer", "the startup", "our server", "the new laptop", "the engineer",
-                 "the app", "the network admin", "the chip maker", "the robot", "the database"],
-        "verb": ["crashed", "updated", "compiled", "deployed", "installed", "rebooted", "encrypted",
-                 "downloaded", "debugged", "released"],
-        "obj": ["the software", "a security patch", "the firmware", "the source code", "the update",
-                "a new processor", "the cloud service", "the driver", "the kernel", "the website"],
+        "subj": [
+            "the developer",
+            "the startup",
+            "our server",
+            "the new laptop",
+            "the engineer",
+            "the app",
+            "the network admin",
+            "the chip maker",
+            "the robot",
+            "the database",
+        ],
+        "verb": [
+            "crashed",
+            "updated",
+            "compiled",
+            "deployed",
+            "installed",
+            "rebooted",
+            "encrypted",
+            "downloaded",
+            "debugged",
+            "released",
+        ],
+        "obj": [
+            "the software",
+            "a security patch",
+            "the firmware",
+            "the source code",
+            "the update",
+            "a new processor",
+            "the cloud service",
+            "the driver",
+            "the kernel",
+            "the website",
+        ],
         "adj": ["fast", "buggy", "secure", "wireless", "digital", "open source", "slow"],
         "place": ["in the data center", "on the server", "in the lab", "on the phone", "online"],
     },
     "weather": {
-        "subj": ["the storm", "a cold front", "the wind", "heavy rain", "the forecast",
-                 "the snow", "a heat wave", "thick fog", "the thunder", "the hurricane"],
-        "verb": ["hit", "flooded", "swept across", "covered", "cooled", "soaked", "battered",
-                 "warmed", "moved over", "cleared from"],
-        "obj": ["the coast", "the valley", "the northern region", "the city", "the mountains",
-                "the islands", "the farmland", "the highway", "the river basin", "the airport"],
+        "subj": [
+            "the storm",
+            "a cold front",
+            "the wind",
+            "heavy rain",
+            "the forecast",
+            "the snow",
+            "a heat wave",
+            "thick fog",
+            "the thunder",
+            "the hurricane",
+        ],
+        "verb": [
+            "hit",
+            "flooded",
+            "swept across",
+            "covered",
+            "cooled",
+            "soaked",
+            "battered",
+            "warmed",
+            "moved over",
+            "cleared from",
+        ],
+        "obj": [
+            "the coast",
+            "the valley",
+            "the northern region",
+            "the city",
+            "the mountains",
+            "the islands",
+            "the farmland",
+            "the highway",
+            "the river basin",
+            "the airport",
+        ],
         "adj": ["humid", "freezing", "windy", "cloudy", "hot", "stormy", "mild"],
         "place": ["overnight", "this morning", "in the afternoon", "near the coast", "across the plains"],
     },
 }
-SHARED_TIME = ["today", "yesterday", "last night", "on monday", "this weekend", "again", "once more",
-               "earlier", "late", "finally"]
-FILLER = ["really", "very", "quite", "honestly", "apparently", "i think", "people said", "news says",
-          "somehow", "as usual", "by the way", "of course"]
+SHARED_TIME = [
+    "today",
+    "yesterday",
+    "last night",
+    "on monday",
+    "this weekend",
+    "again",
+    "once more",
+    "earlier",
+    "late",
+    "finally",
+]
+FILLER = [
+    "really",
+    "very",
+    "quite",
+    "honestly",
+    "apparently",
+    "i think",
+    "people said",
+    "news says",
+    "somehow",
+    "as usual",
+    "by the way",
+    "of course",
+]
 TEMPLATES = [
     "{subj} {verb} {obj} {place}",
     "{subj} {verb} {obj} {time}",
@@ -95,9 +236,15 @@ def make_sentence(rng: np.random.Generator, topic: str) -> str:
     lx = LEX[topic]
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     t = pick(TEMPLATES)
-    s = t.format(subj=pick(lx["subj"]), verb=pick(lx["verb"]), obj=pick(lx["obj"]),
-                 adj=pick(lx["adj"]), place=pick(lx["place"]), time=pick(SHARED_TIME),
-                 filler=pick(FILLER))
+    s = t.format(
+        subj=pick(lx["subj"]),
+        verb=pick(lx["verb"]),
+        obj=pick(lx["obj"]),
+        adj=pick(lx["adj"]),
+        place=pick(lx["place"]),
+        time=pick(SHARED_TIME),
+        filler=pick(FILLER),
+    )
     words = s.split()
     # noise: 0-2 distractor words taken from another topic's lexicon
     n_noise = int(rng.choice([0, 0, 1, 1, 2]))
@@ -206,8 +353,15 @@ def main():
     ids, mask = encode(tr_s, vocab, MAX_LEN)
     model = TextClassifier(len(vocab), len(TOPICS))
     common.train_torch_classifier(
-        model, torch.from_numpy(ids), torch.from_numpy(labels[tr]), epochs=25, batch_size=32,
-        lr=2e-3, weight_decay=1e-4, extra_inputs=[torch.from_numpy(mask)], log_every=5,
+        model,
+        torch.from_numpy(ids),
+        torch.from_numpy(labels[tr]),
+        epochs=25,
+        batch_size=32,
+        lr=2e-3,
+        weight_decay=1e-4,
+        extra_inputs=[torch.from_numpy(mask)],
+        log_every=5,
     )
 
     # eval: sort by length, batches of 64, each padded to its own max length
@@ -236,8 +390,11 @@ def main():
         (torch.from_numpy(ex_ids), torch.from_numpy(ex_mask)),
         input_names=["input_ids", "attention_mask"],
         output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                      "logits": {0: "batch"}},
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "logits": {0: "batch"},
+        },
         opset=OPSET,
         do_constant_folding=True,
     )

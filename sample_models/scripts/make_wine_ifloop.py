@@ -24,12 +24,11 @@ range), so the If only saves work; both are exercised by calib and eval files.
 Run from the repo root:  python sample_models/scripts/make_wine_ifloop.py
 """
 
+import common
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_wine
-
-import common
 
 NAME = "wine_ifloop"
 OPSET = 11
@@ -107,8 +106,13 @@ def train(rng, z, y, n_classes):
 # graph
 # --------------------------------------------------------------------------- #
 def const_node(name, arr):
-    return helper.make_node("Constant", [], [name], name=f"{name}_const",
-                            value=numpy_helper.from_array(np.asarray(arr), name=f"{name}_value"))
+    return helper.make_node(
+        "Constant",
+        [],
+        [name],
+        name=f"{name}_const",
+        value=numpy_helper.from_array(np.asarray(arr), name=f"{name}_value"),
+    )
 
 
 def build_graph(p, lo, hi, mean, std, n_in, n_classes):
@@ -124,8 +128,11 @@ def build_graph(p, lo, hi, mean, std, n_in, n_classes):
         helper.make_node("Relu", ["then_a1"], ["then_h0"], name="then_relu"),
     ]
     then_g = helper.make_graph(
-        then_nodes, "clip_then_normalize", [],
-        [helper.make_tensor_value_info("then_h0", TensorProto.FLOAT, [None, HIDDEN])])
+        then_nodes,
+        "clip_then_normalize",
+        [],
+        [helper.make_tensor_value_info("then_h0", TensorProto.FLOAT, [None, HIDDEN])],
+    )
 
     # ---- else branch: normalize -> MatMul + Add -> Relu
     else_nodes = [
@@ -138,8 +145,8 @@ def build_graph(p, lo, hi, mean, std, n_in, n_classes):
         helper.make_node("Relu", ["else_a1"], ["else_h0"], name="else_relu"),
     ]
     else_g = helper.make_graph(
-        else_nodes, "normalize_only", [],
-        [helper.make_tensor_value_info("else_h0", TensorProto.FLOAT, [None, HIDDEN])])
+        else_nodes, "normalize_only", [], [helper.make_tensor_value_info("else_h0", TensorProto.FLOAT, [None, HIDDEN])]
+    )
 
     # ---- loop body: h = h + relu(h @ Wr[i] + br[i])
     body_nodes = [
@@ -152,12 +159,18 @@ def build_graph(p, lo, hi, mean, std, n_in, n_classes):
         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
     ]
     body_g = helper.make_graph(
-        body_nodes, "residual_layers",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [None, HIDDEN])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [None, HIDDEN])])
+        body_nodes,
+        "residual_layers",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [None, HIDDEN]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [None, HIDDEN]),
+        ],
+    )
 
     # ---- main graph
     nodes = [
@@ -167,12 +180,10 @@ def build_graph(p, lo, hi, mean, std, n_in, n_classes):
         helper.make_node("Cast", ["outside"], ["outside_f"], name="range_cast", to=TensorProto.FLOAT),
         helper.make_node("ReduceMax", ["outside_f"], ["any_outside_f"], name="range_any", keepdims=0),
         helper.make_node("Greater", ["any_outside_f", "zero"], ["any_outside"], name="range_cond"),
-        helper.make_node("If", ["any_outside"], ["h0"], name="maybe_clip",
-                         then_branch=then_g, else_branch=else_g),
+        helper.make_node("If", ["any_outside"], ["h0"], name="maybe_clip", then_branch=then_g, else_branch=else_g),
         const_node("trip_count", np.array(K, dtype=np.int64)),
         const_node("loop_cond", np.array(True)),
-        helper.make_node("Loop", ["trip_count", "loop_cond", "h0"], ["h_final"],
-                         name="residual_loop", body=body_g),
+        helper.make_node("Loop", ["trip_count", "loop_cond", "h0"], ["h_final"], name="residual_loop", body=body_g),
         helper.make_node("Gemm", ["h_final", "head_W", "head_b"], ["logits"], name="head_gemm"),
     ]
     inits = [
@@ -187,12 +198,18 @@ def build_graph(p, lo, hi, mean, std, n_in, n_classes):
         numpy_helper.from_array(p["b2"], "head_b"),
     ]
     graph = helper.make_graph(
-        nodes, NAME,
+        nodes,
+        NAME,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_in])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="onnxslim-sample-models", producer_version="1")
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="onnxslim-sample-models",
+        producer_version="1",
+    )
     model.ir_version = IR_VERSION
     return model
 
@@ -263,7 +280,7 @@ def main():
     got = sess.run(["logits"], {"input": x[te]})[0]
     want = forward(p, (np.clip(x[te], lo, hi) - mean) / std)[0]
     assert np.allclose(got, want, atol=1e-4), np.abs(got - want).max()
-    got_b = np.concatenate([sess.run(["logits"], {"input": x[i:i + 1]})[0] for i in te])
+    got_b = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1]})[0] for i in te])
     assert np.allclose(got_b, want, atol=1e-4), np.abs(got_b - want).max()
     print("[wine_ifloop] onnxruntime matches the numpy forward (batched and per-sample)")
 
