@@ -25,9 +25,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import const_value
 from onnxslim.pass_base import Pass, PassContext, PassResult
-
-from ._fusion_helpers import const_value
 
 __all__ = ["DropDefaultRnnStates"]
 

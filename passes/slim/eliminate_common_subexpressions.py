@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph_edit import peek_values
+from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["EliminateCommonSubexpressions"]
@@ -180,9 +180,7 @@ class EliminateCommonSubexpressions(Pass):
                 swapped = True
             for old, new in zip(node.outputs, kept.outputs):
                 for consumer in list(old.outputs):
-                    for i, t in enumerate(consumer.inputs):
-                        if t is old:
-                            consumer.inputs[i] = new
+                    replace_input(consumer, old, new)
             node.inputs.clear()
             node.outputs.clear()
             removed.add(id(node))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import constant_source
 from onnxslim.pass_base import Pass, PassContext, PassResult
 from onnxslim.shape_inference import infer_graph_types
 
@@ -148,13 +149,9 @@ class _Evaluator:
     def _value(self, t: gs.Tensor) -> _Value | None:
         if id(t) in self.values:
             return self.values[id(t)]
-        if (
-            not isinstance(t, gs.Constant)
-            and len(t.inputs) == 1
-            and t.inputs[0].op == "Constant"
-            and isinstance(t.inputs[0].attrs.get("value"), gs.Constant)
-        ):
-            t = t.inputs[0].attrs["value"]  # a Constant node's value, before fold_constants made it an initializer
+        src = constant_source(t, through_identity=False)
+        if src is not None:
+            t = src.constant  # an initializer, or a Constant node's value before fold_constants made it one
         if (
             isinstance(t, gs.Constant)
             and t.dtype is not None

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph_edit import replace_uses
+from onnxslim.graph_edit import constant_source, replace_uses
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["InlineConstantIf"]
@@ -25,16 +25,10 @@ log = logging.getLogger(__name__)
 
 def _condition(node: gs.Node) -> bool | None:
     cond = node.inputs[0] if node.inputs else None
-    value = None
-    if isinstance(cond, gs.Constant):
-        value = cond.values
-    elif cond is not None and len(cond.inputs) == 1 and cond.inputs[0].op == "Constant":
-        v = cond.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            value = v.values
-    if value is None:
+    src = constant_source(cond, through_identity=False)
+    if src is None:
         return None
-    arr = np.asarray(value).reshape(-1)
+    arr = np.asarray(src.constant.values).reshape(-1)
     return bool(arr[0]) if arr.size == 1 else None
 
 

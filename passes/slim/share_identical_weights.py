@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxslim.graph_edit import peek_values
+from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["ShareIdenticalWeights"]
@@ -327,9 +327,7 @@ class ShareIdenticalWeights(Pass):
         old = e.node.outputs[0] if e.node is not None else e.tensor
         # Tensor objects are shared between a graph and its subgraphs, so old.outputs lists every reader.
         for consumer in list(old.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is old:
-                    consumer.inputs[i] = kept_value
+            replace_input(consumer, old, kept_value)
         if e.node is not None:
             node = e.node
             node.outputs.clear()
