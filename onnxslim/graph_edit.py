@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import iter_graphs
+from .graph import iter_graphs, tensor_nbytes
 from .gs_bridge import peek_values
 
 __all__ = [
     "iter_graphs",
     "peek_values",
+    "constant_nbytes",
     "const_value",
     "constant_source",
     "ConstantSource",
@@ -36,6 +38,14 @@ __all__ = [
 ]
 
 _IDENTITY_HOPS = 8  # Identity chains longer than this are not followed (none seen in real exports)
+
+
+def constant_nbytes(const: gs.Constant) -> int:
+    """Bytes of a constant's values, without loading them (lazy and external ones from dims and dtype)."""
+    v = const._values
+    if isinstance(v, LazyValues):
+        return tensor_nbytes(v.tensor)
+    return int(v.nbytes) if hasattr(v, "nbytes") else int(np.asarray(v).nbytes)
 
 
 def producer(t: gs.Tensor | None) -> gs.Node | None:

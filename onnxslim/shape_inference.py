@@ -13,7 +13,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import iter_graphs, tensor_nbytes
+from .graph import iter_graphs
+from .graph_edit import constant_nbytes
 from .gs_bridge import export_standalone
 
 __all__ = ["Dims", "export_weightless", "infer_graph_types"]
@@ -25,13 +26,6 @@ log = logging.getLogger(__name__)
 _KEEP_DATA_BYTES = 4096
 
 Dims = list  # list[int | str | None]
-
-
-def _const_nbytes(t: gs.Constant) -> int:
-    v = t._values
-    if isinstance(v, LazyValues):
-        return tensor_nbytes(v.tensor)
-    return int(getattr(v, "nbytes", 0))
 
 
 def _stub(t: gs.Constant) -> LazyValues:
@@ -57,7 +51,7 @@ def export_weightless(graph: gs.Graph, opset: int) -> onnx.ModelProto:
                     isinstance(t._values, LazyValues) and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
                 )
                 try:
-                    big = external or _const_nbytes(t) > _KEEP_DATA_BYTES
+                    big = external or constant_nbytes(t) > _KEEP_DATA_BYTES
                 except Exception:  # noqa: BLE001 - exotic dtype: keep as is
                     big = False
                 if big:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from onnxslim.graph_edit import constant_nbytes
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 
 __all__ = ["EliminateDeadNodes"]
@@ -26,10 +27,6 @@ def _constants(graph: gs.Graph) -> dict[int, gs.Constant]:
     return found
 
 
-def _nbytes(t: gs.Constant) -> int:
-    return int(getattr(t._values, "nbytes", 0))
-
-
 class EliminateDeadNodes(Pass):
     """Remove nodes and initializers that no graph output depends on (subgraphs included)."""
 
@@ -46,6 +43,6 @@ class EliminateDeadNodes(Pass):
         result = PassResult()
         result.count("nodes_removed", nodes_before - nodes_after)
         result.count("initializers_removed", len(gone))
-        result.count("bytes_saved", sum(_nbytes(t) for t in gone))
+        result.count("bytes_saved", sum(constant_nbytes(t) for t in gone))
         result.modified = nodes_after != nodes_before or bool(gone)
         return result

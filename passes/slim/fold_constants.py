@@ -27,7 +27,7 @@ import onnxruntime
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxslim.graph import tensor_nbytes
+from onnxslim.graph_edit import constant_nbytes
 from onnxslim.gs_bridge import RawAttribute
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 from onnxslim.runtime import make_session
@@ -91,13 +91,6 @@ _MOVES_DATA = {
     "ScatterElements",
     "ScatterND",
 }
-
-
-def _nbytes(t: gs.Constant) -> int:
-    v = t._values
-    if isinstance(v, LazyValues):
-        return tensor_nbytes(v.tensor)
-    return int(getattr(v, "nbytes", 0))
 
 
 def _onnx_type(t: gs.Constant) -> int | None:
@@ -196,7 +189,7 @@ class FoldConstants(Pass):
                 values = value._values if isinstance(value, gs.Constant) else value
                 if (
                     _scopes(out, owner) > 1
-                    and (_nbytes(value) if isinstance(value, gs.Constant) else value.nbytes) > 64
+                    and (constant_nbytes(value) if isinstance(value, gs.Constant) else value.nbytes) > 64
                 ):
                     continue  # read from several subgraphs: an initializer would be stored once per graph
                 node.outputs.clear()
@@ -327,7 +320,7 @@ class FoldConstants(Pass):
             seen.add(id(t))
             users = {id(c) for c in t.outputs}
             if users and users <= folding:
-                removed += (_nbytes(t) + len(t.name) + 8) // len(users)
+                removed += (constant_nbytes(t) + len(t.name) + 8) // len(users)
         return added - removed
 
     # ------------------------------------------------------------------ evaluation

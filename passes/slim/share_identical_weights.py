@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxslim.graph_edit import peek_values, replace_input
+from onnxslim.graph_edit import constant_nbytes, peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["ShareIdenticalWeights"]
@@ -129,11 +129,6 @@ def _dtype_key(c: gs.Constant) -> str | None:
         return f"np:{arr.dtype.str}"
 
 
-def _nbytes(c: gs.Constant) -> int:
-    values = c._values
-    return int(values.nbytes) if hasattr(values, "nbytes") else int(np.asarray(values).nbytes)
-
-
 # ------------------------------------------------------------------------------------------- scopes
 @dataclass
 class _Entry:
@@ -218,7 +213,7 @@ class ShareIdenticalWeights(Pass):
         by_meta: dict[tuple, list[_Entry]] = {}
         for e in entries:
             dkey = _dtype_key(e.tensor)
-            if dkey is None or _nbytes(e.tensor) < self.options.min_bytes:
+            if dkey is None or constant_nbytes(e.tensor) < self.options.min_bytes:
                 continue
             by_meta.setdefault((dkey, tuple(e.tensor.shape)), []).append(e)
         for group in by_meta.values():
@@ -230,7 +225,7 @@ class ShareIdenticalWeights(Pass):
             for candidates in by_prefix.values():
                 if len(candidates) < 2:
                     continue
-                if _nbytes(candidates[0].tensor) <= _PREFIX:
+                if constant_nbytes(candidates[0].tensor) <= _PREFIX:
                     by_digest = {"": candidates}  # the prefix was the whole tensor
                 else:
                     by_digest = {}
@@ -308,7 +303,7 @@ class ShareIdenticalWeights(Pass):
                 self._redirect(e, kept_value, scopes)
                 keeper.users.update(e.users)
                 continue
-            saved = _nbytes(e.tensor) * (1 if e.node is not None else len(scopes.tops(readers)))
+            saved = constant_nbytes(e.tensor) * (1 if e.node is not None else len(scopes.tops(readers)))
             self._redirect(e, kept_value, scopes)
             if keeper.node is None:
                 keeper.users.update(e.users)
