@@ -83,6 +83,9 @@ class PassContext:
     # The run's calibration service (``calibration_service.CalibrationService``; the pipeline makes one, shared
     # by every pass of the run): ``statistics()`` asks it.
     statistics_service: Any = None
+    # The model as the pipeline loaded it, before any pass ran (external weights stay on disk): the teacher
+    # that reconstruction and distillation match, e.g. ``ctx.statistics(request, model=ctx.original_model)``.
+    original_model: Any = None
     # Per-run state (fresh names) lives here, never on the pass instance.
     _names: Names | None = field(default=None, init=False, repr=False)
 

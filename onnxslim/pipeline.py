@@ -376,6 +376,7 @@ def _run_passes(
         seed=seed,
         progress=progress,
         statistics_service=CalibrationService(feeds, loaded.base_dir, progress),
+        original_model=loaded.proto,
     )
     records: list[PassRecord] = []
     ran: list[str] = []

@@ -95,3 +95,32 @@ def test_passes_share_answers_through_the_context(monkeypatch):
     finally:
         registry.unregister_pass("test_service_reader")
     assert len(calls) == 1 and len(seen) == 2 and np.array_equal(seen[0], seen[1])
+
+
+def test_a_pass_gets_the_original_models_outputs_as_teacher():
+    seen = []
+
+    @register_pass("test_service_teacher")
+    class Teacher(Pass):
+        exact = True
+        needs_calibration = True
+
+        def run(self, ctx):
+            request = StatisticsRequest(keep=("/stem/stem.1/BatchNormalization_output_0",), keep_samples=2)
+            seen.append(ctx.statistics(request, model=ctx.original_model))
+            return PassResult()
+
+    try:
+        # the BatchNormalization is fused away before the teacher asks: its output exists in the original only
+        optimize(MODEL, ["fuse_batchnorm_into_conv", "test_service_teacher"], calibration=CALIB, fixed_point=False)
+    finally:
+        registry.unregister_pass("test_service_teacher")
+    kept = seen[0].values["/stem/stem.1/BatchNormalization_output_0"]
+    model = onnx.load(str(MODEL))
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info("/stem/stem.1/BatchNormalization_output_0"))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert len(kept) == 2
+    for got, x in zip(kept, _inputs()):
+        np.testing.assert_allclose(
+            got, sess.run(["/stem/stem.1/BatchNormalization_output_0"], {"input": x})[0], rtol=1e-5, atol=1e-6
+        )
