@@ -224,3 +224,26 @@ def test_cli_target_cpu_without_quantize_is_a_usage_error(tmp_path, capsys):
 def test_unknown_target_is_rejected():
     with pytest.raises(UsageError, match="target"):
         optimize(_conv_model(), [f"{FULL},target=sparc"], calibration=_calib())
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "machine", "qmax", "zero_point"),
+    [
+        (X86_VNNI, "x86_64", 127, TensorProto.UINT8),
+        (X86_AVX2, "x86_64", 63, TensorProto.UINT8),
+        (ARM_DOT, "aarch64", 127, TensorProto.INT8),
+        ("", "x86_64", 127, TensorProto.UINT8),  # nothing readable: generic
+    ],
+    ids=["vnni", "avx2-only", "arm-dotprod", "none"],
+)
+def test_auto_target_follows_faked_cpu_flags(tmp_path, monkeypatch, cpuinfo, machine, qmax, zero_point):
+    from onnxslim.passes.quantize import _hardware
+
+    f = tmp_path / "cpuinfo"
+    f.write_text(cpuinfo)
+    monkeypatch.setattr(_hardware.platform, "machine", lambda: machine)
+    monkeypatch.setattr(_hardware, "host_target", lambda *a, **k: host_target(f))  # the real detection, faked flags
+    out, rep = optimize(_conv_model(), [FULL], calibration=_calib())
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out)) == qmax
+    assert _zero_point_types(out) == {zero_point}
+    assert any("(detected on this machine)" in n for n in rep.passes[0].notes)
