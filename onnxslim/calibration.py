@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .calibration_accumulator import _Accumulator
 from .calibration_graph import expose_tensors
-from .calibration_stats import RANGE_METHODS, ConvPatches, Statistics, TensorStats, _Accumulator
+from .calibration_stats import RANGE_METHODS, ConvPatches, Statistics, TensorStats
 from .data import FeedData, load_feeds
 from .errors import BadInputError, UsageError
 
