@@ -1,0 +1,196 @@
+"""int8 on the real-model set: agreement with the original's decisions, size, latency, quantization cost.
+
+For every model of ``bench/out/real_models/manifest.json`` (made by ``prepare.py``): ``onnxslim optimize M -o OUT
+--quantize int8 --calib CALIB`` as a user runs it (wall time and peak RSS of the process), then on the held-out
+feeds: task agreement with the fp32 model's decisions (``decisions.py``), output cosine, file size ratio, and
+onnxruntime latency ratio int8 / fp32 at 1 and 2 threads (default optimizations, runs interleaved, medians of
+repeated passes over the first 8 feeds after a warm-up). Writes ``bench/out/real_models/results_int8.json`` and the
+``## int8 on real pretrained models`` section of bench/RESULTS.md.
+
+    bash bench/real_models/setup.sh                    # once: venv, packages, inputs, feeds
+    .venv/bin/python bench/real_models/run_real.py [--models a,b] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "real_models"))
+import int8_report  # noqa: E402
+from decisions import agreement  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "real_models"
+CLI = ROOT / ".venv" / "bin" / "onnxslim"
+HEADING = "## int8 on real pretrained models"
+
+
+def _feeds(folder: Path) -> list[dict[str, np.ndarray]]:
+    out = []
+    for f in sorted(folder.glob("*.npz")):
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _latency_ratio(fp32: Path, int8: Path, feeds: list[dict], threads: int, rounds: int = 7) -> float:
+    a, b = _session(fp32, threads), _session(int8, threads)
+    feeds = feeds[:8]
+    times: dict[str, list[float]] = {"f": [], "q": []}
+    for k in range(rounds + 1):  # round 0 warms up; the two models alternate which goes first
+        for tag, s in (("f", a), ("q", b)) if k % 2 == 0 else (("q", b), ("f", a)):
+            t0 = time.perf_counter()
+            for f in feeds:
+                s.run(None, f)
+            if k:
+                times[tag].append(time.perf_counter() - t0)
+    return float(np.median(times["q"]) / np.median(times["f"]))
+
+
+def _cosine(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
+    r = np.concatenate([x[0].astype(np.float64).reshape(-1) for x in ref])
+    c = np.concatenate([x[0].astype(np.float64).reshape(-1) for x in cand])
+    return float(r @ c / max(np.linalg.norm(r) * np.linalg.norm(c), 1e-30))
+
+
+def _quantize(src: Path, dst: Path, calib: Path) -> dict:
+    """The CLI as a user runs it, under a parent of its own so its peak RSS is its alone."""
+    cmd = [
+        str(CLI),
+        "optimize",
+        str(src),
+        "-o",
+        str(dst),
+        "--quantize",
+        "int8",
+        "--calib",
+        str(calib),
+        "--report",
+        str(dst.with_suffix(".report.json")),
+        "-q",
+    ]
+    probe = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
+    )
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+    row = {"rc": p.returncode, "quant_s": round(time.perf_counter() - t0, 1)}
+    err = p.stderr.strip().splitlines()
+    row["quant_peak_rss_mb"] = round(int(err[-1]) / 1024) if err and err[-1].isdigit() else None
+    if p.returncode:
+        row["error"] = ([line for line in err[:-1] if line.strip()] or [p.stdout.strip()])[-1][:300]
+    return row
+
+
+def run(names: list[str] | None) -> dict:
+    manifest = json.loads((OUT / "manifest.json").read_text())
+    rows = []
+    for entry in manifest["models"]:
+        if names and entry["name"] not in names:
+            continue
+        d = OUT / entry["name"]
+        src, dst = d / "model.onnx", OUT / "int8" / f"{entry['name']}.onnx"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        row = {
+            "model": entry["name"],
+            "task": entry["task"],
+            "package": entry["package"],
+            "bytes_fp32": src.stat().st_size,
+            **_quantize(src, dst, d / "calib"),
+        }
+        if row["rc"] == 0:
+            feeds = _feeds(d / "eval")
+            ref_s, q_s = _session(src, 1), _session(dst, 1)
+            ref = [ref_s.run(None, f) for f in feeds]
+            cand = [q_s.run(None, f) for f in feeds]
+            row.update(
+                bytes_int8=dst.stat().st_size,
+                size_ratio=round(dst.stat().st_size / src.stat().st_size, 3),
+                agreement=round(agreement(entry, ref, cand), 4),
+                cosine=round(_cosine(ref, cand), 6),
+                latency_ratio_1t=round(_latency_ratio(src, dst, feeds, 1), 3),
+                latency_ratio_2t=round(_latency_ratio(src, dst, feeds, 2), 3),
+                n_eval=len(feeds),
+            )
+        print(row, flush=True)
+        rows.append(row)
+    return {"machine": {**int8_report.machine(), "flags": _cpu_flags()}, "onnxruntime": ort.__version__, "rows": rows}
+
+
+def _cpu_flags() -> str:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return ", ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+
+
+def render(data: dict) -> str:
+    m = data["machine"]
+    lines = [
+        HEADING,
+        "",
+        "Generated by `bench/real_models/run_real.py` (do not edit by hand).",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}; flags: {m['flags']}), {m['ram']}; onnxruntime "
+        f"{data['onnxruntime']}; {m['date']}. Pretrained models shipped in PyPI wheels, with inputs recorded "
+        "from the packages' own pipelines (`bench/real_models/prepare.py`); each quantized with `onnxslim "
+        "optimize M -o OUT --quantize int8 --calib CALIB` (defaults; `target=auto` on this machine). Agreement "
+        "is with the fp32 model's own decisions on the held-out feeds (`bench/real_models/decisions.py`); "
+        "latency ratio = int8 / fp32 median, onnxruntime default optimizations.",
+        "",
+        "| model | task (package) | agreement | output cosine | size ratio | latency 1t | latency 2t | "
+        "quant time | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if r["rc"]:
+            lines.append(
+                f"| {r['model']} | {r['task']} ({r['package']}) | exit {r['rc']}: {r.get('error', '')} | | | | | | |"
+            )
+            continue
+        rss = f"{r['quant_peak_rss_mb']} MB" if r.get("quant_peak_rss_mb") else "-"
+        lines.append(
+            f"| {r['model']} | {r['task']} ({r['package']}) | {r['agreement']:.4f} | {r['cosine']:.6f} | "
+            f"{r['size_ratio']:.3f} | {r['latency_ratio_1t']:.3f} | {r['latency_ratio_2t']:.3f} | "
+            f"{r['quant_s']:.1f} s | {rss} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma list of model names (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="re-render from results_int8.json")
+    args = ap.parse_args()
+    path = OUT / "results_int8.json"
+    if args.report_only:
+        data = json.loads(path.read_text())
+    else:
+        data = run(args.models.split(",") if args.models else None)
+        if args.models and path.exists():  # a partial run replaces its models' rows and keeps the others
+            fresh = {r["model"] for r in data["rows"]}
+            data["rows"] = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in fresh] + data["rows"]
+        path.write_text(json.dumps(data, indent=1))
+    int8_report.write_section(ROOT / "bench" / "RESULTS.md", render(data), heading=HEADING)
+
+
+if __name__ == "__main__":
+    main()
