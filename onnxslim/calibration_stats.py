@@ -1,8 +1,9 @@
 """Running statistics of calibration tensors: what ``collect_statistics`` keeps of each sample.
 
-Per tensor (float64 throughout): min/max, per-channel min/max, per-channel means (bias correction), the
-second-moment (Gram) matrix ``sum x x^T`` over one feature axis (GPTQ weight rounding), per-channel L2 norms
-(importance), and a streaming histogram (percentile / entropy / mse ranges). All are fixed-size: memory does not grow with the samples.
+Per tensor (float64 throughout): min/max, per-channel min/max, per-channel means (bias correction), the second-
+moment (Gram) matrix ``sum x x^T`` over one feature axis (GPTQ weight rounding), per-channel L2 norms (importance),
+and a streaming histogram (percentile / entropy / mse ranges). All are fixed-size: memory does not grow with the
+samples.
 
 The streaming reductions that fill them live in ``calibration_accumulator``.
 """

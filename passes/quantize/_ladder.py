@@ -12,12 +12,13 @@ model's contract). Where neither holds, an int16 request becomes ``weight_only``
 The 16-bit range is the 8-bit pair's range widened by half an 8-bit step on each side (covers the calibrated
 range whatever the 8-bit rounding of the zero point), over 65535 steps.
 
-auto_precision: every candidate layer (a planned node) is quantized alone on a copy of the graph and the
-float model's outputs are compared with the candidate's on up to ``sensitivity_samples`` calibration feeds by
-the core's sensitivity engine (``onnxslim.sensitivity``: cosine over all samples, worst output). Layers are ranked by that damage; starting from the requested rungs,
-the worst layer moves up one rung at a time (each move re-measured on the whole model) until the output
-cosine reaches ``precision_floor_cosine``. Cost: two ORT sessions per probe (at most
-``max_sensitivity_layers`` probes; beyond it, the layers nearest the outputs are probed) plus two per rung tried.
+auto_precision: every candidate layer (a planned node) is quantized alone on a copy of the graph and the float
+model's outputs are compared with the candidate's on up to ``sensitivity_samples`` calibration feeds by the core's
+sensitivity engine (``onnxslim.sensitivity``: cosine over all samples, worst output). Layers are ranked by that
+damage; starting from the requested rungs, the worst layer moves up one rung at a time (each move re-measured on
+the whole model) until the output cosine reaches ``precision_floor_cosine``. Cost: two ORT sessions per probe (at
+most ``max_sensitivity_layers`` probes; beyond it, the layers nearest the outputs are probed) plus two per rung
+tried.
 """
 
 from __future__ import annotations
