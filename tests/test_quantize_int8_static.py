@@ -618,7 +618,10 @@ def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
         return np.abs(got[:, :4] - ref[:, :4]).max(), np.abs(got[:, 4:] - ref[:, 4:]).max(), rep
 
     box_err, score_err, rep = errors("")
-    assert rep.passes[0].stats["activations_quantized"] == 2  # x and the shared feature map fr: all 3 convs int8
+    # x and the shared feature map fr (inputs), and the two head convs' outputs, which Sigmoid reads: onnxruntime
+    # fuses all 3 convs into QLinearConv only with a Q after each (the first conv's Relu output fr serves it)
+    stats = rep.passes[0].stats
+    assert stats["activations_quantized"] == 4 and stats["layer_outputs_quantized"] == 2, stats
     # < 1 % of each part's range (one 8-bit scale over 0..320 would allow score errors up to ~0.6)
     assert box_err < 3.2 and score_err < 0.01, (box_err, score_err)
 
@@ -635,3 +638,39 @@ def test_calibration_reports_progress_through_optimize():
     n = entry["n_calib"]
     assert [d for s, d, _ in seen if s == "calibration"] == list(range(1, n + 1))
     assert {t for _, _, t in seen} == {n}
+
+
+def test_conv_outputs_read_by_float_ops_get_a_q_so_onnxruntime_fuses_qlinearconv(tmp_path):
+    # Conv -> Sigmoid (SiLU-style heads): without a Q after the Conv, onnxruntime dequantizes the weight and
+    # runs a float Conv (slower than fp32); with it, every Conv becomes QLinearConv.
+    r = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["sa"]),
+        helper.make_node("Mul", ["a", "sa"], ["h"]),
+        helper.make_node("Conv", ["h", "W2"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["b"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array((r.standard_normal(s) * 0.3).astype(np.float32), n)
+        for n, s in (("W1", (8, 3, 3, 3)), ("W2", (8, 8, 3, 3)))
+    ]
+    m = _model(nodes, [_vi("x", [1, 3, 16, 16])], [_vi("y", None)], inits)
+    calib = _calib((1, 3, 16, 16), n=8, seed=4)
+
+    def fused_ops(options: str) -> Counter:
+        out, _ = optimize(m, [f"{FULL},target=x86-avx2{options}"], calibration=calib)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    with_q = fused_ops("")
+    assert with_q["QLinearConv"] == 2 and with_q["Conv"] == 0 and with_q["FusedConv"] == 0, with_q
+    without = fused_ops(",quantize_layer_outputs=false")
+    assert without["QLinearConv"] < 2, without  # the mechanism is what makes them fuse
+    x = calib[0]
+    out, _ = optimize(m, [f"{FULL},target=x86-avx2"], calibration=calib)
+    got, ref = _run(out, x, optimize_graph=True)[0].ravel(), _run(m, x)[0].ravel()
+    cos = float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref)))
+    assert cos > 0.999, cos

@@ -265,6 +265,7 @@ def apply_precision_ladder(
             result.skip(p.node, "kept float (float_nodes or auto_precision)", p.graph)
     if "float" in rungs.values():
         _restore_float_biases(ctx.graph, rungs, _original_constants(model), ctx.names)
+    rewriter.float_readers = _float_rung_nodes(ctx.graph, rungs)
     rewriter.apply(final, planner)
     if domain is not None and "int16" in rungs.values():
         _widen(ctx.graph, rungs, domain, result, ctx.names)
@@ -311,7 +312,9 @@ class _Search:
         keys, _ = _keys(g)
         plans = _adjust(planner.plan(g), rungs, keys, planner, g)
         _restore_float_biases(g, rungs, self.originals, c.names)
-        self.rewriter(c, scratch).apply(plans, planner)
+        rewriter = self.rewriter(c, scratch)
+        rewriter.float_readers = _float_rung_nodes(g, rungs)
+        rewriter.apply(plans, planner)
         if self.domain is not None:
             _widen(g, rungs, self.domain, None, c.names)
         return _export(g, self.ctx)
@@ -400,6 +403,12 @@ class _Search:
         res.stats["output_cosine"] = round(current, 6)
         res.count("sensitivity_sessions", self.engine.sessions)
         return rungs
+
+
+def _float_rung_nodes(root: gs.Graph, rungs: dict[Key, str]) -> set[int]:
+    """Ids of the nodes whose rung keeps their activations float (weight_only, float)."""
+    _, by_key = _keys(root)
+    return {id(by_key[k][1]) for k, r in rungs.items() if r in ("weight_only", "float") and k in by_key}
 
 
 def _cloner(proto):

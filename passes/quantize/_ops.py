@@ -58,6 +58,8 @@ class QuantOp:
     gptq: Callable[[gs.Node, int, list[int]], tuple[tuple[int, ...], str, object] | None] | None = None
     default: bool = True  # in the pass's default op_types
     quantized_output: bool = False  # pools whose output gets Q/DQ too (QLinear(Global)AveragePool)
+    # A weighted layer that onnxruntime runs in int8 only when its output is quantized too (QLinearConv).
+    needs_output_q: bool = False
 
 
 # ---------------------------------------------------------------------------------------- per-op rules
@@ -129,10 +131,19 @@ def _gather_axis(node, rank):
 
 OPS: dict[str, QuantOp] = {
     "Conv": QuantOp(
-        "weighted", (1,), axis=lambda n, r: 0 if r >= 2 else None, bias=2, in_axis=lambda n: 1, gptq=_conv_gptq
+        "weighted",
+        (1,),
+        axis=lambda n, r: 0 if r >= 2 else None,
+        bias=2,
+        in_axis=lambda n: 1,
+        gptq=_conv_gptq,
+        needs_output_q=True,
     ),
     "ConvTranspose": QuantOp(
-        "weighted", (1,), axis=lambda n, r: 1 if r >= 2 and int(n.attrs.get("group", 1)) == 1 else None
+        "weighted",
+        (1,),
+        axis=lambda n, r: 1 if r >= 2 and int(n.attrs.get("group", 1)) == 1 else None,
+        needs_output_q=True,
     ),
     "MatMul": QuantOp(
         "weighted",

@@ -191,6 +191,25 @@ class QuantizePlanner:
                 p.weights = [(1, self.weight_axis(node, weight, weight_only=True))]
         return p
 
+    def layer_output_names(self, p: NodePlan) -> list[str]:
+        """The output of a Conv/ConvTranspose with quantized activations, when it can take a Q/DQ pair (a float
+        tensor that is no output of its graph): onnxruntime has no integer convolution with a float output, so
+        it fuses DQ -> Conv into QLinearConv only when a Q follows (MatMul and Gemm have float-output integer
+        kernels, MatMulIntegerToFloat and QGemm, and need no Q)."""
+        if (
+            OPS.get(p.node.op, None) is None
+            or not OPS[p.node.op].needs_output_q
+            or not p.activations
+            or not p.node.outputs
+        ):
+            return []
+        o = p.node.outputs[0]
+        if not o.name or any(o is t for t in p.graph.outputs) or not self.is_float(o):
+            return []
+        if o.outputs and all(r.op in TRANSPARENT and not r.domain for r in o.outputs):
+            return []  # Relu/Clip/Reshape...: the Q after them serves (onnxruntime drops a Relu before a Q)
+        return [o.name]
+
     def shape_of(self, t: gs.Tensor) -> list | None:
         shape = getattr(t, "shape", None)
         if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape):

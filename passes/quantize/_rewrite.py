@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph_edit import peek_values
+from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
 from ._gptq import WeightQuantizer
@@ -29,6 +29,9 @@ class Rewriter:
 
     def __init__(self, ctx: PassContext, result: PassResult, qparams, opts, types: dict[str, int]):
         self.ctx, self.result, self.qparams, self.opts, self.types = ctx, result, qparams, opts, types
+        # Nodes the precision ladder keeps at float activations (weight_only/float rungs): a layer output they read
+        # stays float (and that layer unfused) rather than feeding them quantized values.
+        self.float_readers: set[int] = set()
         self.names = ctx.names  # unique in the whole model, shared with the rest of the pass run
         self.act_cache: dict[tuple[int, str], gs.Variable] = {}
         self.made: dict[int, str] = {}  # id of a DQ output this rewriter made -> the activation it stands for
@@ -81,6 +84,8 @@ class Rewriter:
                 const, const_node, owner = planner.constant_of(p.node.inputs[p.bias])
                 if self.quantize_bias(p, const, x_scales[0], w_scale):
                     self.replaced[id(const)] = (const, const_node, owner)
+        if getattr(self.opts, "quantize_layer_outputs", False):
+            self.quantize_layer_outputs(plans, planner)
         if not self.opts.keep_float_outputs:
             self.quantize_outputs(plans)
         self.remove_float_weights()
@@ -106,6 +111,23 @@ class Rewriter:
         self.made[id(dq)] = t.name
         self.result.count("activations_quantized")
         return dq
+
+    def quantize_layer_outputs(self, plans: list[NodePlan], planner: QuantizePlanner) -> None:
+        """Every reader of a quantized layer's output reads it through one Q/DQ pair (made here, or the one a
+        quantized reader already made), so onnxruntime sees DQ -> layer -> Q and fuses it into an integer kernel."""
+        for p in plans:
+            if not any(id(p.node.inputs[i]) in self.made for i in p.activations if i < len(p.node.inputs)):
+                continue  # its activations stayed float (no calibration statistics): nothing to fuse
+            for name in planner.layer_output_names(p):
+                o = p.node.outputs[0]
+                if name not in self.qparams or any(id(r) in self.float_readers for r in o.outputs):
+                    continue
+                dq = self.dequantized_activation(p.graph, o)
+                for reader in list(o.outputs):
+                    if reader.op == "QuantizeLinear" and any(t is o for t in reader.inputs[:1]):
+                        continue  # the pair's own Q
+                    replace_input(reader, o, dq)
+                self.result.count("layer_outputs_quantized")
 
     def quantize_outputs(self, plans: list[NodePlan]) -> None:
         """keep_float_outputs=false: Q/DQ between a quantized node and the main graph output it produces."""
