@@ -75,6 +75,13 @@ class Optimize:
             "lossless pipeline still runs first, unlike -p); `onnxslim passes` lists them",
         )
         p.add_argument(
+            "--opset",
+            type=int,
+            metavar="N",
+            help="raise the model's opset to N first (e.g. 13: per-channel int8 weight scales for opset-11/12 "
+            "models); the output imports opset N, a contract change the report names",
+        )
+        p.add_argument(
             "--target-cpu",
             dest="target_cpu",
             metavar="NAME",
@@ -149,6 +156,7 @@ class Optimize:
                 "external_data",
                 "shape_annotations",
                 "seed",
+                "opset",
             )
             if getattr(args, k) is not None
         }

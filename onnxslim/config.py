@@ -37,6 +37,7 @@ class OptimizeSettings:
     external_data: bool | None = None
     shape_annotations: str = "keep"
     seed: int = 0
+    opset: int | None = None
 
     def api_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``onnxslim.optimize`` (passes and calibration included)."""

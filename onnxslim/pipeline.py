@@ -245,6 +245,7 @@ def optimize(
     overwrite_input: bool = False,
     shape_annotations: Literal["keep", "all"] = "keep",
     seed: int = 0,
+    opset: int | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
@@ -256,6 +257,9 @@ def optimize(
     shape_annotations: "keep" writes value_info only for tensors the input annotated (shapes inferred on the
     way help the passes but would make the file bigger); "all" writes every inferred annotation.
     progress: ``progress(stage, done, total)`` for long stages inside passes (calibration runs); total may be None.
+    opset: raise the model's default-domain opset to this version first (onnx.version_converter), e.g. 13 so
+    int8 weights get per-channel scales; the output then imports that opset. This changes the model's
+    contract, so it happens only when asked, and the report says so.
     """
     t_start = time.perf_counter()
     pass_list = resolve_passes(passes)
@@ -289,6 +293,8 @@ def optimize(
         versions=_versions(),
     )
     report.before = summarize(loaded.proto, _file_size(in_path, loaded))
+    if opset is not None:
+        loaded = _raise_opset(loaded, opset, report)
     contract = ModelContract.of(loaded.proto)
     level = _input_check_level(loaded) if check == "auto" else check
 
@@ -344,6 +350,46 @@ def optimize(
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
     report.seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)
+
+
+def _raise_opset(loaded: LoadedModel, opset: int, report: Report) -> LoadedModel:
+    """The model converted to default-domain ``opset`` (never lowered); the conversion is noted in the report."""
+    current = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise UsageError(f"opset must be an integer opset version such as 13; got {opset!r}")
+    if opset < current:
+        raise UsageError(
+            f"opset={opset} is below the model's opset {current}; onnxslim only raises opsets "
+            f"(give {current} or more, or leave it out)"
+        )
+    if opset == current:
+        return loaded
+    if loaded.has_external_data or loaded.proto.ByteSize() >= PROTOBUF_LIMIT:
+        raise UsageError(
+            "raising the opset needs a model held in one file under 2 GB (onnx.version_converter "
+            "converts the whole proto); convert it once with onnx.version_converter instead"
+        )
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(loaded.proto, opset)
+    except Exception as e:  # noqa: BLE001 - the converter raises several types
+        raise UsageError(
+            f"onnx.version_converter cannot raise this model from opset {current} to {opset}: "
+            f"{str(e).splitlines()[0][:200]}; try another opset or convert it yourself"
+        ) from e
+    report.warnings.append(
+        f"opset raised {current} -> {opset} as asked (opset={opset}): the output imports "
+        f"ai.onnx {opset}, a change of the model's contract"
+    )
+    return LoadedModel(
+        proto=converted,
+        path=loaded.path,
+        base_dir=loaded.base_dir,
+        file_size=loaded.file_size,
+        has_external_data=False,
+        external_files=[],
+    )
 
 
 def _keep_annotated_only(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

@@ -674,3 +674,31 @@ def test_conv_outputs_read_by_float_ops_get_a_q_so_onnxruntime_fuses_qlinearconv
     got, ref = _run(out, x, optimize_graph=True)[0].ravel(), _run(m, x)[0].ravel()
     cos = float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref)))
     assert cos > 0.999, cos
+
+
+def test_opset_raised_on_request_gives_per_channel_weights(tmp_path, capsys):
+    r = np.random.default_rng(8)
+    w = (r.standard_normal((4, 3)) * np.array([1.0, 0.01, 5.0])).astype(np.float32)
+    m = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [_vi("x", [2, 4])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(w, "W")],
+        opset=11,
+    )
+    out, rep = optimize(m, [f"{FULL},target=x86-vnni"], calibration=_calib((2, 4)), opset=13)
+    check_model(out, full=True)
+    assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int8")]
+    assert dq and all(any(a.name == "axis" for a in n.attribute) for n in dq)  # per-channel scales
+    assert any("opset raised 11 -> 13" in w for w in rep.warnings)
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], x @ w, rtol=0.02, atol=0.02)
+    # never lowered; a bad value is a usage error (exit 2 from the CLI)
+    with pytest.raises(UsageError, match="below the model's opset 11"):
+        optimize(m, [FULL], calibration=_calib((2, 4)), opset=10)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    assert cli_main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--opset", "9"]) == 2
+    assert "below the model's opset 11" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
