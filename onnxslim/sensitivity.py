@@ -6,6 +6,13 @@ those outputs (memory: ``samples`` x the outputs' size, whatever the data's leng
 runs the candidate on the same feeds, in one onnxruntime thread (deterministic sums), and compares with the
 parity metrics (cosine over all samples at once, SNR, max abs error), worst over outputs and modes.
 
+Criteria (``criterion``): ``"cosine"`` scores a candidate by its worst output cosine; ``"decisions"`` by what the
+task sees, the worst of each float output's cosine, its worst channel's cosine (axis 1: the box rows and the
+score rows of one detector tensor are judged apart, where one cosine over the whole tensor is dominated by the
+large values) and, for class scores ([batch, classes]), its top-1 agreement; or a callable
+``metric(reference_outputs, candidate_outputs) -> float`` (per sample, a dict of output name -> array; 1.0 = the
+same decisions), e.g. a user's ``script.py:function``. ``Damage.score`` is that value, ``loss`` is 1 - score.
+
 Modes: ``False`` runs the model as ONNX defines it (onnxruntime's graph optimizations off), ``True`` as
 onnxruntime runs it by default; a candidate is judged by the worse of the two, since onnxruntime's own fusions
 can change what a rewrite means (DQ -> MatMul becomes MatMulNBits, which re-quantizes its input). Integer
@@ -22,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 
-from .parity_metrics import SNR_CAP_DB, cosine_similarity, snr_db
+from .parity_metrics import SNR_CAP_DB, compare_output, cosine_similarity, snr_db
 
 __all__ = ["Damage", "SensitivityEngine"]
 
@@ -36,17 +43,24 @@ class Damage:
     """How far a candidate's outputs are from the reference: worst over outputs and modes."""
 
     cosine: float = 1.0
+    score: float = 1.0  # the engine's criterion (1 = unchanged decisions)
     snr_db: float = SNR_CAP_DB
     max_abs: float = 0.0
     outputs: dict[str, dict[str, float]] = field(default_factory=dict)  # per output: its worst metrics
 
     @property
     def loss(self) -> float:
-        """1 - cosine: the ranking key (0 = unchanged)."""
-        return 1.0 - self.cosine
+        """1 - score: the ranking key (0 = unchanged)."""
+        return 1.0 - self.score
 
     def to_dict(self) -> dict:
-        return {"cosine": self.cosine, "snr_db": self.snr_db, "max_abs": self.max_abs, "outputs": self.outputs}
+        return {
+            "score": self.score,
+            "cosine": self.cosine,
+            "snr_db": self.snr_db,
+            "max_abs": self.max_abs,
+            "outputs": self.outputs,
+        }
 
 
 def _inputs_only(feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -64,10 +78,13 @@ class SensitivityEngine:
         samples: int = 16,
         modes: tuple[bool, ...] = (False, True),
         threads: int = 1,
+        criterion: str | Callable[[list[dict], list[dict]], float] = "cosine",
     ):
         if samples < 1:
             raise ValueError(f"samples must be >= 1; got {samples}")
-        self.modes, self.threads = tuple(modes), threads
+        if not callable(criterion) and criterion not in ("cosine", "decisions"):
+            raise ValueError(f"criterion must be 'cosine', 'decisions' or a callable; got {criterion!r}")
+        self.modes, self.threads, self.criterion = tuple(modes), threads, criterion
         self.sessions = 0
         self.feeds: list[dict[str, np.ndarray]] = []
         for feed in data:
@@ -89,11 +106,17 @@ class SensitivityEngine:
                 outs[n].append(np.asarray(v))
         return outs
 
+    def _per_sample(self, outs: dict[str, list[np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [{n: outs[n][i] for n in self.outputs} for i in range(len(self.feeds))]
+
     def measure(self, candidate: onnx.ModelProto) -> Damage:
         """The candidate's outputs against the reference's, worst over outputs and modes."""
         damage = Damage()
         for mode in self.modes:
             got, reference = self._run(candidate, mode), self.reference[mode]
+            if callable(self.criterion):
+                agreed = float(self.criterion(self._per_sample(reference), self._per_sample(got)))
+                damage.score = min(damage.score, agreed)
             for n in self.outputs:
                 if reference[n][0].dtype.kind != "f":
                     continue
@@ -110,6 +133,17 @@ class SensitivityEngine:
                     snr_db=min(worst["snr_db"], m["snr_db"]),
                     max_abs=max(worst["max_abs"], m["max_abs"]),
                 )
+                if self.criterion == "decisions":
+                    decided = compare_output(n, reference[n], got[n], [""] * len(got[n]))["metrics"]
+                    for key in ("worst_channel_cosine", "top1_agreement"):
+                        if key in decided:
+                            m[key] = float(decided[key])
+                            worst[key] = min(worst.get(key, 1.0), m[key])
+                    damage.score = min(
+                        damage.score, m["cosine"], m.get("worst_channel_cosine", 1.0), m.get("top1_agreement", 1.0)
+                    )
+                elif self.criterion == "cosine":
+                    damage.score = min(damage.score, m["cosine"])
                 damage.cosine = min(damage.cosine, m["cosine"])
                 damage.snr_db = min(damage.snr_db, m["snr_db"])
                 damage.max_abs = max(damage.max_abs, m["max_abs"])

@@ -280,3 +280,21 @@ def test_float_rung_keeps_the_original_bias_despite_bias_correction():
     assert c2.input[1] == "W2" and numpy_helper.to_array(inits[c2.input[1]]).dtype == np.float32
     np.testing.assert_array_equal(numpy_helper.to_array(inits[c2.input[2]]), b2)
     assert rep.passes[0].stats["layers_float"] == 1
+
+
+def test_auto_precision_with_the_decision_metric_or_a_user_metric(tmp_path):
+    m = _outlier_model(17, op="MatMul")
+    out, rec = _quantize(m, auto_precision=True, precision_floor_cosine=0.999, precision_metric="decisions")
+    assert any("output decision score" in n for n in rec.notes) and rec.stats["output_score"] >= 0.999
+    assert rec.stats["layers_weight_only"] == 1  # the outlier layer moves up, as with the cosine
+    script = tmp_path / "metric.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def agree(ref, cand):\n"
+        "    cos = lambda a, b: float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))\n"
+        "    return float(np.mean([cos(r['y'], c['y']) > 0.999 for r, c in zip(ref, cand)]))\n"
+    )
+    out, rec = _quantize(m, auto_precision=True, precision_floor_cosine=0.99, precision_metric=f"{script}:agree")
+    assert any("output metric score" in n for n in rec.notes)
+    with pytest.raises(UsageError, match="precision_metric must be"):
+        QuantizeInt8Static(precision_metric="nearest")

@@ -51,3 +51,47 @@ def test_damage_grows_with_the_change_and_ranks_it(engine_and_model):
     ranked = engine.ranked(damages)
     assert ranked.index(("stem.0.weight", 0.5)) < ranked.index(("stem.0.weight", 0.02))
     assert ranked[0] == max(damages, key=lambda k: damages[k].loss)
+
+
+def _boxes_and_scores(sign: float) -> onnx.ModelProto:
+    """y[N, 9] = concat(box pixels x*300 (4 columns), class scores sigmoid(8 * x @ Ws) (5 columns)); ``sign`` flips
+    score column 2: one ruined slice among large values, which one cosine over the tensor hardly sees."""
+    from onnx import helper, numpy_helper
+
+    ws = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32) * 8
+    ws[:, 2] *= sign
+    nodes = [
+        helper.make_node("Mul", ["x", "px"], ["box"]),
+        helper.make_node("MatMul", ["x", "ws"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["s"]),
+        helper.make_node("Concat", ["box", "s"], ["y"], axis=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 9])],
+        [numpy_helper.from_array(np.array(300.0, np.float32), "px"), numpy_helper.from_array(ws, "ws")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_decisions_catch_a_ruined_slice_that_the_whole_tensor_cosine_misses():
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.random((8, 4)).astype(np.float32)} for _ in range(4)]
+    reference, ruined = _boxes_and_scores(1.0), _boxes_and_scores(-1.0)
+    by_cosine = SensitivityEngine(reference, feeds, samples=4, criterion="cosine").measure(ruined)
+    by_decisions = SensitivityEngine(reference, feeds, samples=4, criterion="decisions").measure(ruined)
+    assert by_cosine.score > 0.999  # missed: the box pixels dominate the tensor
+    assert by_decisions.score < 0.5 and by_decisions.outputs["y"]["worst_channel_cosine"] < 0.5  # caught
+    assert by_cosine.cosine == pytest.approx(by_decisions.cosine)
+
+    def same_best_class(ref, cand):  # a user metric: per-sample dicts of outputs, 1.0 = the same decisions
+        return float(
+            np.mean([np.array_equal(r["y"][:, 4:].argmax(1), c["y"][:, 4:].argmax(1)) for r, c in zip(ref, cand)])
+        )
+
+    user = SensitivityEngine(reference, feeds, samples=4, criterion=same_best_class)
+    assert user.measure(reference).score == 1.0 and user.measure(ruined).score < 1.0
+    with pytest.raises(ValueError, match="criterion must be"):
+        SensitivityEngine(reference, feeds, criterion="nearest")

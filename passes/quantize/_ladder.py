@@ -284,7 +284,7 @@ class _Layer:
     op: str
     floor: str  # lowest rung this layer can take
     weights: bool  # has int8 weights (else weight_only is the same as float)
-    damage: float = 0.0  # 1 - output cosine with only this layer quantized
+    damage: float = 0.0  # 1 - the score with only this layer quantized
 
 
 class _Search:
@@ -294,12 +294,19 @@ class _Search:
         # The float model's outputs on the first sensitivity_samples calibration feeds, with ORT's optimizations
         # off and on: a rung is judged by the worse (ORT's own fusions can undo one: DQ(int8 W) -> MatMul becomes
         # MatMulNBits, which re-quantizes the float activation).
-        self.engine = SensitivityEngine(model, ctx.calibration, samples=opts.sensitivity_samples)
+        metric = opts.precision_metric
+        self.what = {"cosine": "cosine", "decisions": "decision score"}.get(metric, "metric score")
+        if metric not in ("cosine", "decisions"):
+            from onnxslim.data import load_function
+
+            metric = load_function(metric, "metric", "(reference, candidate) -> float")
+        self.engine = SensitivityEngine(model, ctx.calibration, samples=opts.sensitivity_samples, criterion=metric)
         self.originals = _original_constants(model)
 
     def cosine(self, rungs: dict[Key, str]) -> float:
-        """Worst output cosine (over all samples at once) of the model quantized with ``rungs``."""
-        return self.engine.measure(self.build(rungs)).cosine
+        """The score of the model quantized with ``rungs`` (precision_metric: by default its worst output cosine
+        over all samples at once)."""
+        return self.engine.measure(self.build(rungs)).score
 
     def build(self, rungs: dict[Key, str]) -> onnx.ModelProto:
         """The model quantized with these rungs, on a copy of the graph (the same code path as the real run)."""
@@ -348,7 +355,7 @@ class _Search:
         layers = self.layers(start)
         base = self.cosine(rungs)
         res.notes.append(
-            f"auto_precision: output cosine {base:.6f} with the requested rungs "
+            f"auto_precision: output {self.what} {base:.6f} with the requested rungs "
             f"(floor {floor}; {len(self.engine.feeds)} calibration samples)"
         )
         if base >= floor or not layers:
@@ -373,7 +380,7 @@ class _Search:
         ranked = sorted(probed, key=lambda lay: -lay.damage)
         res.notes.append(
             "auto_precision: most sensitive layers: "
-            + ", ".join(f"{lay.name or lay.op} (cosine alone {1 - lay.damage:.6f})" for lay in ranked[:5])
+            + ", ".join(f"{lay.name or lay.op} ({self.what} alone {1 - lay.damage:.6f})" for lay in ranked[:5])
         )
         current = base
         for lay in ranked:  # greedy: a move is kept only if it helps; stop once the floor holds
@@ -384,7 +391,7 @@ class _Search:
             while (rung := self.next_rung(lay, rung)) is not None:
                 got = self.cosine({**rungs, lay.key: rung})
                 res.notes.append(
-                    f"auto_precision: tried {lay.name or lay.op} {was} -> {rung}: output cosine "
+                    f"auto_precision: tried {lay.name or lay.op} {was} -> {rung}: output {self.what} "
                     f"{current:.6f} -> {got:.6f}"
                 )
                 if got > best:
@@ -397,10 +404,10 @@ class _Search:
                 res.notes.append(f"auto_precision: {lay.name or lay.op} moved {was} -> {best_rung}")
         if current < floor:
             res.notes.append(
-                f"auto_precision: the floor {floor} was not reached (output cosine {current:.6f} "
+                f"auto_precision: the floor {floor} was not reached (output {self.what} {current:.6f} "
                 "after moving every probed layer up); raise max_sensitivity_layers or add float_nodes"
             )
-        res.stats["output_cosine"] = round(current, 6)
+        res.stats["output_cosine" if self.what == "cosine" else "output_score"] = round(current, 6)
         res.count("sensitivity_sessions", self.engine.sessions)
         return rungs
 

@@ -222,7 +222,20 @@ class QuantizeInt8Static(Pass):
             },
         )
         precision_floor_cosine: float = field(
-            default=0.999, metadata={"help": "auto_precision: output cosine (float vs quantized) to reach"}
+            default=0.999,
+            metadata={
+                "help": "auto_precision: the score to reach (the output cosine, float vs quantized, with "
+                "precision_metric=cosine; the decision score otherwise)"
+            },
+        )
+        precision_metric: str = field(
+            default="cosine",
+            metadata={
+                "help": "auto_precision: how damage is measured: cosine (worst output cosine), decisions "
+                "(also each output's worst channel and the top-1 agreement of class scores: a ruined "
+                "slice that a whole-tensor cosine hides counts), or script.py:function(reference, candidate)"
+                " -> agreement in [0, 1] over per-sample dicts of outputs"
+            },
         )
         max_sensitivity_layers: int = field(
             default=24,
@@ -236,6 +249,10 @@ class QuantizeInt8Static(Pass):
         )
 
         def validate(self) -> str | None:
+            if self.precision_metric not in ("cosine", "decisions") and ":" not in self.precision_metric:
+                return (
+                    f"precision_metric must be cosine, decisions or script.py:function; got {self.precision_metric!r}"
+                )
             if not 50.0 < self.percentile <= 100.0:
                 return f"percentile must be in (50, 100]; got {self.percentile}"
             if not self.gptq_damping > 0:
