@@ -298,3 +298,11 @@ def test_auto_precision_with_the_decision_metric_or_a_user_metric(tmp_path):
     assert any("output metric score" in n for n in rec.notes)
     with pytest.raises(UsageError, match="precision_metric must be"):
         QuantizeInt8Static(precision_metric="nearest")
+
+
+def test_auto_precision_stops_at_its_time_budget():
+    m = _outlier_model(17, op="MatMul")
+    out, rec = _quantize(m, auto_precision=True, precision_floor_cosine=0.999, sensitivity_time_budget_s=1e-9)
+    assert any("stopped at the time budget" in n for n in rec.notes), rec.notes
+    assert "layers_probed" not in rec.stats and "layers_weight_only" not in rec.stats  # nothing moved in time
+    assert rec.stats["weights_quantized"] == 2  # still a quantized model: the requested rungs

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -351,6 +352,9 @@ class _Search:
 
     def run(self, start: dict[Key, str]) -> dict[Key, str]:
         floor, res = self.opts.precision_floor_cosine, self.result
+        budget = float(getattr(self.opts, "sensitivity_time_budget_s", 0) or 0)
+        deadline = time.monotonic() + budget if budget > 0 else None
+        self.out_of_time = lambda: deadline is not None and time.monotonic() > deadline
         rungs = dict(start)
         layers = self.layers(start)
         base = self.cosine(rungs)
@@ -371,12 +375,12 @@ class _Search:
         everything_float = {lay.key: "float" for lay in layers}
         by_key = {lay.key: lay for lay in probed}
         damages = self.engine.probe(
-            [lay.key for lay in probed],
+            (lay.key for lay in probed if not self.out_of_time()),  # lazily: the budget can stop the probes
             lambda k: self.build({**everything_float, k: start.get(k, by_key[k].floor)}),
             on_result=lambda k, d: res.count("layers_probed"),
         )
         for lay in probed:
-            lay.damage = damages[lay.key].loss
+            lay.damage = damages[lay.key].loss if lay.key in damages else 0.0  # not probed in time: ranked last
         ranked = sorted(probed, key=lambda lay: -lay.damage)
         res.notes.append(
             "auto_precision: most sensitive layers: "
@@ -384,7 +388,7 @@ class _Search:
         )
         current = base
         for lay in ranked:  # greedy: a move is kept only if it helps; stop once the floor holds
-            if current >= floor:
+            if current >= floor or self.out_of_time():
                 break
             was = rungs.get(lay.key, lay.floor)
             best_rung, best, rung = was, current, was
@@ -402,6 +406,11 @@ class _Search:
                 rungs[lay.key] = best_rung
                 current = best
                 res.notes.append(f"auto_precision: {lay.name or lay.op} moved {was} -> {best_rung}")
+        if self.out_of_time():
+            res.notes.append(
+                f"auto_precision: stopped at the time budget ({budget:g} s, sensitivity_time_budget_s) after "
+                f"{len(damages)} of {len(probed)} probes; the rungs are the best found by then"
+            )
         if current < floor:
             res.notes.append(
                 f"auto_precision: the floor {floor} was not reached (output {self.what} {current:.6f} "

@@ -244,6 +244,13 @@ class QuantizeInt8Static(Pass):
                 "outputs when there are more)"
             },
         )
+        sensitivity_time_budget_s: float = field(
+            default=0.0,
+            metadata={
+                "help": "auto_precision: stop probing and moving layers after this many seconds and keep the "
+                "best rungs found (0 = no limit; a limit makes the result depend on the machine's speed)"
+            },
+        )
         sensitivity_samples: int = field(
             default=16, metadata={"help": "auto_precision: calibration samples the outputs are compared on"}
         )
