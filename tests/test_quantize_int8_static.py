@@ -619,7 +619,8 @@ def test_detector_output_mixing_box_pixels_and_scores_keeps_both_accurate():
 
     box_err, score_err, rep = errors("")
     # x and the shared feature map fr (inputs), and the two head convs' outputs, which Sigmoid reads: onnxruntime
-    # fuses all 3 convs into QLinearConv only with a Q after each (the first conv's Relu output fr serves it)
+    # fuses all 3 convs into QLinearConv only with a Q after each (the first conv's Relu output fr serves it); the
+    # Sigmoid outputs feed the decoding tail (Mul by the box size, Concat into the output) and stay float
     stats = rep.passes[0].stats
     assert stats["activations_quantized"] == 4 and stats["layer_outputs_quantized"] == 2, stats
     # < 1 % of each part's range (one 8-bit scale over 0..320 would allow score errors up to ~0.6)
@@ -667,8 +668,11 @@ def test_conv_outputs_read_by_float_ops_get_a_q_so_onnxruntime_fuses_qlinearconv
 
     with_q = fused_ops("")
     assert with_q["QLinearConv"] == 2 and with_q["Conv"] == 0 and with_q["FusedConv"] == 0, with_q
-    without = fused_ops(",quantize_layer_outputs=false")
-    assert without["QLinearConv"] < 2, without  # the mechanism is what makes them fuse
+    assert with_q["QLinearSigmoid"] >= 1 and with_q["QLinearMul"] == 1, with_q  # SiLU in int8 too
+    # the mechanism is what makes them fuse: without the output Q (and without Sigmoid's Q/DQ, which would
+    # quantize the conv output as its input), the convs stay float
+    without = fused_ops(",quantize_layer_outputs=false,exclude_op_types=Sigmoid")
+    assert without["QLinearConv"] < 2, without
     x = calib[0]
     out, _ = optimize(m, [f"{FULL},target=x86-avx2"], calibration=calib)
     got, ref = _run(out, x, optimize_graph=True)[0].ravel(), _run(m, x)[0].ravel()

@@ -51,7 +51,7 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _latency_ratio(fp32: Path, int8: Path, feeds: list[dict], threads: int, rounds: int = 7) -> float:
+def _latency_ratio(fp32: Path, int8: Path, feeds: list[dict], threads: int, rounds: int = 15) -> float:
     a, b = _session(fp32, threads), _session(int8, threads)
     feeds = feeds[:8]
     times: dict[str, list[float]] = {"f": [], "q": []}

@@ -165,14 +165,18 @@ OPS: dict[str, QuantOp] = {
     "GRU": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
     "RNN": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
     "Gather": QuantOp("table", (0,), axis=_gather_axis),
-    "Add": QuantOp("elementwise"),
-    "Mul": QuantOp("elementwise"),
+    # Their output gets Q/DQ too (for readers that are not quantized themselves: Split, Concat into a float
+    # tail...), so onnxruntime runs QLinearAdd / QLinearMul (NudeNet YOLOv8n: 45 -> 57 of 61 Mul fused).
+    "Add": QuantOp("elementwise", quantized_output=True),
+    "Mul": QuantOp("elementwise", quantized_output=True),
     "Concat": QuantOp("elementwise"),
     "MaxPool": QuantOp("single_input"),
     "AveragePool": QuantOp("single_input", quantized_output=True),
     "GlobalAveragePool": QuantOp("single_input", quantized_output=True),
     "Resize": QuantOp("single_input"),
     "GlobalMaxPool": QuantOp("single_input", default=False),
+    # Sigmoid between quantized producers and consumers (SiLU = x * sigmoid(x)): QLinearSigmoid + QLinearMul.
+    "Sigmoid": QuantOp("single_input"),
 }
 
 DEFAULT_OP_TYPES: tuple[str, ...] = tuple(op for op, q in OPS.items() if q.default)
