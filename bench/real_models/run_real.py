@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "real_models"))
 import int8_report  # noqa: E402
 from decisions import agreement  # noqa: E402
+from run_int8 import _quant_cmd  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "real_models"
-CLI = ROOT / ".venv" / "bin" / "onnxslim"
 HEADING = "## int8 on real pretrained models"
 
 
@@ -73,21 +73,7 @@ def _cosine(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
 
 def _quantize(src: Path, dst: Path, calib: Path, extra: list[str]) -> dict:
     """The CLI as a user runs it, under a parent of its own so its peak RSS is its alone."""
-    cmd = [
-        str(CLI),
-        "optimize",
-        str(src),
-        "-o",
-        str(dst),
-        "--quantize",
-        "int8",
-        "--calib",
-        str(calib),
-        "--report",
-        str(dst.with_suffix(".report.json")),
-        "-q",
-        *extra,
-    ]
+    cmd = [*_quant_cmd("ours", src, dst, calib), "-q", *extra]  # the same command as bench/run_int8.py
     probe = (
         "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
