@@ -105,7 +105,7 @@ def collect_statistics(
 
     feeds = _stream(data).bind(proto)
     request = {
-        "model_sha256": _fingerprint(proto),
+        "model_sha256": model_state(proto),
         "data": feeds.description,
         "bins": bins if hist_names else None,
         "max_samples": max_samples,
@@ -275,15 +275,18 @@ def _stream(data: Any) -> FeedData:
     return load_feeds(data)
 
 
-def _fingerprint(model: onnx.ModelProto) -> str:
+def model_state(model: onnx.ModelProto) -> str:
+    """A hash of what the model computes (nodes, weights, I/O, opsets), whatever the order of its nodes and
+    initializers: equal hashes, equal statistics on the same data. Each part is hashed alone, so models over
+    protobuf's 2 GB limit hash too."""
+
+    def digests(parts) -> list[bytes]:
+        return sorted(hashlib.sha256(x.SerializeToString(deterministic=True)).digest() for x in parts)
+
+    g = model.graph
     h = hashlib.sha256()
-    try:
-        h.update(model.SerializeToString(deterministic=True))
-    except ValueError:  # > 2 GB: hash piecewise
-        for t in model.graph.initializer:
-            h.update(t.SerializeToString(deterministic=True))
-        for n in model.graph.node:
-            h.update(n.SerializeToString(deterministic=True))
+    for group in (g.node, g.initializer, g.sparse_initializer, g.input, g.output, model.opset_import, model.functions):
+        h.update(b"".join(digests(group)) + b"|")
     return h.hexdigest()
 
 

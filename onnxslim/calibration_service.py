@@ -12,7 +12,6 @@ needs into one request (``a | b``): two requests on the same graph that the cach
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from .calibration import collect_statistics
+from .calibration import collect_statistics, model_state
 from .calibration_stats import ConvPatches, Statistics
 from .errors import UsageError
 
@@ -103,21 +102,6 @@ class StatisticsRequest:
         ):
             return False
         return True
-
-
-def model_state(model: onnx.ModelProto) -> str:
-    """A hash of what the model computes (nodes, weights, I/O, opsets), whatever the order of its nodes and
-    initializers: equal hashes, equal statistics on the same data. Each part is hashed alone, so models over
-    protobuf's 2 GB limit hash too."""
-
-    def digests(parts) -> list[bytes]:
-        return sorted(hashlib.sha256(x.SerializeToString(deterministic=True)).digest() for x in parts)
-
-    g = model.graph
-    h = hashlib.sha256()
-    for group in (g.node, g.initializer, g.sparse_initializer, g.input, g.output, model.opset_import, model.functions):
-        h.update(b"".join(digests(group)) + b"|")
-    return h.hexdigest()
 
 
 class CalibrationService:
