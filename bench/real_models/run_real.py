@@ -29,26 +29,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "real_models"))
 import int8_report  # noqa: E402
 from decisions import agreement  # noqa: E402
-from run_int8 import _quant_cmd  # noqa: E402
+from run_int8 import _load_npz_dir, _quant_cmd  # noqa: E402
+from run_int8 import _session as _ort_session  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "real_models"
 HEADING = "## int8 on real pretrained models"
 
 
 def _feeds(folder: Path) -> list[dict[str, np.ndarray]]:
-    out = []
-    for f in sorted(folder.glob("*.npz")):
-        with np.load(f) as z:
-            out.append({k: z[k] for k in z.files})
-    return out
+    return _load_npz_dir(str(folder))
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _ort_session(str(path), threads)
 
 
 def _latency_ratio(fp32: Path, int8: Path, feeds: list[dict], threads: int, rounds: int = 15) -> float:
