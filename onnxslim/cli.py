@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
+from .cli_compress import add_compression_arguments, apply_compression_arguments
 from .config import OptimizeSettings, load_config, settings_from_mapping
 from .errors import OnnxSlimError, UsageError
 
@@ -62,33 +63,13 @@ class Optimize:
             help="calibration data: a folder of .npz feeds, one .npz, or script.py:function",
         )
         p.add_argument(
-            "--quantize",
-            choices=["int8"],
-            help="int8: append quantize_int8_static to the passes (default: the lossless pipeline); needs --calib",
-        )
-        p.add_argument(
-            "--quantize-option",
-            dest="quantize_options",
-            action="append",
-            metavar="KEY=VALUE",
-            help="with --quantize int8: an option of quantize_int8_static (repeatable; the default "
-            "lossless pipeline still runs first, unlike -p); `onnxslim passes` lists them",
-        )
-        p.add_argument(
             "--opset",
             type=int,
             metavar="N",
             help="raise the model's opset to N first (e.g. 13: per-channel int8 weight scales for opset-11/12 "
             "models); the output imports opset N, a contract change the report names",
         )
-        p.add_argument(
-            "--target-cpu",
-            dest="target_cpu",
-            metavar="NAME",
-            choices=["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"],
-            help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
-            "uses 7-bit weights, arm* int8 activations); same as -p quantize_int8_static:target=NAME",
-        )
+        add_compression_arguments(p)
         fp = p.add_mutually_exclusive_group()
         fp.add_argument(
             "--fixed-point",
@@ -163,27 +144,7 @@ class Optimize:
         if args.strict:
             given["on_pass_error"] = "raise"
         settings = settings_from_mapping(given, where="command line", base=base)
-        if getattr(args, "quantize", None) == "int8":
-            if not settings.calibration:
-                raise UsageError(
-                    "--quantize int8 needs calibration data; give --calib DIR (a folder of .npz "
-                    "feeds, one .npz, or script.py:function)"
-                )
-            from .pipeline import DEFAULT_PASSES, PassSpec
-
-            passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
-            if not any(p.name == "quantize_int8_static" for p in passes):
-                passes.append(PassSpec("quantize_int8_static"))
-            extra = PassSpec.parse("quantize_int8_static:" + ",".join(getattr(args, "quantize_options", None) or []))
-            if getattr(args, "target_cpu", None):
-                extra.options["target"] = args.target_cpu
-            for p in passes:
-                if p.name == "quantize_int8_static":
-                    p.options = {**p.options, **extra.options}
-            settings.passes = passes
-        elif getattr(args, "target_cpu", None) or getattr(args, "quantize_options", None):
-            flag = "--target-cpu" if getattr(args, "target_cpu", None) else "--quantize-option"
-            raise UsageError(f"{flag} applies to int8 quantization; add --quantize int8 --calib DIR (or drop {flag})")
+        apply_compression_arguments(args, settings)
         return settings
 
     @staticmethod

@@ -6,6 +6,7 @@
   value, or either behind a chain of Identity nodes, as exporters write tied weights); ``peek_values`` reads a
   constant without caching its values on the tensor (memory holds one weight at a time).
 - ``Names``: unique fresh names for a whole model (every graph, subgraph and function; tensors and nodes).
+- ``node_matches``: the one way options name nodes (a name, a glob ``*?[]``, ``re:REGEX`` or ``op:OpType``).
 - ``GraphEditor``: the edits of one graph during one pass run (rewire a tensor's readers, remove or bypass a
   node, give a node input a new constant), with its per-run bookkeeping kept here, never on the pass. A pass
   gets one from ``PassContext.edit(graph)``.
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,7 @@ __all__ = [
     "replace_uses",
     "Names",
     "GraphEditor",
+    "node_matches",
 ]
 
 _IDENTITY_HOPS = 8  # Identity chains longer than this are not followed (none seen in real exports)
@@ -113,6 +117,18 @@ def const_value(t: gs.Tensor | None, *, through_identity: bool = True) -> np.nda
             if key in attrs:
                 return np.asarray(attrs[key], dtype=dtype)
     return None
+
+
+def node_matches(pattern: str, node: gs.Node) -> bool:
+    """True when ``pattern`` names ``node``: ``op:OpType``, ``re:REGEX`` (full match of the name), a glob with
+    ``*?[]``, or the exact node name."""
+    if pattern.startswith("op:"):
+        return node.op == pattern[3:]
+    if pattern.startswith("re:"):
+        return bool(node.name) and re.fullmatch(pattern[3:], node.name) is not None
+    if any(c in pattern for c in "*?["):
+        return bool(node.name) and fnmatch.fnmatchcase(node.name, pattern)
+    return node.name == pattern
 
 
 def is_shared(t: gs.Tensor) -> bool:

@@ -51,6 +51,9 @@ class PassResult:
     stats: dict[str, float] = field(default_factory=dict)
     skipped: list[SkippedNode] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Per-layer facts (one flat dict per layer: name, op, params/bytes/FLOPs before and after...), shown in
+    # the report as a table and kept whole in the JSON.
+    layers: list[dict] = field(default_factory=list)
 
     def count(self, key: str, n: float = 1) -> None:
         """Add ``n`` to stat ``key``. Set ``modified`` yourself: a count alone does not mark a change."""
@@ -66,6 +69,7 @@ class PassResult:
             self.stats[k] = self.stats.get(k, 0) + v
         self.skipped.extend(other.skipped)
         self.notes.extend(other.notes)
+        self.layers.extend(other.layers)
         return self
 
 

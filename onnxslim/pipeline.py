@@ -200,6 +200,7 @@ def _run_pass(
     record.stats = dict(result.stats)
     record.skipped = [s.to_dict() for s in result.skipped]
     record.notes = list(result.notes)
+    record.layers = [dict(d) for d in result.layers]
     log.info("%s: modified=%s %s (%.3fs)", p.name, record.modified, record.stats, record.seconds)
     return record, ctx.graph
 

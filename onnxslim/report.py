@@ -25,6 +25,7 @@ class PassRecord:
     stats: dict[str, float] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # per-layer facts of passes that change layers
     seconds: float = 0.0
     iteration: int = 0
     error: str | None = None  # set when the pass failed and its changes were rolled back
@@ -86,6 +87,7 @@ class Report:
                 t.stats[k] = t.stats.get(k, 0) + v
             if p.iteration == max(q.iteration for q in self.passes if q.name == p.name):
                 t.skipped = list(p.skipped)  # what the last round still could not do
+                t.layers = list(p.layers)
             t.seconds += p.seconds
             t.error = t.error or p.error
         return list(totals.values())
@@ -153,6 +155,9 @@ class Report:
                     f"{p.seconds:.3f}",
                 )
             out.append(t)
+            for p in self.pass_totals():
+                if p.layers:
+                    out.append(_layers_table(p.name, p.layers))
         if self.parity:
             out.extend(_parity_renderables(self.parity))
         for w in self.warnings:
@@ -160,6 +165,28 @@ class Report:
         if self.checker:
             out.append(f"checker: {self.checker}   total {self.seconds:.2f}s")
         return out
+
+
+_LAYER_ROWS = 20
+
+
+def _layers_table(name: str, layers: list[dict]):
+    """A pass's per-layer facts: the largest layers first (by the first numeric column), all of them in JSON."""
+    from rich.table import Table
+
+    cols = list(dict.fromkeys(k for d in layers for k in d))
+    key = next(
+        (c for c in cols if isinstance(layers[0].get(c), (int, float)) and not isinstance(layers[0].get(c), bool)), None
+    )
+    rows = sorted(layers, key=lambda d: -float(d.get(key) or 0)) if key else list(layers)
+    shown = rows[:_LAYER_ROWS]
+    more = f" ({len(shown)} of {len(rows)} shown; all in the JSON report)" if len(rows) > len(shown) else ""
+    t = Table(title=f"{name}: per layer{more}", title_justify="left")
+    for c in cols:
+        t.add_column(c, overflow="fold", justify="left" if c in ("layer", "op", "name") else "right")
+    for d in shown:
+        t.add_row(*(_num(d[c]) if isinstance(d.get(c), float) else str(d.get(c, "")) for c in cols))
+    return t
 
 
 def _parity_renderables(parity: dict) -> list:

@@ -17,6 +17,7 @@ state adds nothing) weights of LSTM/RNN, and of GRU when ``linear_before_reset=1
 ``r * h``, which is not exposed). Bidirectional RNNs use one ``H`` for both directions. Grouped/depthwise
 Conv, ConvTranspose, Gather tables and weights read through a Gather stay round-to-nearest. A weight read by
 several layers gets the mean of their ``H``.
+Weights that are exactly zero (pruned) stay zero.
 Columns that never saw a non-zero input (``H_jj = 0``) keep round-to-nearest values: calibration data may
 simply never reach them (an image border), and GPTQ's usual "zero the dead weight" would break the model on
 data that does.
@@ -113,6 +114,7 @@ def gptq_round(
     h[dead, dead] = 1.0  # a column nobody feeds: rounded to nearest, takes and gives no error
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
     w, h = w[:, perm], h[np.ix_(perm, perm)]
+    pruned = w == 0  # a pruned weight stays zero (its error, once others moved it, is pushed on like any other)
     h[np.diag_indices(n)] += damping * float(np.mean(np.diag(h)))
     try:
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
@@ -127,7 +129,7 @@ def gptq_round(
         hb = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = wb[:, j]
-            qc = np.clip(np.round(col / scale), -qmax, qmax)
+            qc = np.where(pruned[:, b0 + j], 0.0, np.clip(np.round(col / scale), -qmax, qmax))
             q[:, b0 + j] = qc
             e = (col - qc * scale) / hb[j, j]
             wb[:, j:] -= np.outer(e, hb[j, j:])
@@ -139,7 +141,7 @@ def gptq_round(
 def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, tuple[int, ...], str, object]]:
     """(node, weight input index, per-channel axis, the weight's input-feature axes, activation name, its Gram
     request for ``collect_statistics(grams=)``: a feature axis or a ``ConvPatches``) for every planned weight
-    GPTQ can round (``_ops.OPS[op].gptq`` says how each op's weight meets its input)."""
+    GPTQ can round (``onnxslim.weight_layout`` says how each op's weight meets its input)."""
     out = []
     for p in plans:
         node = p.node

@@ -23,7 +23,6 @@ tried.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import re
 import time
@@ -34,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.graph_edit import Names, constant_source
+from onnxslim.graph_edit import Names, constant_source, node_matches
 from onnxslim.gs_bridge import export_standalone
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 from onnxslim.sensitivity import SensitivityEngine
@@ -61,16 +60,6 @@ def _keys(root: gs.Graph) -> tuple[dict[int, Key], dict[Key, tuple[gs.Graph, gs.
     return by_id, by_key
 
 
-def _matches(pattern: str, node: gs.Node) -> bool:
-    if pattern.startswith("op:"):
-        return node.op == pattern[3:]
-    if pattern.startswith("re:"):
-        return bool(node.name) and re.fullmatch(pattern[3:], node.name) is not None
-    if any(c in pattern for c in "*?["):
-        return bool(node.name) and fnmatch.fnmatchcase(node.name, pattern)
-    return node.name == pattern
-
-
 def _requested_rungs(opts, plans: list[NodePlan], keys: dict[int, Key], result: PassResult) -> dict[Key, str]:
     rungs: dict[Key, str] = {}
     for rung, patterns, option in (
@@ -79,7 +68,7 @@ def _requested_rungs(opts, plans: list[NodePlan], keys: dict[int, Key], result: 
         ("float", opts.float_nodes, "float_nodes"),
     ):
         for pat in patterns:
-            hit = [p for p in plans if _matches(pat, p.node)]
+            hit = [p for p in plans if node_matches(pat, p.node)]
             if not hit:
                 result.notes.append(f"{option}: '{pat}' matches no node this pass quantizes")
             for p in hit:

@@ -1,9 +1,9 @@
 """Private helper of quantize_int8_static: what quantization knows about each op, in one table.
 
 Adding an op to the quantizer is one ``OPS`` entry: its role, which inputs are weights, the per-channel axis
-of a weight, the bias input, the axis of the input whose channels feed the weight (bias-correction means, GPTQ
-Gram matrices), and how GPTQ sees the weight. The planner, the rewriter, bias correction, GPTQ and the
-precision ladder all read this table.
+of a weight, the bias input, the axis of the input whose channels feed the weight (bias-correction means);
+how a weight meets its input (GPTQ's Gram matrices) is ``onnxslim.weight_layout``. The planner, the
+rewriter, bias correction, GPTQ and the precision ladder all read this table.
 
 Roles: ``weighted`` (int8 weights and quantized activations; onnxruntime fuses them into integer kernels),
 ``recurrent`` (int8 weights only: onnxruntime has no QDQ kernels for RNNs), ``table`` (int8 embedding tables,
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.calibration_stats import ConvPatches
+from onnxslim.weight_layout import weight_layout
 
 __all__ = [
     "QuantOp",
@@ -53,9 +53,6 @@ class QuantOp:
     # Axis of input 0 along which its channels meet the weight's input features (means for bias correction,
     # the Gram matrix for GPTQ); None when neither applies.
     in_axis: Callable[[gs.Node], int] | None = None
-    # GPTQ: (the weight's input-feature axes, the activation whose Gram is wanted, its Gram request) for weight
-    # input i of rank r, or None where GPTQ does not apply (it then rounds to nearest).
-    gptq: Callable[[gs.Node, int, list[int]], tuple[tuple[int, ...], str, object] | None] | None = None
     default: bool = True  # in the pass's default op_types
     quantized_output: bool = False  # pools whose output gets Q/DQ too (QLinear(Global)AveragePool)
     # A weighted layer that onnxruntime runs in int8 only when its output is quantized too (QLinearConv).
@@ -65,60 +62,6 @@ class QuantOp:
 # ---------------------------------------------------------------------------------------- per-op rules
 def _gemm_in_axis(node: gs.Node) -> int:
     return 0 if int(node.attrs.get("transA", 0)) else 1
-
-
-def _matmul_gptq(node, i, shape):
-    x = node.inputs[0]
-    return ((0,), x.name, -1) if i == 1 and len(shape) == 2 and x.name else None
-
-
-def _gemm_gptq(node, i, shape):
-    x = node.inputs[0]
-    if i != 1 or len(shape) != 2 or not x.name:
-        return None
-    return (1 if int(node.attrs.get("transB", 0)) else 0,), x.name, _gemm_in_axis(node)
-
-
-def _conv_gptq(node, i, shape):
-    x = node.inputs[0]
-    if i != 1 or len(shape) not in (3, 4) or not x.name:
-        return None
-    spec = conv_patches(node, shape)
-    return (tuple(range(1, len(shape))), x.name, spec) if spec is not None else None
-
-
-def _rnn_gptq(node, i, shape):
-    """W reads the input X; R reads the hidden state, i.e. the Y output at every step (the zero initial state
-    adds nothing). GRU's R multiplies ``r * h`` unless linear_before_reset=1, which is not exposed."""
-    if len(shape) != 3:
-        return None
-    x = node.inputs[0]
-    if i == 1 and x.name:
-        return (2,), x.name, -1
-    if (
-        i == 2
-        and node.outputs
-        and node.outputs[0].name
-        and (node.op != "GRU" or int(node.attrs.get("linear_before_reset", 0)) == 1)
-    ):
-        return (2,), node.outputs[0].name, -1
-    return None
-
-
-def conv_patches(node: gs.Node, wshape: list[int]) -> ConvPatches | None:
-    """The patch geometry of a group-1 Conv with explicit (or no) padding; None for what GPTQ leaves alone."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if int(node.attrs.get("group", 1)) != 1 or auto_pad not in ("NOTSET", "VALID"):
-        return None
-    kernel = tuple(int(k) for k in wshape[2:])
-    k = len(kernel)
-    strides = tuple(int(v) for v in node.attrs.get("strides", [1] * k))
-    dilations = tuple(int(v) for v in node.attrs.get("dilations", [1] * k))
-    pads = tuple(int(v) for v in node.attrs.get("pads", [0] * 2 * k)) if auto_pad == "NOTSET" else (0,) * (2 * k)
-    if len(strides) != k or len(dilations) != k or len(pads) != 2 * k:
-        return None
-    return ConvPatches(kernel, strides, pads, dilations)
 
 
 def _rnn_axis(node, rank):
@@ -136,7 +79,6 @@ OPS: dict[str, QuantOp] = {
         axis=lambda n, r: 0 if r >= 2 else None,
         bias=2,
         in_axis=lambda n: 1,
-        gptq=_conv_gptq,
         needs_output_q=True,
     ),
     "ConvTranspose": QuantOp(
@@ -151,7 +93,6 @@ OPS: dict[str, QuantOp] = {
         axis=lambda n, r: r - 1 if r >= 2 else None,
         bias=FOLLOWING_ADD,
         in_axis=lambda n: -1,
-        gptq=_matmul_gptq,
     ),
     "Gemm": QuantOp(
         "weighted",
@@ -159,11 +100,10 @@ OPS: dict[str, QuantOp] = {
         axis=lambda n, r: (0 if int(n.attrs.get("transB", 0)) else 1) if r == 2 else None,
         bias=2,
         in_axis=_gemm_in_axis,
-        gptq=_gemm_gptq,
     ),
-    "LSTM": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
-    "GRU": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
-    "RNN": QuantOp("recurrent", (1, 2), axis=_rnn_axis, gptq=_rnn_gptq),
+    "LSTM": QuantOp("recurrent", (1, 2), axis=_rnn_axis),
+    "GRU": QuantOp("recurrent", (1, 2), axis=_rnn_axis),
+    "RNN": QuantOp("recurrent", (1, 2), axis=_rnn_axis),
     "Gather": QuantOp("table", (0,), axis=_gather_axis),
     # Their output gets Q/DQ too (for readers that are not quantized themselves: Split, Concat into a float
     # tail...), so onnxruntime runs QLinearAdd / QLinearMul (NudeNet YOLOv8n: 45 -> 57 of 61 Mul fused).
@@ -199,6 +139,9 @@ def input_axis(node: gs.Node) -> int | None:
 
 
 def gram_request(node: gs.Node, i: int, shape: list[int]):
-    """GPTQ's view of weight input ``i`` (of this shape): (input-feature axes, activation, Gram request) or None."""
-    q = OPS.get(node.op)
-    return q.gptq(node, i, shape) if q is not None and q.gptq is not None else None
+    """GPTQ's view of weight input ``i`` (of this shape): (input-feature axes, activation, Gram request) or None
+    (``onnxslim.weight_layout`` knows how each op's weight meets its input)."""
+    layout = weight_layout(node, i, shape) if node.op in OPS else None
+    if layout is None or layout.gram is None:
+        return None
+    return layout.in_axes, layout.activation, layout.gram

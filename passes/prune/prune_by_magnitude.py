@@ -1,0 +1,384 @@
+"""prune_by_magnitude: zero the least important weights of Conv/ConvTranspose/Gemm/MatMul layers and embedding
+tables, unstructured or N:M, with one-shot reconstruction from calibration data (lossy).
+
+Which weights: every float constant weight of those ops (initializers, ``Constant`` nodes, outer-scope constants
+read inside If/Loop bodies), except layers smaller than ``min_weights`` elements, the ``exclude_nodes``, and, with
+``keep_first_last``, the layers nearest the model's inputs and outputs (no other layer before / after them in the
+main graph: they see raw inputs or produce the answers, and hold few weights). ``layer_sparsity`` overrides the
+target per layer (``PATTERN=S``; patterns as everywhere: names, globs, ``re:REGEX``, ``op:OpType``).
+
+How (``_sparsify``): without calibration data, by magnitude (the layer's ``ceil(s n)`` smallest ``|w|``). With it,
+SparseGPT by default (``reconstruct=sparsegpt``): each layer's input Gram matrix ``E[x x^T]`` (one streaming run of
+the shared statistics service, the same matrices GPTQ uses) decides the mask by the optimal-brain-surgeon saliency
+and moves the surviving weights of the layer to absorb the error, so the layer's outputs on the calibration data
+change as little as possible, with no training. Layers whose Gram is not available (grouped/depthwise Conv,
+ConvTranspose, inputs past ``max_gram_mb``, weights read by several layers) use Wanda, ``|w| * ||x||`` per output,
+from per-channel input norms. ``importance=magnitude`` / ``wanda`` with ``reconstruct=none`` give the plain
+criteria (the bench compares all three).
+
+N:M (``pattern=2:4``): at most N non-zeros in every M consecutive input channels of each output (for a Conv, at
+each kernel position: the layout sparse tensor cores and sparse CPU kernels read), i.e. 1 - N/M sparsity; layers
+whose input channels are not a multiple of M are left dense and reported.
+
+The zeros stay dense in the graph; ``pack_sparse_weights`` (run last by ``--prune``) stores them compactly.
+Per-layer facts (sparsity reached, method, relative output error on the calibration inputs) are in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.calibration_service import StatisticsRequest
+from onnxslim.errors import UsageError
+from onnxslim.graph_edit import ConstantSource, constant_source, node_matches, peek_values
+from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
+from onnxslim.weight_layout import WeightLayout, weight_layout
+
+from ._sparsify import magnitude_mask, nm_mask, output_error, row_mask, sparsegpt
+
+__all__ = ["PruneByMagnitude", "parse_nm"]
+
+log = logging.getLogger(__name__)
+
+_FLOATS = (np.float32, np.float16, np.float64)
+# The weight input of each op this pass prunes (the table entry is all a new op needs, with weight_layout).
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+
+
+def parse_nm(text: str) -> tuple[int, int] | None:
+    """``"2:4"`` -> (2, 4): at most N non-zeros in every M; None for ``unstructured``; ValueError when bad."""
+    if text == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4; got {text!r}") from None
+    if not 1 <= n < m:
+        raise ValueError(f"pattern N:M needs 1 <= N < M (N non-zeros kept in every M); got {text!r}")
+    return n, m
+
+
+def _parse_overrides(entries: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for e in entries:
+        pattern, sep, value = e.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError(f"layer_sparsity entries are PATTERN=SPARSITY; got {e!r}")
+        try:
+            s = float(value)
+        except ValueError:
+            raise ValueError(f"layer_sparsity {e!r}: {value!r} is not a number") from None
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"layer_sparsity {e!r}: sparsity must be in [0, 1)")
+        out.append((pattern, s))
+    return out
+
+
+@dataclass
+class _Layer:
+    graph: gs.Graph
+    node: gs.Node
+    index: int
+    source: ConstantSource
+    layout: WeightLayout | None
+    readers: int  # layers reading this weight (tied weights are pruned once, without reconstruction)
+    sparsity: float = 0.0
+    method: str = ""
+    gram_request: object = None
+
+
+class PruneByMagnitude(Pass):
+    """Zero the least important weights (magnitude / Wanda / SparseGPT; unstructured or N:M)."""
+
+    name = "prune_by_magnitude"
+    exact = False
+    needs_calibration = False  # used when given: Wanda norms and SparseGPT reconstruction
+    idempotent = False
+    # Judged by the decisions (top-1 agreement >= 0.98, the pruning issue's target) and the output cosine; one
+    # sample's logits may move more than a quantizer's (cnn_digits at 50%: worst sample cosine 0.94, top-1 0.989).
+    metric_floors = {"cosine": 0.98, "sample_cosine": 0.9, "top1_agreement": 0.98, "accuracy_drop": 0.01}
+
+    @dataclass
+    class Options:
+        sparsity: float = field(default=0.5, metadata={"help": "fraction of each pruned layer's weights zeroed"})
+        pattern: str = field(
+            default="unstructured",
+            metadata={"help": "unstructured, or N:M (e.g. 2:4): at most N non-zeros in every M input channels"},
+        )
+        importance: Literal["auto", "magnitude", "wanda"] = field(
+            default="auto",
+            metadata={"help": "where no reconstruction runs: |w| or |w|*||x|| (Wanda); auto = wanda with data"},
+        )
+        reconstruct: Literal["auto", "sparsegpt", "none"] = field(
+            default="auto",
+            metadata={
+                "help": "sparsegpt: choose zeros by saliency and refit the surviving weights from the input "
+                "Gram matrices (one-shot, no training); auto = sparsegpt with calibration data"
+            },
+        )
+        op_types: list[str] = field(
+            default_factory=lambda: list(_WEIGHT_INPUT), metadata={"help": "ops whose weights are pruned"}
+        )
+        layer_sparsity: list[str] = field(
+            default_factory=list,
+            metadata={"help": "per-layer targets PATTERN=S (names, globs, re:REGEX, op:OpType); later entries win"},
+        )
+        exclude_nodes: list[str] = field(
+            default_factory=list, metadata={"help": "layers kept dense (names, globs, re:REGEX, op:OpType)"}
+        )
+        keep_first_last: bool = field(
+            default=True, metadata={"help": "keep the layers nearest the inputs and the outputs dense"}
+        )
+        keep_depthwise: bool = field(
+            default=True,
+            metadata={
+                "help": "keep depthwise/grouped Conv weights dense: few weights, each output reads one channel "
+                "(RapidOCR's MobileNetV3 at 50%: agreement 0.925 pruning them, 0.975 keeping them)"
+            },
+        )
+        min_weights: int = field(default=2048, metadata={"help": "layers with fewer weight elements stay dense"})
+        damping: float = field(default=0.01, metadata={"help": "SparseGPT: added to diag(H), relative to its mean"})
+        max_gram_mb: int = field(
+            default=1024,
+            metadata={"help": "SparseGPT: memory for the input Gram matrices (8 C^2 bytes each); past it, Wanda"},
+        )
+
+        def validate(self) -> str | None:
+            if not 0.0 <= self.sparsity < 1.0:
+                return f"sparsity must be in [0, 1); got {self.sparsity}"
+            try:
+                nm = parse_nm(self.pattern)
+                overrides = _parse_overrides(self.layer_sparsity)
+            except ValueError as e:
+                return str(e)
+            if nm is not None and any(s not in (0.0,) for _, s in overrides):
+                return "with an N:M pattern, layer_sparsity may only say PATTERN=0 (keep that layer dense)"
+            if self.min_weights < 0 or self.max_gram_mb < 0 or not self.damping > 0:
+                return "min_weights and max_gram_mb must be >= 0 and damping > 0"
+            unknown = sorted(set(self.op_types) - set(_WEIGHT_INPUT))
+            if unknown:
+                return f"op_types {', '.join(unknown)} are not prunable; choose from {', '.join(_WEIGHT_INPUT)}"
+            return None
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self, ctx: PassContext) -> PassResult:
+        opts = self.options
+        result = PassResult()
+        nm = parse_nm(opts.pattern)
+        data = ctx.calibration is not None
+        reconstruct = opts.reconstruct if opts.reconstruct != "auto" else ("sparsegpt" if data else "none")
+        importance = opts.importance if opts.importance != "auto" else ("wanda" if data else "magnitude")
+        if not data and (reconstruct == "sparsegpt" or importance == "wanda"):
+            what = "reconstruct=sparsegpt" if reconstruct == "sparsegpt" else "importance=wanda"
+            raise UsageError(f"{self.name}: {what} needs calibration data; give --calib DIR")
+        layers = self._layers(ctx, result, nm)
+        if not layers:
+            result.notes.append("nothing to prune: no layer passed the selection rules (see the skips)")
+            return result
+        stats = self._statistics(ctx, layers, reconstruct, importance, result)
+        zeroed = total = 0
+        for layer in layers:
+            w = peek_values(layer.source.constant)
+            new, facts = self._prune(layer, np.asarray(w), nm, stats, reconstruct, importance)
+            if new is None:
+                result.skip(layer.node, facts["why"], layer.graph)
+                continue
+            before = int(np.count_nonzero(w == 0))
+            layer.source.constant.values = new.astype(w.dtype)
+            zeros = int(np.count_nonzero(new == 0))
+            zeroed += zeros - before
+            total += new.size
+            result.layers.append(facts | {"sparsity": round(zeros / new.size, 4)})
+            result.count("layers_pruned")
+        result.count("weights_zeroed", zeroed)
+        result.count("weights_in_pruned_layers", total)
+        result.modified = zeroed > 0 or any(f.get("method") == "sparsegpt" for f in result.layers)
+        if total:
+            zeros = sum(d["sparsity"] * d["params"] for d in result.layers)
+            result.notes.append(f"sparsity of the pruned layers: {zeros / total:.3f} over {total:,} weights")
+        return result
+
+    # ------------------------------------------------------------------------------------------ selection
+    def _layers(self, ctx: PassContext, result: PassResult, nm: tuple[int, int] | None) -> list[_Layer]:
+        opts = self.options
+        overrides = _parse_overrides(opts.layer_sparsity)
+        found: dict[int, _Layer] = {}
+        readers: dict[int, int] = {}
+        candidates = []
+        for g in iter_graphs(ctx.graph):
+            for node in g.nodes:
+                i = _WEIGHT_INPUT.get(node.op)
+                if i is None or node.domain not in (None, "", "ai.onnx") or len(node.inputs) <= i:
+                    continue
+                src = constant_source(node.inputs[i])
+                if src is None or np.dtype(src.constant.dtype) not in [np.dtype(t) for t in _FLOATS]:
+                    continue
+                readers[id(src.constant)] = readers.get(id(src.constant), 0) + 1
+                candidates.append((g, node, i, src))
+        edge = _edge_layers(ctx.graph, {id(n) for _, n, _, _ in candidates}) if opts.keep_first_last else set()
+        for g, node, i, src in candidates:
+            key = id(src.constant)
+            if node.op not in opts.op_types or key in found:
+                continue
+            shape = [int(d) for d in src.constant.shape]
+            size = int(np.prod(shape)) if shape else 1
+            target = nm_sparsity(nm) if nm else opts.sparsity
+            for pattern, s in overrides:
+                if node_matches(pattern, node):
+                    target = s
+            why = None
+            if any(node_matches(p, node) for p in opts.exclude_nodes):
+                why = "excluded by exclude_nodes"
+            elif id(node) in edge:
+                why = "first or last layer (keep_first_last)"
+            elif opts.keep_depthwise and node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) > 1:
+                why = "depthwise/grouped Conv (keep_depthwise)"
+            elif size < opts.min_weights:
+                why = f"{size} weights < min_weights={opts.min_weights}"
+            elif target <= 0:
+                why = "layer_sparsity says 0"
+            if why:
+                result.skip(node, why, g)
+                continue
+            layout = weight_layout(node, i, shape) if node.op != "Gather" else None
+            found[key] = _Layer(g, node, i, src, layout, readers[key], target)
+        return list(found.values())
+
+    def _statistics(self, ctx, layers: list[_Layer], reconstruct: str, importance: str, result: PassResult):
+        """One request for every layer's input Gram (SparseGPT) or per-channel input norms (Wanda)."""
+        grams: dict[str, object] = {}
+        norms: dict[str, int] = {}
+        budget = self.options.max_gram_mb * 2**20
+        over = 0
+        for layer in layers:
+            lo = layer.layout
+            if lo is None:
+                continue
+            cols = int(np.prod([layer.source.constant.shape[a] for a in lo.in_axes]))
+            if reconstruct == "sparsegpt" and lo.gram is not None and layer.readers == 1:
+                have = grams.get(lo.activation)
+                if have is None and 8 * cols**2 <= budget:
+                    budget -= 8 * cols**2
+                    grams[lo.activation] = have = lo.gram
+                if have == lo.gram:
+                    layer.gram_request = lo.gram
+                    continue
+                over += 1
+            if (reconstruct == "sparsegpt" or importance == "wanda") and norms.get(
+                lo.activation, lo.channel_axis
+            ) == lo.channel_axis:
+                norms[lo.activation] = lo.channel_axis
+        if over:
+            result.notes.append(f"SparseGPT: {over} layer(s) pruned by Wanda (past max_gram_mb or a clashing input)")
+        if not grams and not norms:
+            return {}
+        return ctx.statistics(StatisticsRequest(grams=grams, norms=norms))
+
+    # ------------------------------------------------------------------------------------------ one layer
+    def _prune(self, layer: _Layer, w: np.ndarray, nm, stats, reconstruct: str, importance: str):
+        node, lo = layer.node, layer.layout
+        facts = {"layer": node.name, "op": node.op, "params": int(w.size)}
+        if lo is None:  # an embedding table: no input features, so magnitude over the whole table
+            if nm is not None:
+                return None, {"why": "N:M needs input channels; an embedding table has none"}
+            mask = magnitude_mask(w, layer.sparsity)
+            return np.where(mask, 0, w), facts | {"method": "magnitude"}
+        order = list(lo.out_axes) + list(lo.in_axes)
+        moved = np.transpose(w, order)
+        in_shape = moved.shape[len(lo.out_axes) :]
+        w2 = moved.reshape(int(np.prod(moved.shape[: len(lo.out_axes)])), -1).astype(np.float64)
+        perm = _channel_last_columns(lo, in_shape) if nm is not None else None
+        if nm is not None and in_shape[lo.in_axes.index(lo.weight_channel_axis)] % nm[1]:
+            return None, {"why": f"{in_shape} input channels are not a multiple of M={nm[1]} for N:M"}
+        st = stats.get(lo.activation) if hasattr(stats, "get") else None
+        h = None
+        if layer.gram_request is not None and st is not None and st.gram is not None and st.gram_rows:
+            h = st.gram / st.gram_rows
+        if h is not None and h.shape == (w2.shape[1],) * 2:
+            p = perm if perm is not None else np.arange(w2.shape[1])
+            new_p, _ = sparsegpt(w2[:, p], h[np.ix_(p, p)], layer.sparsity, nm, self.options.damping)
+            new2 = np.empty_like(new_p)
+            new2[:, p] = new_p
+            facts |= {"method": "sparsegpt", "output_error": round(output_error(w2, new2, h), 6)}
+        else:
+            score = np.abs(w2)
+            method = "magnitude"
+            norm = _column_norms(node, lo, w, st, w2.shape)
+            if norm is not None and (importance == "wanda" or reconstruct == "sparsegpt"):
+                score = score * norm
+                method = "wanda"
+            if nm is not None:
+                p = perm
+                mask2 = np.empty_like(score, dtype=bool)
+                mask2[:, p] = nm_mask(score[:, p], *nm)
+            elif method == "wanda":
+                mask2 = row_mask(score, layer.sparsity)
+            else:
+                mask2 = magnitude_mask(score, layer.sparsity)
+            new2 = np.where(mask2, 0.0, w2)
+            facts |= {"method": method}
+        new = new2.reshape(moved.shape).transpose(np.argsort(order))
+        return new, facts
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def nm_sparsity(nm: tuple[int, int]) -> float:
+    return 1.0 - nm[0] / nm[1]
+
+
+def _channel_last_columns(lo: WeightLayout, in_shape: tuple[int, ...]) -> np.ndarray:
+    """Column order (indices into the Gram-ordered columns) with the input channel varying fastest, so that
+    N:M groups are M consecutive channels at one kernel position."""
+    idx = np.arange(int(np.prod(in_shape))).reshape(in_shape)
+    c = lo.in_axes.index(lo.weight_channel_axis)
+    return np.moveaxis(idx, c, -1).reshape(-1)
+
+
+def _column_norms(node: gs.Node, lo: WeightLayout, w: np.ndarray, st, shape2: tuple[int, int]) -> np.ndarray | None:
+    """||x_j|| for every (row, column) of the 2-D view (Wanda's input scale), from the Gram's diagonal or the
+    per-channel norms; None when the statistics have neither."""
+    if st is None:
+        return None
+    if st.gram is not None and st.gram_rows and st.gram.shape[0] == shape2[1]:
+        return np.sqrt(np.maximum(np.diag(st.gram), 0.0))[None, :]
+    norm = getattr(st, "channel_norm", None)
+    if norm is None:
+        return None
+    norm = np.asarray(norm, dtype=np.float64)
+    cw = lo.weight_channel_axis
+    channels = w.shape[cw]
+    group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+    if norm.size != channels * group:
+        return None
+    full = np.ones(w.shape, dtype=np.float64)
+    view = [1] * w.ndim
+    if group == 1:
+        view[cw] = channels
+        full = full * norm.reshape(view)
+    else:  # grouped Conv: output row o reads the input channels of its group
+        out = w.shape[0]
+        per_row = norm.reshape(group, channels)[np.arange(out) // (out // group)]  # [O, C/g]
+        full = full * per_row.reshape(out, channels, *([1] * (w.ndim - 2)))
+    order = list(lo.out_axes) + list(lo.in_axes)
+    return np.transpose(full, order).reshape(shape2)
+
+
+def _edge_layers(graph: gs.Graph, layer_ids: set[int]) -> set[int]:
+    """Layers of the main graph with no other layer before them (first) or after them (last)."""
+    edge: set[int] = set()
+    for nodes, ins, outs in ((graph.nodes, "inputs", "outputs"), (graph.nodes[::-1], "outputs", "inputs")):
+        reached: set[int] = set()
+        for n in nodes:
+            hit = any(id(t) in reached for t in getattr(n, ins))
+            if id(n) in layer_ids:
+                if not hit:
+                    edge.add(id(n))
+                reached.update(id(t) for t in getattr(n, outs))
+            elif hit:
+                reached.update(id(t) for t in getattr(n, outs))
+    return edge
