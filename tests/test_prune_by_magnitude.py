@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
@@ -76,7 +77,9 @@ def test_wanda_scores_weights_by_input_norm_within_each_output():
     scale = np.logspace(-2, 1, 32).astype(np.float32)  # input features of very different sizes
     feeds = _feeds([4, 32], scale=scale)
     w = _weights(m)["W1"]
-    out, _ = _run(m, calibration=feeds, sparsity=0.5, importance="wanda", reconstruct="none", **LOOSE)
+    out, _ = _run(
+        m, calibration=feeds, sparsity=0.5, importance="wanda", reconstruct="none", allocation="uniform", **LOOSE
+    )
     got = _weights(out)["W1"]
     norm = np.sqrt(sum((f["x"].astype(np.float64) ** 2).sum(axis=0) for f in feeds))
     score = np.abs(w) * norm[:, None]  # W1 is [K, N]: output n is column n
@@ -142,6 +145,22 @@ def test_trained_model_sparsegpt_keeps_more_decisions_than_magnitude():
     gpt = agreement()
     mag = agreement(importance="magnitude", reconstruct="none")
     assert gpt >= 0.98 and gpt > mag
+
+
+def test_sensitivity_allocation_spreads_the_target_by_measured_damage():
+    """cnn_digits, 50%: each conv measured alone; the same total zeros spread unevenly, the most damaging layer
+    pruned least, and the allocation kept only because it scores at least as well as uniform."""
+    out, record = _run(onnx.load(SAMPLES / "cnn_digits" / "model.onnx"), calibration=SAMPLES / "cnn_digits" / "calib",
+                       sparsity=0.5, allocation="sensitivity", sensitivity_samples=16)  # fmt: skip
+    layers = record.layers
+    assert len({d["sparsity"] for d in layers}) > 1
+    zeros = sum(d["sparsity"] * d["params"] for d in layers)
+    assert zeros >= 0.5 * sum(d["params"] for d in layers) - 1
+    worst = max(layers, key=lambda d: d["loss_alone_at_target"])
+    assert worst["sparsity"] == min(d["sparsity"] for d in layers)
+    note = next(n for n in record.notes if n.startswith("sensitivity allocation"))
+    allocated, uniform = (float(v) for v in re.findall(r"allocated ([0-9.]+) vs uniform ([0-9.]+)", note)[0])
+    assert ("kept allocated" in note) == (allocated >= uniform)
 
 
 def test_layer_rules_exclusions_overrides_and_edges():

@@ -83,7 +83,7 @@ def test_int8_after_pruning_keeps_the_zeros_zero(tmp_path):
     """--prune 0.5 --quantize int8: every pruned float weight is zero in its int8 form too (GPTQ included)."""
     pruned, _ = optimize(str(CNN), ["prune_by_magnitude:sparsity=0.5"], calibration=CALIB, fixed_point=False)
     zeros = {t.name: numpy_helper.to_array(t) == 0 for t in pruned.graph.initializer if t.name.endswith("conv2.weight")}
-    assert zeros and all(z.mean() >= 0.5 for z in zeros.values())
+    assert zeros and all(z.mean() >= 0.2 for z in zeros.values())  # the allocation spreads the 50%
     quant, _ = optimize(
         pruned, ["quantize_int8_static:target=x86-vnni"], calibration=CALIB, fixed_point=False, on_pass_error="raise"
     )

@@ -39,6 +39,7 @@ from onnxslim.graph_edit import ConstantSource, constant_source, node_matches, p
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 from onnxslim.weight_layout import WeightLayout, weight_layout
 
+from ._allocate import allocate_sparsity
 from ._sparsify import magnitude_mask, nm_mask, output_error, row_mask, sparsegpt
 
 __all__ = ["PruneByMagnitude", "parse_nm"]
@@ -142,6 +143,22 @@ class PruneByMagnitude(Pass):
             },
         )
         min_weights: int = field(default=2048, metadata={"help": "layers with fewer weight elements stay dense"})
+        allocation: Literal["auto", "uniform", "sensitivity"] = field(
+            default="auto",
+            metadata={
+                "help": "uniform: every layer at its target; sensitivity: each layer pruned alone at a few levels "
+                "and measured on calibration data, then the target spread by least damage per zeroed weight "
+                "(same total zeros; kept only when it measures better than uniform); auto = sensitivity with "
+                "calibration data and an unstructured pattern"
+            },
+        )
+        sensitivity_metric: str = field(
+            default="decisions",
+            metadata={"help": "allocation=sensitivity: cosine, decisions, or script.py:function(reference, candidate)"},
+        )
+        sensitivity_samples: int = field(
+            default=8, metadata={"help": "allocation=sensitivity: calibration samples the outputs are compared on"}
+        )
         damping: float = field(default=0.01, metadata={"help": "SparseGPT: added to diag(H), relative to its mean"})
         max_gram_mb: int = field(
             default=1024,
@@ -158,6 +175,11 @@ class PruneByMagnitude(Pass):
                 return str(e)
             if nm is not None and any(s not in (0.0,) for _, s in overrides):
                 return "with an N:M pattern, layer_sparsity may only say PATTERN=0 (keep that layer dense)"
+            if self.sensitivity_metric not in ("cosine", "decisions") and ":" not in self.sensitivity_metric:
+                metric = self.sensitivity_metric
+                return f"sensitivity_metric must be cosine, decisions or script.py:function; got {metric!r}"
+            if self.sensitivity_samples < 1:
+                return f"sensitivity_samples must be >= 1; got {self.sensitivity_samples}"
             if self.min_weights < 0 or self.max_gram_mb < 0 or not self.damping > 0:
                 return "min_weights and max_gram_mb must be >= 0 and damping > 0"
             unknown = sorted(set(self.op_types) - set(_WEIGHT_INPUT))
@@ -181,13 +203,32 @@ class PruneByMagnitude(Pass):
             result.notes.append("nothing to prune: no layer passed the selection rules (see the skips)")
             return result
         stats = self._statistics(ctx, layers, reconstruct, importance, result)
+        cache: dict[tuple[int, float], tuple] = {}
+
+        def prune_at(layer: _Layer, level: float):
+            key = (id(layer), level)
+            if key not in cache:
+                layer.sparsity, target = level, layer.sparsity
+                cache[key] = self._prune(
+                    layer, np.asarray(peek_values(layer.source.constant)), nm, stats, reconstruct, importance
+                )
+                layer.sparsity = target
+            return cache[key]
+
+        allocate = opts.allocation == "sensitivity" or (opts.allocation == "auto" and data and nm is None)
+        losses = self._allocate(ctx, layers, nm, prune_at, result) if allocate else {}
         zeroed = total = 0
         for layer in layers:
             w = peek_values(layer.source.constant)
-            new, facts = self._prune(layer, np.asarray(w), nm, stats, reconstruct, importance)
+            if layer.sparsity <= 0:
+                result.skip(layer.node, "kept dense by the sensitivity allocation", layer.graph)
+                continue
+            new, facts = prune_at(layer, layer.sparsity)
             if new is None:
                 result.skip(layer.node, facts["why"], layer.graph)
                 continue
+            if id(layer) in losses:
+                facts = facts | {"loss_alone_at_target": round(losses[id(layer)], 5)}
             before = int(np.count_nonzero(w == 0))
             layer.source.constant.values = new.astype(w.dtype)
             zeros = int(np.count_nonzero(new == 0))
@@ -200,8 +241,27 @@ class PruneByMagnitude(Pass):
         result.modified = zeroed > 0 or any(f.get("method") == "sparsegpt" for f in result.layers)
         if total:
             zeros = sum(d["sparsity"] * d["params"] for d in result.layers)
-            result.notes.append(f"sparsity of the pruned layers: {zeros / total:.3f} over {total:,} weights")
+            selected = sum(int(np.prod(x.source.constant.shape)) for x in layers)
+            result.notes.append(f"sparsity of the selected layers: {zeros / selected:.3f} over {selected:,} weights")
         return result
+
+    def _allocate(self, ctx, layers: list[_Layer], nm, prune_at, result: PassResult) -> dict[int, float]:
+        """Per-layer sparsity from measured sensitivity (``_allocate``); id(layer) -> its loss at the target."""
+        opts = self.options
+        if ctx.calibration is None or nm is not None:
+            result.notes.append("allocation=sensitivity needs calibration data and an unstructured pattern: uniform")
+            return {}
+        metric = opts.sensitivity_metric
+        if metric not in ("cosine", "decisions"):
+            from onnxslim.data import load_function
+
+            metric = load_function(metric, "metric", "(reference, candidate) -> float")
+        weights = lambda layer, level: prune_at(layer, level)[0] if level > 0 else peek_values(layer.source.constant)
+        chosen = allocate_sparsity(ctx, layers, opts.sparsity, weights, metric, opts.sensitivity_samples, result.notes)
+        for layer in layers:
+            if id(layer) in chosen:
+                layer.sparsity = chosen[id(layer)][0]
+        return {k: v[1] for k, v in chosen.items()}
 
     # ------------------------------------------------------------------------------------------ selection
     def _layers(self, ctx: PassContext, result: PassResult, nm: tuple[int, int] | None) -> list[_Layer]:
