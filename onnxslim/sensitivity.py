@@ -31,7 +31,7 @@ import onnx
 
 from .parity_metrics import SNR_CAP_DB, compare_output, cosine_similarity, snr_db
 
-__all__ = ["Damage", "SensitivityEngine"]
+__all__ = ["Damage", "SensitivityEngine", "resolve_criterion", "check_criterion"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,23 @@ class Damage:
             "max_abs": self.max_abs,
             "outputs": self.outputs,
         }
+
+
+def check_criterion(text: str, option: str) -> str | None:
+    """The problem with a criterion option's value (for ``Options.validate``), or None."""
+    if text in ("cosine", "decisions") or ":" in text:
+        return None
+    return f"{option} must be cosine, decisions or script.py:function; got {text!r}"
+
+
+def resolve_criterion(text: str):
+    """An option's criterion as the engine takes it: ``cosine`` / ``decisions``, or the loaded
+    ``script.py:function(reference, candidate) -> agreement``."""
+    if text in ("cosine", "decisions"):
+        return text
+    from .data import load_function
+
+    return load_function(text, "metric", "(reference, candidate) -> float")
 
 
 def _inputs_only(feed: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -223,7 +223,7 @@ def test_weights_in_constant_nodes_and_if_branches_are_pruned():
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"pattern": "4:2"}, "1 <= N < M"),
         ({"pattern": "2-4"}, "N:M such as 2:4"),
-        ({"layer_sparsity": ["mm0=1.5"]}, "must be in [0, 1)"),
+        ({"layer_sparsity": ["mm0=1.5"]}, "SPARSITY in [0, 1)"),
         ({"op_types": ["Relu"]}, "not prunable"),
     ],
 )

@@ -88,6 +88,8 @@ VARIANTS: list[dict] = [
             "importance=wanda",
             "--prune-option",
             "reconstruct=none",
+            "--prune-option",
+            "allocation=uniform",
         ],
     },
     {

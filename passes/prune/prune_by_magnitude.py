@@ -37,9 +37,11 @@ from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.errors import UsageError
 from onnxslim.graph_edit import ConstantSource, constant_source, node_matches, peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
+from onnxslim.sensitivity import check_criterion, resolve_criterion
 from onnxslim.weight_layout import WeightLayout, weight_layout
 
 from ._allocate import allocate_sparsity
+from ._layer_rules import parse_levels
 from ._sparsify import magnitude_mask, nm_mask, output_error, row_mask, sparsegpt
 
 __all__ = ["PruneByMagnitude", "parse_nm"]
@@ -62,22 +64,6 @@ def parse_nm(text: str) -> tuple[int, int] | None:
     if not 1 <= n < m:
         raise ValueError(f"pattern N:M needs 1 <= N < M (N non-zeros kept in every M); got {text!r}")
     return n, m
-
-
-def _parse_overrides(entries: list[str]) -> list[tuple[str, float]]:
-    out = []
-    for e in entries:
-        pattern, sep, value = e.rpartition("=")
-        if not sep or not pattern:
-            raise ValueError(f"layer_sparsity entries are PATTERN=SPARSITY; got {e!r}")
-        try:
-            s = float(value)
-        except ValueError:
-            raise ValueError(f"layer_sparsity {e!r}: {value!r} is not a number") from None
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"layer_sparsity {e!r}: sparsity must be in [0, 1)")
-        out.append((pattern, s))
-    return out
 
 
 @dataclass
@@ -170,14 +156,14 @@ class PruneByMagnitude(Pass):
                 return f"sparsity must be in [0, 1); got {self.sparsity}"
             try:
                 nm = parse_nm(self.pattern)
-                overrides = _parse_overrides(self.layer_sparsity)
+                overrides = parse_levels(self.layer_sparsity, "layer_sparsity", "SPARSITY")
             except ValueError as e:
                 return str(e)
             if nm is not None and any(s not in (0.0,) for _, s in overrides):
                 return "with an N:M pattern, layer_sparsity may only say PATTERN=0 (keep that layer dense)"
-            if self.sensitivity_metric not in ("cosine", "decisions") and ":" not in self.sensitivity_metric:
-                metric = self.sensitivity_metric
-                return f"sensitivity_metric must be cosine, decisions or script.py:function; got {metric!r}"
+            problem = check_criterion(self.sensitivity_metric, "sensitivity_metric")
+            if problem:
+                return problem
             if self.sensitivity_samples < 1:
                 return f"sensitivity_samples must be >= 1; got {self.sensitivity_samples}"
             if self.min_weights < 0 or self.max_gram_mb < 0 or not self.damping > 0:
@@ -251,11 +237,7 @@ class PruneByMagnitude(Pass):
         if ctx.calibration is None or nm is not None:
             result.notes.append("allocation=sensitivity needs calibration data and an unstructured pattern: uniform")
             return {}
-        metric = opts.sensitivity_metric
-        if metric not in ("cosine", "decisions"):
-            from onnxslim.data import load_function
-
-            metric = load_function(metric, "metric", "(reference, candidate) -> float")
+        metric = resolve_criterion(opts.sensitivity_metric)
         weights = lambda layer, level: prune_at(layer, level)[0] if level > 0 else peek_values(layer.source.constant)
         chosen = allocate_sparsity(ctx, layers, opts.sparsity, weights, metric, opts.sensitivity_samples, result.notes)
         for layer in layers:
@@ -266,7 +248,7 @@ class PruneByMagnitude(Pass):
     # ------------------------------------------------------------------------------------------ selection
     def _layers(self, ctx: PassContext, result: PassResult, nm: tuple[int, int] | None) -> list[_Layer]:
         opts = self.options
-        overrides = _parse_overrides(opts.layer_sparsity)
+        overrides = parse_levels(opts.layer_sparsity, "layer_sparsity", "SPARSITY")
         found: dict[int, _Layer] = {}
         readers: dict[int, int] = {}
         candidates = []

@@ -53,30 +53,19 @@ from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.errors import UsageError
 from onnxslim.graph_edit import node_matches, peek_values
 from onnxslim.pass_base import Pass, PassContext, PassResult
+from onnxslim.sensitivity import check_criterion, resolve_criterion
 from onnxslim.shape_inference import infer_graph_types
 
+from ._channel_allocate import allocate_fractions
 from ._channel_apply import Weights, apply_removal, channel_norms, count_macs
 from ._channel_groups import Analysis, Group, float_const
 from ._channel_recovery import Consumer, consumer_of, refit
 from ._channel_rules import handler_of
+from ._layer_rules import parse_levels
 
 __all__ = ["PruneChannels"]
 
 log = logging.getLogger(__name__)
-
-
-def _parse_fractions(entries: list[str]) -> list[tuple[str, float]]:
-    out = []
-    for text in entries:
-        pattern, sep, value = text.rpartition("=")
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = math.nan
-        if not sep or not pattern or not 0 <= fraction < 1:
-            raise ValueError(f"layer_fraction entries are PATTERN=FRACTION with FRACTION in [0, 1); got {text!r}")
-        out.append((pattern, fraction))
-    return out
 
 
 class PruneChannels(Pass):
@@ -127,6 +116,19 @@ class PruneChannels(Pass):
                 "(AVX2; RapidOCR MobileNetV3 at 0.3: 1.03x fp32 latency with 1, 0.76x with 8); 1 = exact fractions"
             },
         )
+        allocation: Literal["auto", "uniform", "sensitivity"] = field(
+            default="auto",
+            metadata={
+                "help": "sensitivity: each group pruned alone at a few fractions and measured on calibration data, "
+                "then the weights to remove spread by least damage (same total; kept only when it measures "
+                "better than uniform); auto = sensitivity with calibration data"
+            },
+        )
+        sensitivity_metric: str = field(
+            default="decisions",
+            metadata={"help": "allocation: cosine, decisions, or script.py:function(reference, candidate)"},
+        )
+        sensitivity_samples: int = field(default=8, metadata={"help": "allocation: calibration samples compared"})
         damping: float = field(default=0.01, metadata={"help": "recovery: ridge on diag(Sigma), relative to its mean"})
         max_gram_mb: int = field(
             default=1024,
@@ -141,10 +143,15 @@ class PruneChannels(Pass):
                 return f"fraction must be in [0, 1); got {self.fraction}"
             if self.channel_multiple < 1:
                 return f"channel_multiple must be >= 1; got {self.channel_multiple}"
+            problem = check_criterion(self.sensitivity_metric, "sensitivity_metric")
+            if problem:
+                return problem
+            if self.sensitivity_samples < 1:
+                return f"sensitivity_samples must be >= 1; got {self.sensitivity_samples}"
             if self.damping < 0 or self.max_gram_mb < 0:
                 return "damping and max_gram_mb must be >= 0"
             try:
-                _parse_fractions(self.layer_fraction)
+                parse_levels(self.layer_fraction, "layer_fraction", "FRACTION")
             except ValueError as e:
                 return str(e)
             return None
@@ -179,9 +186,15 @@ class PruneChannels(Pass):
         stats = None
         if criterion == "activation":  # the scores need the data: one request for scores and refits
             stats = self._statistics(ctx, analysis, plan, consumers, criterion, recovery, result)
+        scores = {id(g): self._scores(g, analysis, criterion, stats, result) for g, _ in plan}
+        choose = lambda g, fraction: self._choose(g, analysis, scores[id(g)], fraction)
+        if opts.allocation == "sensitivity" or (opts.allocation == "auto" and with_data):
+            fractions = allocate_fractions(
+                ctx, plan, choose, resolve_criterion(opts.sensitivity_metric), opts.sensitivity_samples, result.notes
+            )
+            plan = [(g, fractions.get(id(g), f)) for g, f in plan]
         for g, fraction in plan:
-            scores = self._scores(g, analysis, criterion, stats, result)
-            removed.update(self._choose(g, analysis, scores, fraction))
+            removed.update(choose(g, fraction))
         if not any(len(r) for r in removed.values()):
             return self._summary(result, groups)
         if criterion != "activation" and recovery == "least_squares":  # Grams only where channels go
@@ -240,7 +253,7 @@ class PruneChannels(Pass):
                 g.reasons.append(f"produced by '{first.name}', which reads a graph input (keep_first_last)")
 
     def _fraction(self, g: Group) -> float:
-        entries = _parse_fractions(self.options.layer_fraction)
+        entries = parse_levels(self.options.layer_fraction, "layer_fraction", "FRACTION")
         found = []
         for e in g.edits:
             if e.role == "out":

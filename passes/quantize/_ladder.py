@@ -36,7 +36,7 @@ from onnxslim.errors import UsageError
 from onnxslim.graph_edit import Names, constant_source, node_matches
 from onnxslim.gs_bridge import export_standalone
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
-from onnxslim.sensitivity import SensitivityEngine
+from onnxslim.sensitivity import SensitivityEngine, resolve_criterion
 
 from ._ops import FOLLOWING_ADD, OPS
 from ._plan import _ELEMENTWISE_PASS_THROUGH, _SINGLE_INPUT_PASS_THROUGH, NodePlan, QuantizePlanner
@@ -284,12 +284,8 @@ class _Search:
         # The float model's outputs on the first sensitivity_samples calibration feeds, with ORT's optimizations
         # off and on: a rung is judged by the worse (ORT's own fusions can undo one: DQ(int8 W) -> MatMul becomes
         # MatMulNBits, which re-quantizes the float activation).
-        metric = opts.precision_metric
-        self.what = {"cosine": "cosine", "decisions": "decision score"}.get(metric, "metric score")
-        if metric not in ("cosine", "decisions"):
-            from onnxslim.data import load_function
-
-            metric = load_function(metric, "metric", "(reference, candidate) -> float")
+        self.what = {"cosine": "cosine", "decisions": "decision score"}.get(opts.precision_metric, "metric score")
+        metric = resolve_criterion(opts.precision_metric)
         self.engine = SensitivityEngine(model, ctx.calibration, samples=opts.sensitivity_samples, criterion=metric)
         self.originals = _original_constants(model)
 

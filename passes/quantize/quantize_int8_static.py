@@ -67,6 +67,7 @@ from onnxslim.errors import UsageError
 from onnxslim.graph_edit import peek_values
 from onnxslim.gs_bridge import export_standalone
 from onnxslim.pass_base import Pass, PassContext, PassResult
+from onnxslim.sensitivity import check_criterion
 
 from ._bias_correction import bias_correction_means, correct_biases
 from ._gptq import WeightQuantizer, gptq_requests
@@ -259,10 +260,9 @@ class QuantizeInt8Static(Pass):
         )
 
         def validate(self) -> str | None:
-            if self.precision_metric not in ("cosine", "decisions") and ":" not in self.precision_metric:
-                return (
-                    f"precision_metric must be cosine, decisions or script.py:function; got {self.precision_metric!r}"
-                )
+            problem = check_criterion(self.precision_metric, "precision_metric")
+            if problem:
+                return problem
             if not 50.0 < self.percentile <= 100.0:
                 return f"percentile must be in (50, 100]; got {self.percentile}"
             if not self.gptq_damping > 0:
