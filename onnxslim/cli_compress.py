@@ -1,9 +1,12 @@
 """The compression shortcuts of ``onnxslim optimize``: ``--quantize int8``, ``--prune S``, ``--prune-nm N:M``,
-``--prune-channels F`` (and their ``--*-option KEY=VALUE``), turned into passes appended to the pipeline.
+``--prune-channels F``, ``--share BITS`` (and their ``--*-option KEY=VALUE``), turned into passes appended to the
+pipeline.
 
 Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` passes), then ``prune_channels``,
-``prune_by_magnitude``, ``quantize_int8_static`` (pruned zeros stay zero), and ``pack_sparse_weights`` last, which
-stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime rebuilds them at load).
+``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
+zeros stay zero), and ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file
+shrinks; onnxruntime rebuilds them at load). With ``--quantize``, shared weights are written dense
+(``decode=dense``): the quantizer needs constant weights, and the int8 file is then what zip compresses well.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ _QUANTIZE = "quantize_int8_static"
 _PRUNE = "prune_by_magnitude"
 _CHANNELS = "prune_channels"
 _PACK = "pack_sparse_weights"
+_SHARE = "share_weights"
 _TARGETS = ["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"]
 
 
@@ -66,6 +70,20 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
         "least-squares recovery of the next layers with --calib)",
     )
     g.add_argument(
+        "--share",
+        type=int,
+        metavar="BITS",
+        help="weight sharing: cluster each layer's weights into 2^BITS shared values (share_weights; k-means, "
+        "refined from --calib) and store BITS-bit indices plus the codebook",
+    )
+    g.add_argument(
+        "--share-option",
+        dest="share_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --share: an option of share_weights (repeatable)",
+    )
+    g.add_argument(
         "--prune-option",
         dest="prune_options",
         action="append",
@@ -83,6 +101,9 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     prune = getattr(args, "prune", None)
     nm = getattr(args, "prune_nm", None)
     channels = getattr(args, "prune_channels", None)
+    share = getattr(args, "share", None)
+    if getattr(args, "share_options", None) and share is None:
+        raise UsageError("--share-option applies to weight sharing; add --share BITS (or drop --share-option)")
     if not quantize:
         for flag, given in (("--target-cpu", args.target_cpu), ("--quantize-option", args.quantize_options)):
             if given:
@@ -99,7 +120,7 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     magnitude = prune is not None or nm is not None
     if getattr(args, "prune_options", None) and not (magnitude or channels is not None):
         raise UsageError("--prune-option applies to pruning; add --prune S, --prune-nm N:M or --prune-channels F")
-    if not (quantize or magnitude or channels is not None):
+    if not (quantize or magnitude or channels is not None or share is not None):
         return
     passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
     wanted: dict[str, dict] = {}
@@ -107,6 +128,10 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
         wanted[_CHANNELS] = {"fraction": channels}
     if magnitude:
         wanted[_PRUNE] = {"sparsity": prune} if prune is not None else {"pattern": nm}
+    if share is not None:
+        wanted[_SHARE] = {"bits": share, **PassSpec.parse(_SHARE + ":" + ",".join(args.share_options or [])).options}
+        if quantize:
+            wanted[_SHARE].setdefault("decode", "dense")
     if quantize:
         q = PassSpec.parse(_QUANTIZE + ":" + ",".join(args.quantize_options or [])).options
         if args.target_cpu:
@@ -125,7 +150,7 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
             wanted[n][key] = value.strip()
     if magnitude:
         wanted[_PACK] = {}
-    for name in (_CHANNELS, _PRUNE, _QUANTIZE, _PACK):
+    for name in (_CHANNELS, _PRUNE, _SHARE, _QUANTIZE, _PACK):
         if name not in wanted:
             continue
         given = next((p for p in passes if p.name == name), None)

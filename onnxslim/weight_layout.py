@@ -4,7 +4,8 @@
 the layer's outputs (rows) and which its input features (columns, flattened in the order of the input's Gram
 matrix), which activation those features come from, the Gram request that describes them (a feature axis, or the
 patches of a group-1 Conv), and the activation's channel axis (per-channel norms). GPTQ rounding, SparseGPT and
-Wanda pruning, and codebook refits read it; a new op is one entry in ``_LAYOUTS``.
+Wanda pruning, and codebook refits read it; a new op is one entry in ``_LAYOUTS``. ``float_weights`` finds the
+layers whose float constant weights a compression pass may rewrite, ``edge_layers`` the first and last of them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .calibration_stats import ConvPatches
+from .graph_edit import ConstantSource, constant_source, iter_graphs
 
-__all__ = ["WeightLayout", "weight_layout", "conv_patches"]
+__all__ = [
+    "WeightLayout",
+    "weight_layout",
+    "conv_patches",
+    "WEIGHT_INPUT",
+    "WeightSite",
+    "float_weights",
+    "edge_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -111,3 +122,56 @@ def weight_layout(node: gs.Node, i: int, shape: list[int]) -> WeightLayout | Non
     """The layout of weight input ``i`` (of this shape) of ``node``; None where the op has no such weight."""
     fn = None if node.domain not in (None, "", "ai.onnx") else _LAYOUTS.get(node.op)
     return fn(node, i, [int(d) for d in shape]) if fn is not None else None
+
+
+# ------------------------------------------------------------------------------------------ which weights
+# The weight input of each layer op that compression passes rewrite (pruning, weight sharing).
+WEIGHT_INPUT: dict[str, int] = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """A layer reading a float constant weight: where it is, the constant, and how many layers read it."""
+
+    graph: gs.Graph
+    node: gs.Node
+    index: int
+    source: ConstantSource
+    readers: int
+
+
+def float_weights(root: gs.Graph, accept: Callable[[gs.Node], bool] | None = None) -> list[WeightSite]:
+    """Every layer of ``WEIGHT_INPUT`` (main graph and If/Loop/Scan bodies) whose weight is a float constant
+    (initializer, ``Constant`` node, outer-scope constant), in graph order; ``accept`` filters the nodes."""
+    found = []
+    for g in iter_graphs(root):
+        for node in g.nodes:
+            i = WEIGHT_INPUT.get(node.op)
+            if i is None or node.domain not in (None, "", "ai.onnx") or len(node.inputs) <= i:
+                continue
+            if accept is not None and not accept(node):
+                continue
+            src = constant_source(node.inputs[i])
+            if src is not None and np.dtype(src.constant.dtype) in _FLOATS:
+                found.append((g, node, i, src))
+    readers: dict[int, int] = {}
+    for *_, src in found:
+        readers[id(src.constant)] = readers.get(id(src.constant), 0) + 1
+    return [WeightSite(g, n, i, s, readers[id(s.constant)]) for g, n, i, s in found]
+
+
+def edge_layers(graph: gs.Graph, layer_ids: set[int]) -> set[int]:
+    """Layers of the main graph with no other layer before them (first) or after them (last)."""
+    edge: set[int] = set()
+    for nodes, ins, outs in ((graph.nodes, "inputs", "outputs"), (graph.nodes[::-1], "outputs", "inputs")):
+        reached: set[int] = set()
+        for n in nodes:
+            hit = any(id(t) in reached for t in getattr(n, ins))
+            if id(n) in layer_ids:
+                if not hit:
+                    edge.add(id(n))
+                reached.update(id(t) for t in getattr(n, outs))
+            elif hit:
+                reached.update(id(t) for t in getattr(n, outs))
+    return edge

@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from onnxslim.obs import inverse_factor, neutral_dead_columns
+
 __all__ = ["magnitude_mask", "row_mask", "nm_mask", "sparsegpt", "output_error"]
 
 log = logging.getLogger(__name__)
@@ -75,15 +77,8 @@ def sparsegpt(
     error (their mask falls out of the saliency with ``H_jj := 1``, i.e. by magnitude)."""
     w = np.array(w, dtype=np.float64)
     rows, cols = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(cols)] += damping * float(np.mean(np.diag(h)))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
-    except np.linalg.LinAlgError:
+    hinv = inverse_factor(neutral_dead_columns(hessian), damping)  # upper: H^-1 = U^T U
+    if hinv is None:
         log.debug("SparseGPT: H is not positive definite after damping; pruning by magnitude")
         mask = nm_mask(np.abs(w), *nm) if nm else magnitude_mask(w, sparsity)
         return np.where(mask, 0.0, w), mask

@@ -13,6 +13,7 @@ it::
 A 50%-sparse float32 weight takes 0.53x its dense bytes (int8 weights: 0.63x). Every input of the chain is a
 constant, so onnxruntime folds it into the dense tensor once, when the session loads: inference runs exactly as
 before (the QDQ fusions of an int8 model see an initializer again). The rebuilt values are bit-identical.
+The mask is 1-bit codes of ``onnxslim.bit_packing``, the unpacking chain share_weights uses for its indices.
 
 Packed: constants (initializers and ``Constant`` nodes, in every graph) of any numeric type with at least
 ``min_elements`` elements, read only by nodes of one graph, not a graph output, whose packed form is at most
@@ -27,23 +28,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.bit_packing import pack_codes, unpack_chain, unpack_codes
+from onnxslim.bit_packing import packed_nbytes as packed_code_bytes
 from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["PackSparseWeights", "packed_nbytes", "pack_bitmask", "unpack_bitmask"]
 
-_SHIFTS = np.arange(7, -1, -1, dtype=np.uint8)
-
 
 def packed_nbytes(n: int, nnz: int, itemsize: int) -> int:
-    return (n + 7) // 8 + (nnz + 1) * itemsize
+    return packed_code_bytes(n, 1) + (nnz + 1) * itemsize
 
 
 def pack_bitmask(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask bytes [B, 1] uint8, values [nnz + 1] with a leading 0) of ``w``."""
     flat = w.reshape(-1)
     keep = flat != 0
-    mask = np.packbits(keep).reshape(-1, 1)
+    mask = pack_codes(keep, 1)
     values = np.concatenate([np.zeros(1, dtype=w.dtype), flat[keep]])
     return mask, values
 
@@ -51,7 +52,7 @@ def pack_bitmask(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def unpack_bitmask(mask: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """What the op chain computes (numpy; the tests' reference)."""
     n = int(np.prod(shape)) if shape else 1
-    keep = ((mask >> _SHIFTS) % 2).reshape(-1)[:n].astype(np.int64)
+    keep = unpack_codes(mask, 1, n)
     return values[np.cumsum(keep) * keep].reshape(shape)
 
 
@@ -134,35 +135,15 @@ class PackSparseWeights(Pass):
         mask, values = pack_bitmask(dense)
         n = dense.size
         c = lambda suffix, v: editor.new_constant(f"{base}_{suffix}", np.asarray(v))
-        v = lambda suffix, dtype, shape=None: gs.Variable(
-            editor.fresh_name(f"{base}_{suffix}"), dtype=dtype, shape=shape
-        )
-        bits, flat, cut, keep, csum, index, gathered = (
-            v("bits", np.uint8, [mask.shape[0], 8]),
-            v("bits_flat", np.uint8, [mask.shape[0] * 8]),
-            v("bits_n", np.uint8, [n]),
-            v("keep", np.int64, [n]),
+        v = lambda suffix, dtype, shape: gs.Variable(editor.fresh_name(f"{base}_{suffix}"), dtype=dtype, shape=shape)
+        keep = unpack_chain(editor, base, c("mask", mask), 1, n, before)
+        csum, index, gathered = (
             v("cumsum", np.int64, [n]),
             v("index", np.int64, [n]),
             v("values_dense", dense.dtype, [n]),
         )
-        shifted = v("shifted", np.uint8, [mask.shape[0], 8])
         out = gs.Variable(editor.fresh_name(base + "_unpacked"), dtype=dense.dtype, shape=list(dense.shape))
         nodes = [
-            gs.Node(
-                "BitShift",
-                inputs=[c("mask", mask), c("shifts", _SHIFTS)],
-                outputs=[shifted],
-                attrs={"direction": "RIGHT"},
-            ),
-            gs.Node("Mod", inputs=[shifted, c("two", np.array([2], np.uint8))], outputs=[bits]),
-            gs.Node("Reshape", inputs=[bits, c("flat_shape", np.array([-1], np.int64))], outputs=[flat]),
-            gs.Node(
-                "Slice",
-                inputs=[flat, c("start", np.array([0], np.int64)), c("stop", np.array([n], np.int64))],
-                outputs=[cut],
-            ),
-            gs.Node("Cast", inputs=[cut], outputs=[keep], attrs={"to": 7}),  # INT64
             gs.Node("CumSum", inputs=[keep, c("axis", np.array(0, np.int64))], outputs=[csum]),
             gs.Node("Mul", inputs=[csum, keep], outputs=[index]),
             gs.Node("Gather", inputs=[c("values", values), index], outputs=[gathered], attrs={"axis": 0}),

@@ -35,10 +35,10 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.errors import UsageError
-from onnxslim.graph_edit import ConstantSource, constant_source, node_matches, peek_values
-from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
+from onnxslim.graph_edit import ConstantSource, node_matches, peek_values
+from onnxslim.pass_base import Pass, PassContext, PassResult
 from onnxslim.sensitivity import check_criterion, resolve_criterion
-from onnxslim.weight_layout import WeightLayout, weight_layout
+from onnxslim.weight_layout import WEIGHT_INPUT, WeightLayout, edge_layers, float_weights, weight_layout
 
 from ._allocate import allocate_sparsity
 from ._layer_rules import parse_levels
@@ -47,10 +47,6 @@ from ._sparsify import magnitude_mask, nm_mask, output_error, row_mask, sparsegp
 __all__ = ["PruneByMagnitude", "parse_nm"]
 
 log = logging.getLogger(__name__)
-
-_FLOATS = (np.float32, np.float16, np.float64)
-# The weight input of each op this pass prunes (the table entry is all a new op needs, with weight_layout).
-_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
 
 
 def parse_nm(text: str) -> tuple[int, int] | None:
@@ -109,7 +105,7 @@ class PruneByMagnitude(Pass):
             },
         )
         op_types: list[str] = field(
-            default_factory=lambda: list(_WEIGHT_INPUT), metadata={"help": "ops whose weights are pruned"}
+            default_factory=lambda: list(WEIGHT_INPUT), metadata={"help": "ops whose weights are pruned"}
         )
         layer_sparsity: list[str] = field(
             default_factory=list,
@@ -168,9 +164,9 @@ class PruneByMagnitude(Pass):
                 return f"sensitivity_samples must be >= 1; got {self.sensitivity_samples}"
             if self.min_weights < 0 or self.max_gram_mb < 0 or not self.damping > 0:
                 return "min_weights and max_gram_mb must be >= 0 and damping > 0"
-            unknown = sorted(set(self.op_types) - set(_WEIGHT_INPUT))
+            unknown = sorted(set(self.op_types) - set(WEIGHT_INPUT))
             if unknown:
-                return f"op_types {', '.join(unknown)} are not prunable; choose from {', '.join(_WEIGHT_INPUT)}"
+                return f"op_types {', '.join(unknown)} are not prunable; choose from {', '.join(WEIGHT_INPUT)}"
             return None
 
     # ------------------------------------------------------------------------------------------ run
@@ -250,20 +246,10 @@ class PruneByMagnitude(Pass):
         opts = self.options
         overrides = parse_levels(opts.layer_sparsity, "layer_sparsity", "SPARSITY")
         found: dict[int, _Layer] = {}
-        readers: dict[int, int] = {}
-        candidates = []
-        for g in iter_graphs(ctx.graph):
-            for node in g.nodes:
-                i = _WEIGHT_INPUT.get(node.op)
-                if i is None or node.domain not in (None, "", "ai.onnx") or len(node.inputs) <= i:
-                    continue
-                src = constant_source(node.inputs[i])
-                if src is None or np.dtype(src.constant.dtype) not in [np.dtype(t) for t in _FLOATS]:
-                    continue
-                readers[id(src.constant)] = readers.get(id(src.constant), 0) + 1
-                candidates.append((g, node, i, src))
-        edge = _edge_layers(ctx.graph, {id(n) for _, n, _, _ in candidates}) if opts.keep_first_last else set()
-        for g, node, i, src in candidates:
+        sites = float_weights(ctx.graph)
+        edge = edge_layers(ctx.graph, {id(x.node) for x in sites}) if opts.keep_first_last else set()
+        for site in sites:
+            g, node, i, src = site.graph, site.node, site.index, site.source
             key = id(src.constant)
             if node.op not in opts.op_types or key in found:
                 continue
@@ -288,7 +274,7 @@ class PruneByMagnitude(Pass):
                 result.skip(node, why, g)
                 continue
             layout = weight_layout(node, i, shape) if node.op != "Gather" else None
-            found[key] = _Layer(g, node, i, src, layout, readers[key], target)
+            found[key] = _Layer(g, node, i, src, layout, site.readers, target)
         return list(found.values())
 
     def _statistics(self, ctx, layers: list[_Layer], reconstruct: str, importance: str, result: PassResult):
@@ -408,19 +394,3 @@ def _column_norms(node: gs.Node, lo: WeightLayout, w: np.ndarray, st, shape2: tu
         full = full * per_row.reshape(out, channels, *([1] * (w.ndim - 2)))
     order = list(lo.out_axes) + list(lo.in_axes)
     return np.transpose(full, order).reshape(shape2)
-
-
-def _edge_layers(graph: gs.Graph, layer_ids: set[int]) -> set[int]:
-    """Layers of the main graph with no other layer before them (first) or after them (last)."""
-    edge: set[int] = set()
-    for nodes, ins, outs in ((graph.nodes, "inputs", "outputs"), (graph.nodes[::-1], "outputs", "inputs")):
-        reached: set[int] = set()
-        for n in nodes:
-            hit = any(id(t) in reached for t in getattr(n, ins))
-            if id(n) in layer_ids:
-                if not hit:
-                    edge.add(id(n))
-                reached.update(id(t) for t in getattr(n, outs))
-            elif hit:
-                reached.update(id(t) for t in getattr(n, outs))
-    return edge

@@ -34,6 +34,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim.obs import inverse_factor, neutral_dead_columns
+
 from ._math import quantize_weight
 from ._ops import gram_request
 
@@ -106,19 +108,13 @@ def gptq_round(
     ``tr((W - W_q) H (W - W_q)^T)``: columns rounded in turn, errors pushed onto later columns via the
     Cholesky factor of ``H^-1`` (blocked lazy updates)."""
     w = w.copy()
-    h = np.array(hessian, dtype=np.float64)
+    h = neutral_dead_columns(hessian)  # a column nobody feeds: rounded to nearest, takes and gives no error
     n = w.shape[1]
-    dead = np.diag(h) <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0  # a column nobody feeds: rounded to nearest, takes and gives no error
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
     w, h = w[:, perm], h[np.ix_(perm, perm)]
     pruned = w == 0  # a pruned weight stays zero (its error, once others moved it, is pushed on like any other)
-    h[np.diag_indices(n)] += damping * float(np.mean(np.diag(h)))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
-    except np.linalg.LinAlgError:
+    hinv = inverse_factor(h, damping)
+    if hinv is None:
         log.debug("GPTQ: H is not positive definite after damping; rounding to nearest")
         return np.clip(np.round(w[:, np.argsort(perm)] / scale[:, None]), -qmax, qmax)
     q = np.zeros_like(w)

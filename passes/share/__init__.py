@@ -1,0 +1,1 @@
+"""Weight sharing: codebooks of shared values with packed indices (lossy)."""

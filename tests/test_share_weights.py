@@ -1,0 +1,255 @@
+"""share_weights: k-means codebooks, compensated codes and refit from data, packed b-bit storage that decodes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxslim.bit_packing import pack_codes, packed_nbytes, unpack_codes, word_layout
+from onnxslim.cli import main
+from onnxslim.errors import UsageError
+from onnxslim.passes.share.share_weights import ShareWeights
+from onnxslim.pipeline import optimize
+from onnxslim.testing import check_pass_contract, run_model
+
+from _fusion_testlib import model
+from conftest import SAMPLES
+
+LOOSE = {"keep_first_last": False, "min_weights": 0}
+CNN = SAMPLES / "cnn_digits" / "model.onnx"
+
+
+def _mlp(w1, w2, opset=17, batch=8):
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["y"], transB=1),
+    ]
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+    return model(nodes, [("x", [batch, w1.shape[0]])], [("y", [batch, w2.shape[0]])], inits, opset=opset)
+
+
+def _weights(seed=0, k=64, n=48, o=16):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal((o, n)).astype(np.float32)
+
+
+def _correlated_feeds(k=64, n=8, batch=8, seed=1):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.linspace(2.0, 0.1, k)[:, None]  # correlated, uneven input features
+    return [{"x": (rng.standard_normal((batch, k)) @ mix).astype(np.float32)} for _ in range(n)]
+
+
+def _run(m, calibration=None, **options):
+    out, report = optimize(
+        m, [ShareWeights(**options)], calibration=calibration, fixed_point=False, on_pass_error="raise"
+    )
+    onnx.checker.check_model(out, full_check=True)
+    return out, report.passes[0]
+
+
+def _inits(m):
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def _session(m, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, path=None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    if path is not None:
+        so.optimized_model_filepath = str(path)
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_codes_pack_and_unpack_exactly(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=1001)
+    words = pack_codes(codes, bits)
+    dtype, k = word_layout(bits)
+    assert words.dtype == dtype and words.shape == (-(-1001 // k), 1) and words.nbytes == packed_nbytes(1001, bits)
+    np.testing.assert_array_equal(unpack_codes(words, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_at_most_2_to_the_b_values_and_deterministic(bits, per_channel):
+    w1, w2 = _weights()
+    m = _mlp(w1, w2)
+    out, record = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
+    again, _ = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
+    got = _inits(out)
+    for name, axis in (("W1", 1), ("W2", 0)):  # MatMul [in, out], Gemm transB [out, in]
+        w = got[name]
+        if per_channel:
+            assert all(len(np.unique(np.take(w, c, axis=axis))) <= 2**bits for c in range(w.shape[axis]))
+        else:
+            assert len(np.unique(w)) <= 2**bits
+        np.testing.assert_array_equal(w, _inits(again)[name])
+    if per_channel and bits == 8:  # 48 or 64 weights a row: already at most 256 values each
+        assert not record.modified and all("already holds" in s["reason"] for s in record.skipped)
+    else:
+        assert record.stats["layers_shared"] == 2 and record.modified
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+@pytest.mark.parametrize(
+    "bits, per_channel", [(2, False), (3, True), (4, False), (5, True), (6, False), (7, False), (8, False)]
+)
+def test_packed_form_decodes_exactly_folds_and_shrinks(tmp_path, opset, bits, per_channel):
+    w1, w2 = _weights()
+    m = _mlp(w1, w2, opset)
+    dense, _ = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
+    packed, record = _run(m, bits=bits, per_channel=per_channel, **LOOSE)
+    ops = {n.op_type for n in packed.graph.node}
+    assert ("Cast" in ops) and (bits == 8 or "BitShift" in ops) and "Constant" not in ops
+    assert not {"W1", "W2"} & set(_inits(packed))  # the dense weights are gone from the file
+    # numpy reference: codebook[unpack(words)] is the shared dense weight, exactly
+    inits = _inits(packed)
+    for name, shape in (("W1", w1.shape), ("W2", w2.shape)):
+        codebook = inits[f"{name}_codebook"]
+        n = int(np.prod(shape))
+        codes = (
+            inits[f"{name}_codes_u8"].astype(np.int64)
+            if bits == 8
+            else unpack_codes(inits[f"{name}_codes_packed"], bits, n)
+        )
+        view = (
+            codebook[codes]
+            if codebook.ndim == 1
+            else np.take_along_axis(codebook, codes.reshape(codebook.shape[0], -1), 1)
+        )
+        order = (1, 0) if name == "W1" else (0, 1)
+        rebuilt = view.reshape([shape[a] for a in order]).transpose(np.argsort(order))
+        np.testing.assert_array_equal(rebuilt, _inits(dense)[name])
+    # onnxruntime: folded at load (the optimized model holds only the layers) and bit-identical outputs
+    opt = tmp_path / "opt.onnx"
+    _session(packed, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, opt)
+    assert {n.op_type for n in onnx.load(str(opt)).graph.node} == {"MatMul", "Relu", "Gemm"}
+    feed = _correlated_feeds(n=1)[0]
+    ref = run_model(dense, feed)[0]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        np.testing.assert_array_equal(_session(packed, level).run(None, feed)[0], ref)
+    # size: b/32 of the dense bytes plus the codebook
+    for layer in record.layers:
+        rows = 48 if layer["op"] == "MatMul" else 16  # output features
+        book = (2**bits) * 4 * (rows if per_channel else 1)
+        assert layer["stored_bytes"] == packed_nbytes(layer["params"], bits) + book
+        assert layer["stored_bytes"] <= layer["dense_bytes"] * bits / 32 * 1.07 + book
+    assert record.stats["bytes_saved"] == sum(x["dense_bytes"] - x["stored_bytes"] for x in record.layers)
+    if bits == 4 and not per_channel:
+        assert packed.ByteSize() < 0.25 * m.ByteSize()  # 1/8 + codebooks, plus ~0.7 KB of chain nodes a weight
+
+
+def test_pruned_zeros_stay_zero_and_take_code_zero():
+    w1, w2 = _weights()
+    rng = np.random.default_rng(3)
+    w1[rng.random(w1.shape) < 0.5] = 0
+    out, record = _run(_mlp(w1, w2), calibration=_correlated_feeds(), bits=3, decode="dense", **LOOSE)
+    got = _inits(out)["W1"]
+    assert np.all(got[w1 == 0] == 0) and 0.0 in np.unique(got)
+    facts = {x["layer"] or x["op"]: x for x in record.layers}
+    assert facts["MatMul"]["kept_zero"] and not facts["Gemm"]["kept_zero"]
+    packed, _ = _run(_mlp(w1, w2), calibration=_correlated_feeds(), bits=8, **LOOSE)
+    codes = _inits(packed)["W1_codes_u8"].reshape(w1.shape[1], w1.shape[0]).T  # view order: [out, in]
+    assert np.all(codes[w1 == 0] == 0)  # zero is code 0: pack_sparse_weights can pack these codes further
+
+
+def test_compensated_codes_and_refit_lower_the_output_error():
+    """On correlated inputs, GPTQ-style assignment + least-squares centroids beat plain (weighted) k-means on
+    the layer's outputs, measured on held-out data through onnxruntime."""
+    w1, w2 = _weights()
+    m = _mlp(w1, w2)
+    feeds = _correlated_feeds(n=24)  # one input distribution: 16 samples to calibrate, 8 held out
+    calib, held = feeds[:16], feeds[16:]
+
+    def err(out):
+        e = [np.linalg.norm(run_model(out, f)[0] - run_model(m, f)[0]) ** 2 for f in held]
+        return float(np.sum(e) / sum(np.linalg.norm(run_model(m, f)[0]) ** 2 for f in held))
+
+    plain, _ = _run(m, calibration=calib, bits=3, assignment="nearest", refit=False, **LOOSE)
+    refined, record = _run(m, calibration=calib, bits=3, **LOOSE)
+    assert all(x["method"] == "kmeans+compensated+refit" for x in record.layers)
+    assert all(x["output_error"] < 0.5 * x["kmeans_output_error"] for x in record.layers)
+    assert err(refined) < 0.6 * err(plain)
+
+
+def test_constant_nodes_and_if_bodies_are_shared():
+    rng = np.random.default_rng(0)
+    wc, wb = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "WB"], ["yb"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("yb", onnx.TensorProto.FLOAT, [2, 16])],
+        initializer=[numpy_helper.from_array(wb, "WB")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["ye"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", onnx.TensorProto.FLOAT, [2, 16])],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["WC"], value=numpy_helper.from_array(wc, "wc")),
+        helper.make_node("MatMul", ["x", "WC"], ["h"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other),
+    ]
+    m = model(
+        nodes, [("x", [2, 16]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])], [("y", [2, 16])]
+    )
+    dense, _ = _run(m, bits=2, decode="dense", **LOOSE)
+    packed, record = _run(m, bits=2, **LOOSE)
+    assert record.stats["layers_shared"] == 2
+    feed = {"x": rng.standard_normal((2, 16)).astype(np.float32), "cond": np.array(True)}
+    np.testing.assert_array_equal(run_model(packed, feed)[0], run_model(dense, feed)[0])
+    assert not np.array_equal(run_model(m, feed)[0], run_model(dense, feed)[0])
+
+
+def test_trained_model_keeps_its_decisions_at_4_bits():
+    """cnn_digits with its calibration data, every conv at 4 bits: top-1 agreement with the original on the
+    held-out set >= 0.98, and the shared convs take about 1/8 of their bytes."""
+    out, record = _run(onnx.load(CNN), calibration=SAMPLES / "cnn_digits" / "calib", bits=4)
+    feeds = []
+    for f in sorted((SAMPLES / "cnn_digits" / "eval").glob("*.npz")):
+        with np.load(f) as z:
+            feeds.append({k: z[k] for k in z.files if not k.startswith("__")})
+    agree = np.concatenate([run_model(str(CNN), f)[0].argmax(-1) == run_model(out, f)[0].argmax(-1) for f in feeds])
+    assert agree.mean() >= 0.98, f"top-1 agreement {agree.mean():.4f}"
+    dense = sum(x["dense_bytes"] for x in record.layers)
+    assert sum(x["stored_bytes"] for x in record.layers) < 0.16 * dense
+
+
+def test_contract_on_a_trained_model():
+    check_pass_contract(
+        ShareWeights(bits=4),
+        CNN,
+        SAMPLES / "cnn_digits" / "eval",
+        calibration=SAMPLES / "cnn_digits" / "calib",
+        expect_modified=True,
+        metric_floors=ShareWeights.metric_floors,
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"bits": 1}, "bits must be in 2..8"),
+        ({"bits": 9}, "bits must be in 2..8"),
+        ({"layer_bits": ["conv=12"]}, "PATTERN=B"),
+        ({"op_types": ["Relu"]}, "cannot be shared"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(options, message):
+    with pytest.raises(UsageError, match=message.replace(".", r"\.")) as e:
+        ShareWeights(**options)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_bits_on_the_command_line_exit_2_with_one_line(capsys, tmp_path):
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(CNN), "-o", str(out), "-p", "share_weights:bits=9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "bits must be in 2..8" in err, err
+    assert not out.exists()
