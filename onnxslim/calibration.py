@@ -32,6 +32,7 @@ from .calibration_graph import expose_tensors
 from .calibration_stats import RANGE_METHODS, ConvPatches, Statistics, TensorStats
 from .data import FeedData, load_feeds
 from .errors import BadInputError, UsageError
+from .graph import external_path
 
 __all__ = ["TensorStats", "Statistics", "ConvPatches", "collect_statistics", "RANGE_METHODS"]
 
@@ -350,7 +351,7 @@ def _session_source(model: onnx.ModelProto, data_dir: Path | None = None) -> Ite
     with tempfile.TemporaryDirectory(prefix="onnxslim_calib_") as tmp:
         in_memory: dict[str, np.memmap] = {}
         for loc in sorted(locations):
-            src, dst = (Path(data_dir) / loc).resolve(), Path(tmp) / loc
+            src, dst = external_path(Path(data_dir), loc, f"(data file {loc})"), Path(tmp) / loc
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ._version import __version__
 from .cli_compress import add_compression_arguments, apply_compression_arguments
 from .config import OptimizeSettings, load_config, settings_from_mapping
-from .errors import OnnxSlimError, UsageError
+from .errors import BadInputError, OnnxSlimError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -96,7 +96,7 @@ class Optimize:
             dest="external_data",
             action="store_true",
             default=None,
-            help="write weights to OUTPUT.data next to the model",
+            help="write weights to a data file next to the model (OUTPUT.data, or OUTPUT.<hash>.data when that exists)",
         )
         ext.add_argument(
             "--no-external-data",
@@ -152,6 +152,7 @@ class Optimize:
         from .pipeline import optimize
 
         settings = Optimize.settings(args)
+        _preflight(args.output, args.report, args.model, args.check_data)
         with _progress() as progress:
             _, report = optimize(
                 args.model,
@@ -224,6 +225,7 @@ class Check:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        _preflight(None, args.report, None, None)
         floors = {}
         for item in args.floor:
             key, eq, value = item.partition("=")
@@ -247,17 +249,37 @@ class Check:
             synthetic_count=args.samples,
         )
         if args.report:
-            from .report import write_json_atomic
+            from .report import dumps_json, write_json_atomic
 
-            write_json_atomic(args.report, json.dumps(result.to_dict(), indent=2))
+            write_json_atomic(args.report, dumps_json(result.to_dict()))
         if not args.quiet or not result.passed:
             if args.json:
-                _out(json.dumps(result.to_dict(), indent=2))
+                from .report import dumps_json
+
+                _out(dumps_json(result.to_dict()))
             else:
                 from .report import Report
 
                 _out(Report(parity=result.to_dict()).render_text(width=140))
         return 0 if result.passed else 1
+
+
+def _preflight(output, report, model, check_data) -> None:
+    """Everything that can be checked before work starts, so a bad run fails (exit 2) having written nothing:
+    the output and report folders exist and are writable, and every eval feed fits the model."""
+    from .graph import check_writable
+
+    if output is not None:
+        check_writable(output)
+    if report is not None:
+        check_writable(report, "report")
+    if check_data is not None:
+        from .data import load_feeds
+        from .graph import load_model
+
+        feeds = load_feeds(check_data).bind(load_model(model).proto)
+        if sum(1 for _ in feeds.samples()) == 0:  # validates every sample, one at a time
+            raise BadInputError(f"{feeds.description} holds no feed dicts; give at least one")
 
 
 _THRESHOLD_FLAGS = {
@@ -408,7 +430,9 @@ class Info:
         loaded = load_model(args.model)
         s = summarize(loaded.proto, _file_size(Path(args.model), loaded))
         if args.json:
-            _out(json.dumps(s.to_dict(), indent=2))
+            from .report import dumps_json
+
+            _out(dumps_json(s.to_dict()))
             return 0
         _out(render_info(args.model, s, loaded.proto.producer_name, loaded.proto.producer_version))
         return 0

@@ -133,6 +133,12 @@ def _validate(feeds: dict[str, np.ndarray], specs: list[InputSpec], origin: str)
                 f"{origin}: input '{s.name}' has dtype {arr.dtype}, the model expects {s.dtype}; "
                 f"save it with .astype(np.{s.dtype.name})"
             )
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise BadInputError(
+                f"{origin}: input '{s.name}' holds {bad} NaN/Inf value(s) of {arr.size}; statistics and metrics "
+                "on them mean nothing: fix or drop this sample"
+            )
         if s.shape is None:
             continue
         if arr.ndim != len(s.shape):
@@ -149,6 +155,9 @@ def _validate(feeds: dict[str, np.ndarray], specs: list[InputSpec], origin: str)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would try it as a pickle and blame pickled data: say what it really is
+        raise BadInputError(f"{path} is not a readable .npz file (not a zip archive); write it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

@@ -8,10 +8,12 @@ into the output's data file, and writes both atomically (temp file + rename).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,9 @@ __all__ = [
     "iter_tensor_protos",
     "tensor_nbytes",
     "PROTOBUF_LIMIT",
+    "external_path",
+    "check_writable",
+    "external_locations",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,6 +253,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, cop
         return source
     if isinstance(source, onnx.ModelProto):
         proto = copy.deepcopy(source) if copy_proto else source
+        _check_structure(proto, "the model")
         ext = any(_is_external(t) for t in iter_tensor_protos(proto))
         return LoadedModel(proto=proto, has_external_data=ext, file_size=0)
     if not isinstance(source, (str, os.PathLike)):
@@ -264,6 +270,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, cop
         raise BadInputError(_fix_hint_for_decode(path, size)) from e
     if size == 0 or (not proto.graph.node and not proto.graph.output and not proto.opset_import):
         raise BadInputError(_fix_hint_for_decode(path, size))
+    _check_structure(proto, path)
     base = path.resolve().parent
     files = _check_external_files(proto, base, path)
     return LoadedModel(
@@ -276,6 +283,72 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, cop
     )
 
 
+def external_path(base_dir: Path, location: str, tensor: str, model: object = None) -> Path:
+    """The real path of an external-data file; it must resolve (symlinks followed) inside the model's folder.
+
+    The one confinement check: every read of external data goes through it, so neither ``..``, an absolute
+    path, nor a link out of the folder can make a model read (and copy into our output) another file.
+    """
+    where = f" in {model}" if model else ""
+    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        raise BadInputError(
+            f"tensor '{tensor}'{where} points to external data at an unsafe location {location!r}; "
+            "re-save the model with its data file next to it"
+        )
+    base = Path(os.path.realpath(base_dir))
+    real = Path(os.path.realpath(base / location))
+    if base not in real.parents:
+        raise BadInputError(
+            f"tensor '{tensor}'{where} points to external data {location!r}, which resolves to {real}, outside "
+            f"the model's folder {base}; copy the data file itself (not a link) next to the model"
+        )
+    return real
+
+
+_KNOWN_TYPES = set(TensorProto.DataType.values())
+
+
+def _bad_string(msg, where: str = "") -> str | None:
+    """Where the first string field that is not valid UTF-8 sits (protobuf decodes strings on access)."""
+    try:
+        fields = msg.ListFields()
+        for fd, value in fields:
+            name = f"{where}.{fd.name}" if where else fd.name
+            repeated = fd.is_repeated
+            if fd.type == fd.TYPE_MESSAGE:
+                for i, item in enumerate(value if repeated else [value]):
+                    found = _bad_string(item, f"{name}[{i}]" if repeated else name)
+                    if found:
+                        return found
+            elif fd.type == fd.TYPE_STRING and any(isinstance(v, bytes) for v in (value if repeated else [value])):
+                return name  # protobuf hands back bytes for a string it cannot decode
+    except UnicodeDecodeError:
+        return where or msg.DESCRIPTOR.name
+    return None
+
+
+def _check_structure(proto: onnx.ModelProto, where) -> None:
+    """Refuse, with one line, what onnx and graphsurgeon would crash on later: non-UTF-8 strings, unknown types."""
+    found = _bad_string(proto)
+    if found:
+        raise BadInputError(
+            f"{where}: a text field ({found}) is not valid UTF-8, so the file is corrupt; re-export or re-copy it"
+        )
+    for g in iter_graphs(proto.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _KNOWN_TYPES:
+                raise BadInputError(
+                    f"{where}: value '{vi.name}' has element type {vi.type.tensor_type.elem_type}, which ONNX does "
+                    "not define; the file is corrupt, re-export it"
+                )
+    for t in iter_tensor_protos(proto):
+        if t.data_type not in _KNOWN_TYPES or t.data_type == TensorProto.UNDEFINED:
+            raise BadInputError(
+                f"{where}: tensor '{t.name}' has data type {t.data_type}, which ONNX does not define; "
+                "the file is corrupt, re-export it"
+            )
+
+
 def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set[str]:
     files: dict[str, int] = {}
     for t in iter_tensor_protos(proto):
@@ -283,11 +356,7 @@ def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set
             continue
         info = _external_info(t)
         loc = info.get("location", "")
-        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
-            raise BadInputError(
-                f"tensor '{t.name}' in {path} points to external data at an unsafe location {loc!r}; "
-                "re-save the model with its data file next to it"
-            )
+        external_path(base, loc, t.name, path)
         end = int(info.get("offset", 0)) + int(info.get("length", tensor_nbytes(t)))
         files[loc] = max(files.get(loc, 0), end)
     for loc, end in files.items():
@@ -297,6 +366,8 @@ def _check_external_files(proto: onnx.ModelProto, base: Path, path: Path) -> set
                 f"external data file '{loc}' referenced by {path.name} is missing (looked in {base}); "
                 "copy it next to the model"
             )
+        if not f.is_file():
+            raise BadInputError(f"external data '{loc}' referenced by {path.name} is not a file; point it at one")
         if f.stat().st_size < end:
             raise BadInputError(
                 f"external data file '{loc}' is truncated ({f.stat().st_size} bytes, tensors need {end}); "
@@ -313,7 +384,7 @@ def read_external(t: TensorProto, base_dir: Path | None) -> bytes:
         )
     offset = int(info.get("offset", 0))
     length = int(info["length"]) if "length" in info else tensor_nbytes(t)
-    with open(base_dir / info["location"], "rb") as f:
+    with open(external_path(base_dir, info.get("location", ""), t.name), "rb") as f:
         f.seek(offset)
         data = f.read(length)
     if len(data) != length:
@@ -339,11 +410,17 @@ def _serialized_size_estimate(model: onnx.ModelProto, *, include_external: bool 
     return sum(tensor_nbytes(t) for t in tensors if include_external or not _is_external(t)) + 2**20
 
 
+_TMP_SUFFIX = ".tmp-onnxslim"
+# Temp files are named .<target>.<pid>.<random>.tmp-onnxslim, so a later run can tell a dead writer's leftovers.
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+" + re.escape(_TMP_SUFFIX) + "$")
+_OLD_MODEL_PARSE_LIMIT = 256 * 2**20
+
+
 def _atomic_target(path: Path) -> Path:
     """A temporary file next to ``path``, with the permissions a plain ``open(path, "w")`` would give it (an
     existing file's mode; else 0666 minus the umask): mkstemp makes 0600 files, and a model only its writer
     can read breaks serving setups."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp-onnxslim", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=str(path.parent))
     try:
         if path.exists():
             mode = path.stat().st_mode & 0o7777
@@ -357,6 +434,84 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path, targets: set[str]) -> None:
+    """Delete temp files a killed writer of these targets left behind (only ours, only of dead processes)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        m = _TMP_NAME.match(e.name)
+        if m and m["target"] in targets and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            try:
+                os.unlink(e.path)
+                log.info("removed %s, left by a killed run", e.path)
+            except OSError:
+                pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _data_name_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(name)}\.[0-9a-f]{{16}}\.data$")
+
+
+def external_locations(path: str | os.PathLike) -> set[str]:
+    """External-data locations of the model at ``path`` (empty when unreadable or too big to parse cheaply)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _OLD_MODEL_PARSE_LIMIT:
+            return set()
+        old = onnx.load(str(path), load_external_data=False)
+        return {_external_info(t).get("location", "") for t in iter_tensor_protos(old) if _is_external(t)}
+    except Exception:  # noqa: BLE001 - an unreadable old model just has nothing to clean up
+        return set()
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Fail now, with one line, when nothing can be created in ``folder`` (root ignores mode bits: try it)."""
+    if not folder.is_dir():
+        raise BadInputError(f"{what} folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".onnxslim-probe.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInputError(
+            f"cannot write to the {what} folder {folder} ({e.strerror}); choose a writable folder"
+        ) from None
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Pre-flight for an output file: not a directory, its folder exists and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{what} path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    _writable_folder(path.parent if str(path.parent) else Path("."), what)
+    return path
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -364,21 +519,24 @@ def save_model(
     source_dir: Path | None = None,
     external_data: bool | None = None,
     size_threshold: int = 1024,
-    location: str | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write a model atomically. Returns the path written.
 
-    external_data: True writes every tensor of ``size_threshold`` bytes or more to ``location`` (default
-    ``<name>.data`` next to the output); None (auto) does so when the model has external tensors already
-    or would not fit in one protobuf; False keeps everything inline (fails above 2 GB with a clear error).
+    external_data: True writes every tensor of ``size_threshold`` bytes or more to a data file next to the
+    output (``<name>.data``, or ``<name>.<content hash>.data`` when ``<name>.data`` already exists); None (auto)
+    does so when the model has external tensors already or would not fit in one protobuf; False keeps
+    everything inline (fails above 2 GB with a clear error).
     Tensors already external are streamed from ``source_dir`` without loading them whole.
-    The model proto is restored to its original state before returning.
+
+    The model/data pair is replaced so that a crash at any moment leaves the old pair or the new one: the new
+    data file never takes the name of a file the old model (or anything in ``protect``, e.g. the input
+    model's files) reads; it is renamed into place before the model that points at it, and the old data file
+    is removed only after. The model proto is restored to its original state before returning.
     """
     path = Path(path)
-    if path.exists() and path.is_dir():
-        raise BadInputError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if not path.parent.exists():
-        raise BadInputError(f"output folder {path.parent} does not exist; create it first")
+    check_writable(path)
+    folder = path.parent
     has_ext = any(_is_external(t) for t in iter_tensor_protos(model))
     too_big = _serialized_size_estimate(model, include_external=True) >= PROTOBUF_LIMIT
     if external_data is None:
@@ -387,14 +545,30 @@ def save_model(
         raise BadInputError(
             f"the model's weights exceed protobuf's 2 GB limit; save with external data (--external-data) to {path}"
         )
-    location = location or f"{path.name}.data"
+    plain = f"{path.name}.data"
+    _remove_stale_temps(folder, {path.name, plain})
+    keep = {os.path.realpath(p) for p in protect}
+    if source_dir is not None:
+        for t in iter_tensor_protos(model):
+            if _is_external(t):
+                keep.add(str(external_path(source_dir, _external_info(t).get("location", ""), t.name)))
+    if os.path.realpath(path) in keep:
+        raise BadInputError(f"the output {path} is a file the input model reads; choose another output path")
+    old = external_locations(path)
     undo: list[tuple[TensorProto, TensorProto]] = []
-    tmp_model = _atomic_target(path)
+    tmp_model: Path | None = None
     tmp_data: Path | None = None
+    location: str | None = None
     try:
+        tmp_model = _atomic_target(path)
         if external_data:
-            tmp_data = _atomic_target(path.parent / location)
-            _write_external(model, tmp_data, location, source_dir, size_threshold, undo)
+            tmp_data = _atomic_target(folder / plain)
+            digest = _write_external(model, tmp_data, source_dir, size_threshold, undo)
+            location = plain if not (folder / plain).exists() else f"{path.name}.{digest[:16]}.data"
+            for t, _ in undo:
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = location
         elif has_ext:
             for t in iter_tensor_protos(model):
                 if _is_external(t):
@@ -408,15 +582,38 @@ def save_model(
             f.flush()
             os.fsync(f.fileno())
         if tmp_data is not None:
-            os.replace(tmp_data, path.parent / location)
+            target = folder / location
+            if os.path.realpath(target) in keep:  # same name means same bytes (content hash): leave it be
+                tmp_data.unlink()
+            else:
+                os.replace(tmp_data, target)
             tmp_data = None
+            _fsync_dir(folder)  # the data is durable under its final name before the model points at it
         os.replace(tmp_model, path)
+        tmp_model = None
+        _fsync_dir(folder)
+    except OSError as e:
+        raise BadInputError(f"cannot write {path} ({e.strerror or e}); check the folder's space and permissions") from e
     finally:
         for t, snap in reversed(undo):
             t.CopyFrom(snap)
         for leftover in (tmp_model, tmp_data):
             if leftover is not None and leftover.exists():
                 leftover.unlink()
+    # The new pair is in place: the old data file goes now (only names of our making, never a protected file).
+    ours = _data_name_pattern(path.name)
+    stale = {loc for loc in old if loc == plain or ours.match(loc)}
+    try:
+        stale.update(e.name for e in os.scandir(folder) if ours.match(e.name))
+    except OSError:
+        pass
+    for loc in stale - {location}:
+        f = folder / loc
+        if os.path.realpath(f) not in keep and f.is_file():
+            try:
+                f.unlink()
+            except OSError:
+                pass
     return path
 
 
@@ -426,8 +623,10 @@ def _snapshot(t: TensorProto) -> TensorProto:
     return snap
 
 
-def _write_external(model, data_path: Path, location: str, source_dir, threshold: int, undo) -> None:
+def _write_external(model, data_path: Path, source_dir, threshold: int, undo) -> str:
+    """Stream tensors into ``data_path``; returns the hash of its bytes (callers set the location after)."""
     offset = 0
+    digest = hashlib.blake2b(digest_size=16)
     with open(data_path, "wb") as out:
         for t in iter_tensor_protos(model, constants=False):
             ext = _is_external(t)
@@ -436,6 +635,7 @@ def _write_external(model, data_path: Path, location: str, source_dir, threshold
             undo.append((t, _snapshot(t)))
             pad = (-offset) % 4096  # page-aligned so runtimes can mmap
             out.write(b"\0" * pad)
+            digest.update(b"\0" * pad)
             offset += pad
             start = offset
             if ext:
@@ -443,7 +643,7 @@ def _write_external(model, data_path: Path, location: str, source_dir, threshold
                 if source_dir is None:
                     raise BadInputError(f"tensor '{t.name}' is external but its source folder is unknown")
                 length = int(info["length"]) if "length" in info else tensor_nbytes(t)
-                with open(source_dir / info["location"], "rb") as src:
+                with open(external_path(source_dir, info.get("location", ""), t.name), "rb") as src:
                     src.seek(int(info.get("offset", 0)))
                     left = length
                     while left:
@@ -451,20 +651,23 @@ def _write_external(model, data_path: Path, location: str, source_dir, threshold
                         if not chunk:
                             raise BadInputError(f"external data for '{t.name}' is truncated; copy the data file again")
                         out.write(chunk)
+                        digest.update(chunk)
                         left -= len(chunk)
             else:
                 raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
                 out.write(raw)
+                digest.update(raw)
                 length = len(raw)
                 for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "raw_data"):
                     t.ClearField(fld)
             offset += length
             del t.external_data[:]
             t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", location), ("offset", str(start)), ("length", str(length))):
+            for k, v in (("location", ""), ("offset", str(start)), ("length", str(length))):
                 t.external_data.add(key=k, value=v)
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- checking

@@ -21,12 +21,15 @@ import onnx_graphsurgeon as gs
 
 from .calibration_service import CalibrationService
 from .data import FeedData, load_feeds
-from .errors import OnnxSlimError, PassError, UsageError
+from .errors import BadInputError, OnnxSlimError, PassError, UsageError
 from .graph import (
     PROTOBUF_LIMIT,
     LoadedModel,
     ModelContract,
     check_model,
+    check_writable,
+    external_locations,
+    external_path,
     iter_graphs,
     iter_tensor_protos,
     load_model,
@@ -169,6 +172,51 @@ def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
             raise ValueError(f"graph output '{t.name}' is not produced by any node")
 
 
+def validate_input(loaded: LoadedModel) -> gs.Graph:
+    """The input model as a graph, refused with one line (BadInputError) when it is not a valid model:
+    an opset newer than this onnx knows, duplicate graph outputs, a cycle, a tensor nothing produces, or
+    structure graphsurgeon cannot read."""
+    where = loaded.path or "the model"
+    known = onnx.defs.onnx_opset_version()
+    for o in loaded.proto.opset_import:
+        if o.domain in ("", "ai.onnx") and not 1 <= o.version <= known:
+            raise BadInputError(
+                f"{where} imports ai.onnx opset {o.version}, which does not exist (this onnx knows 1..{known}); "
+                "re-export it with a real opset"
+            )
+    for g in iter_graphs(loaded.proto.graph):
+        names = [o.name for o in g.output]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise BadInputError(f"{where} lists graph output(s) {', '.join(map(repr, dup))} twice; re-export it")
+    try:
+        with quiet_graphsurgeon():
+            graph = import_graph(loaded)
+            validate_graph(graph)
+    except OnnxSlimError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed protos fail in many ways inside onnx/graphsurgeon
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise BadInputError(f"{where} is not a valid model ({msg}); fix or re-export it") from None
+    return graph
+
+
+def _check_output_path(loaded: LoadedModel, in_path: Path | None, out_path: Path, overwrite_input: bool) -> list[str]:
+    """Refuse an output that would overwrite a file the input reads; the files save_model must leave alone."""
+    check_writable(out_path)
+    reads = [external_path(loaded.base_dir, loc, loc) for loc in loaded.external_files] if loaded.base_dir else []
+    out_real = Path(os.path.realpath(out_path))
+    for loc, real in zip(loaded.external_files, reads):
+        if real == out_real:
+            raise BadInputError(
+                f"the output {out_path} is the external data file '{loc}' the input model reads; "
+                "choose another output path"
+            )
+    if in_path is not None and out_real == Path(os.path.realpath(in_path)) and overwrite_input:
+        return []  # replacing the input itself: its old data file goes once the new pair is in place
+    return [str(p) for p in reads] + ([str(in_path)] if in_path is not None else [])
+
+
 # --------------------------------------------------------------------------------------------- running
 def _run_pass(
     p: Pass, ctx: PassContext, before: list[str], iteration: int, on_error: str, verify=None
@@ -281,6 +329,8 @@ def optimize(
     feeds: FeedData | None = None
     needing = [p.name for p in pass_list if p.needs_calibration]
     loaded = load_model(model)
+    protect = _check_output_path(loaded, in_path, out_path, overwrite_input) if out_path is not None else []
+    graph, validated = validate_input(loaded), loaded
     if calibration is not None:
         feeds = load_feeds(calibration).bind(loaded.proto).check_first()
     elif needing:
@@ -311,7 +361,7 @@ def optimize(
         on_pass_error=on_pass_error,
         progress=progress,
     )
-    records, ran, graph = _run_passes(**run)
+    records, ran, graph = _run_passes(**run, graph=graph if run["loaded"] is validated else None)
     out = _export(graph, loaded, contract, records, shape_annotations)
     problems = contract.differences(out)
     if problems:
@@ -337,13 +387,11 @@ def optimize(
     if level != "none" and small and not checked:
         _check_output(out, level, ran)
     if out_path is not None:
-        save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data)
+        save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data, protect=protect)
         if level != "none" and not small:
             _check_output(out_path, level, ran)
         after = summarize(out)
-        written = LoadedModel(
-            out, external_files=[f"{out_path.name}.data"] if after.external_data or external_data else []
-        )
+        written = LoadedModel(out, external_files=sorted(external_locations(out_path)))
         after.file_size = _file_size(out_path, written)
         report.after = after
     else:
@@ -412,8 +460,9 @@ def _run_passes(
     on_pass_error: str,
     verify=None,
     progress=None,
+    graph: gs.Graph | None = None,
 ) -> tuple[list[PassRecord], list[str], gs.Graph]:
-    graph = import_graph(loaded)
+    graph = graph if graph is not None else import_graph(loaded)
     opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     ctx = PassContext(
         graph=graph,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from .summary import ModelSummary
 
-__all__ = ["PassRecord", "Report", "write_json_atomic"]
+__all__ = ["PassRecord", "Report", "write_json_atomic", "dumps_json"]
 
 REPORT_VERSION = 1
 
@@ -56,7 +57,7 @@ class Report:
         return d
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_jsonable)
+        return dumps_json(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
@@ -299,6 +300,30 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-onnxslim")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _finite(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return _NON_FINITE[repr(o)]
+    return o
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON: NaN and infinities become the strings "NaN", "Infinity", "-Infinity" (bare NaN is not JSON)."""
+    return json.dumps(_finite(obj), indent=indent, default=_jsonable, allow_nan=False)
 
 
 def _jsonable(o: Any):

@@ -10,6 +10,11 @@ QuantizeLinear/DequantizeLinear (a quantized model's Q/DQ pairs must stay), node
 ops of any domain but the default one (ai.onnx.ml, com.microsoft, custom: never evaluated). Nodes
 onnxruntime cannot run are skipped with its reason.
 
+Memory: before anything is evaluated, each node's output size is taken from shape inference (its constant
+inputs' shapes and small values); a node whose outputs would exceed ``max_bytes``, or whose output size
+cannot be known in advance, is skipped and never run; nodes are evaluated in batches of at most
+``max_bytes`` outputs. A 177-byte model whose Expand makes a 60000x60000 tensor costs nothing.
+
 Size: a fold whose new constant is bigger than what it removes (the node and the inputs only it reads)
 by more than ``size_threshold`` bytes is skipped unless ``allow_growth``; the default never grows the
 model. Exact: the values are the ones the runtime would compute.
@@ -46,6 +51,10 @@ _NONDETERMINISTIC = {
 }
 _QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _MAX_ROUNDS = 64
+_MAX_BYTES = 256 * 2**20
+# Constant inputs up to this size go into the shape-inference model with their values (shape operands of
+# Reshape, Expand, Tile, Range...); bigger ones only with their type and shape.
+_SHAPE_VALUE_BYTES = 4096
 # onnxruntime's CPU kernels run many 16-bit float ops in float32 and skip the rounding between
 # consecutive ones; folding a node alone rounds its output, which can differ by an ulp. Only ops that
 # move data (no arithmetic) are folded on float16/bfloat16.
@@ -131,6 +140,78 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | gs.Constant | None:
     return None
 
 
+def _inferred_output_bytes(ctx: PassContext, nodes: list[gs.Node]) -> dict[int, int]:
+    """Bytes each node's named outputs will take, from onnx shape inference on the nodes alone (fed their
+    constant inputs' types and shapes, and the values of small ones); a node missing here has an output of
+    unknown size."""
+    inits: dict[str, onnx.TensorProto] = {}
+    inputs: dict[str, onnx.ValueInfoProto] = {}
+    protos, outs = [], []
+    for i, node in enumerate(nodes):
+        for t in node.inputs:
+            if not isinstance(t, gs.Constant) or t.name in inits or t.name in inputs:
+                continue
+            dtype = _onnx_type(t)
+            if constant_nbytes(t) <= _SHAPE_VALUE_BYTES or dtype is None:
+                inits[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+            else:
+                inputs[t.name] = onnx.helper.make_tensor_value_info(t.name, dtype, list(t.shape))
+        p = OnnxExporter.export_node(node)
+        p.name = f"fold_{i}"
+        protos.append(p)
+        outs.extend(t.name for t in node.outputs if t.name)
+    graph = onnx.helper.make_graph(
+        protos,
+        "fold_shapes",
+        list(inputs.values()),
+        [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
+        initializer=list(inits.values()),
+    )
+    opsets = [
+        onnx.helper.make_opsetid(d.domain, d.version)
+        for d in (ctx.graph.import_domains or [])
+        if d.domain in ("", "ai.onnx")
+    ] or [onnx.helper.make_opsetid("", ctx.opset)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(7, min(onnx.IR_VERSION, onnx.helper.find_min_ir_version_for(opsets)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - then no size is known and nothing folds this round
+        return {}
+    known: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.elem_type or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except Exception:  # noqa: BLE001 - strings and exotic types: count 8 bytes an element
+            itemsize = 8
+        known[vi.name] = int(np.prod(dims, dtype=np.float64) * itemsize)  # float: no overflow on huge shapes
+    sizes = {}
+    for node in nodes:
+        named = [t.name for t in node.outputs if t.name]
+        if all(n in known for n in named):
+            sizes[id(node)] = sum(known[n] for n in named)
+    return sizes
+
+
+def _batches(nodes: list[gs.Node], sizes: dict[int, int], cap: int) -> list[list[gs.Node]]:
+    """Nodes in order, grouped so one evaluation session's outputs stay within ``cap`` bytes."""
+    out: list[list[gs.Node]] = []
+    total = cap + 1
+    for node in nodes:
+        if total + sizes[id(node)] > cap:
+            out.append([])
+            total = 0
+        out[-1].append(node)
+        total += sizes[id(node)]
+    return out
+
+
 def _scopes(t: gs.Tensor, owner: dict[int, int]) -> int:
     """How many graphs read ``t``: the exporter writes a constant into every graph that reads it."""
     return max(1, len({owner.get(id(n)) for n in t.outputs}))
@@ -156,10 +237,16 @@ class FoldConstants(Pass):
         allow_growth: bool = field(
             default=False, metadata={"help": "fold even when the model grows by more than size_threshold"}
         )
+        max_bytes: int = field(
+            default=_MAX_BYTES,
+            metadata={"help": "largest output (bytes) a fold may compute; checked before evaluating it"},
+        )
 
         def validate(self) -> str | None:
             if self.size_threshold < 0:
                 return f"size_threshold must be >= 0 bytes; got {self.size_threshold}"
+            if self.max_bytes < 1:
+                return f"max_bytes must be >= 1 byte; got {self.max_bytes}"
             return None
 
     def run(self, ctx: PassContext) -> PassResult:
@@ -263,7 +350,10 @@ class FoldConstants(Pass):
         cands = self._candidates(ctx.graph, result, refused)
         if not cands:
             return 0
-        values = self._evaluate(ctx, [n for _, n in cands], result, refused)
+        cands, sizes = self._bounded(ctx, cands, result, refused)
+        values: dict[int, list[np.ndarray]] = {}
+        for batch in _batches([n for _, n in cands], sizes, self.options.max_bytes):
+            values.update(self._evaluate(ctx, batch, result, refused))
         cands = [(g, n) for g, n in cands if id(n) in values]
         outputs = {id(t) for g in iter_graphs(ctx.graph) for t in g.outputs}
         owner = _owners(ctx.graph)
@@ -322,6 +412,27 @@ class FoldConstants(Pass):
             if users and users <= folding:
                 removed += (constant_nbytes(t) + len(t.name) + 8) // len(users)
         return added - removed
+
+    # ------------------------------------------------------------------ memory bound
+    def _bounded(
+        self, ctx: PassContext, cands: list[tuple[gs.Graph, gs.Node]], result: PassResult, refused: set[int]
+    ) -> tuple[list[tuple[gs.Graph, gs.Node]], dict[int, int]]:
+        """The candidates whose outputs are known, before evaluation, to fit in ``max_bytes``; their sizes."""
+        sizes = _inferred_output_bytes(ctx, [n for _, n in cands])
+        cap = self.options.max_bytes
+        keep = []
+        for g, node in cands:
+            size = sizes.get(id(node))
+            if size is None:
+                refused.add(id(node))
+                result.skip(node, "its output size cannot be inferred before evaluating it", g)
+            elif size > cap:
+                refused.add(id(node))
+                why = f"its output would take {size} bytes (max_bytes={cap}; raise it with fold_constants:max_bytes=N)"
+                result.skip(node, why, g)
+            else:
+                keep.append((g, node))
+        return keep, sizes
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(

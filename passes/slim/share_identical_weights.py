@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxslim.graph import external_path
 from onnxslim.graph_edit import constant_nbytes, peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult
 
@@ -58,7 +58,7 @@ def _chunks(c: gs.Constant, base_dir: Path | None, limit: int | None = None) -> 
             length = int(info["length"]) if "length" in info else int(values.nbytes)
             if limit is not None:
                 length = min(length, limit)
-            with open(os.path.join(folder, info["location"]), "rb") as f:
+            with open(external_path(folder, info.get("location", ""), t.name), "rb") as f:
                 f.seek(int(info.get("offset", 0)))
                 while length > 0:
                     chunk = f.read(min(length, _CHUNK))
