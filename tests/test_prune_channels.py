@@ -564,5 +564,7 @@ def test_contract_in_lossy_mode():
     # two nearly dead channels: pruning them keeps the outputs' cosine far above the declared floor
     m, p = _conv_bn_relu_conv(dead=(2, 6))
     feeds = [_x((1, 3, 6, 6), seed=s) for s in range(3)]
-    out = check_pass_contract(PruneChannels(fraction=0.25, keep_first_last=False, channel_multiple=1), m, feeds, expect_modified=True)
+    out = check_pass_contract(
+        PruneChannels(fraction=0.25, keep_first_last=False, channel_multiple=1), m, feeds, expect_modified=True
+    )
     assert _weight(out, "conv1").shape[0] == 6
