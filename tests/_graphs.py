@@ -71,3 +71,18 @@ def stored_weight(m: onnx.ModelProto, name: str) -> tuple[str, onnx.TensorProto]
         if cast is not None and cast.input[0] in inits:
             return "cast_mul", inits[cast.input[0]]
     return None
+
+
+def non_finite_inside(feeds: list[dict], name: str = "x", divisor: str = "d") -> list[dict]:
+    """Feeds whose NaN/Inf values in ``name`` are made inside the model instead: ``name`` becomes finite and a
+    second input ``divisor`` is 0 there (0/0 = NaN, +-1/0 = +-Inf), 1 elsewhere, for a model computing
+    ``Div(name, divisor)``. Data must be finite (it is refused otherwise); activations may not be."""
+    import numpy as np
+
+    out = []
+    for f in feeds:
+        x = np.asarray(f[name])
+        bad = ~np.isfinite(x)
+        fixed = np.where(np.isnan(x), 0.0, np.where(np.isinf(x), np.sign(np.nan_to_num(x)), x)).astype(x.dtype)
+        out.append({**f, name: fixed, divisor: np.where(bad, 0.0, 1.0).astype(x.dtype)})
+    return out

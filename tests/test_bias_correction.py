@@ -14,6 +14,7 @@ from onnxslim.graph import check_model
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 
 from _fusion_testlib import model
+from _graphs import non_finite_inside
 from conftest import MODELS, SAMPLES, eval_feeds
 
 QUANT = "quantize_int8_static"
@@ -64,26 +65,28 @@ def _errors(m, out_nc, out_bc, make_x, n=16) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ calibration means
 def test_collect_statistics_means_match_numpy(tmp_path):
-    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2, 3, 4])], [_vi("y", [2, 3, 4])], [])
+    nodes = [helper.make_node("Div", ["x", "d"], ["t"]), helper.make_node("Relu", ["t"], ["y"])]
+    m = _model(nodes, [_vi("x", [2, 3, 4]), _vi("d", [2, 3, 4])], [_vi("y", [2, 3, 4])], [])
     rng = np.random.default_rng(0)
-    feeds = [
+    data = [
         {"x": rng.standard_normal((2, 3, 4)).astype(np.float32) + np.arange(3, dtype=np.float32)[:, None]}
         for _ in range(5)
     ]
-    feeds[2]["x"][0, 1, 0] = np.nan  # non-finite values are left out
-    st = collect_statistics(m, feeds, ["x", "y"], means={"x": 1, "y": -1}, histograms=False)
-    allx = np.stack([f["x"] for f in feeds])
-    np.testing.assert_allclose(st["x"].channel_mean, np.nanmean(allx, axis=(0, 1, 3)), rtol=1e-6)
+    data[2]["x"][0, 1, 0] = np.nan  # non-finite values are left out
+    feeds = non_finite_inside(data)  # made inside the model: data must be finite
+    st = collect_statistics(m, feeds, ["t", "y"], means={"t": 1, "y": -1}, histograms=False)
+    allx = np.stack([f["x"] for f in data])
+    np.testing.assert_allclose(st["t"].channel_mean, np.nanmean(allx, axis=(0, 1, 3)), rtol=1e-6)
     np.testing.assert_allclose(st["y"].channel_mean, np.nanmean(np.maximum(allx, 0), axis=(0, 1, 2)), rtol=1e-6)
-    assert st["x"].mean_axis == 1 and st["y"].mean_axis == -1
-    assert collect_statistics(m, feeds, ["x"], histograms=False)["x"].channel_mean is None  # only when asked
+    assert st["t"].mean_axis == 1 and st["y"].mean_axis == -1
+    assert collect_statistics(m, feeds, ["t"], histograms=False)["t"].channel_mean is None  # only when asked
     cache = tmp_path / "c.json"
-    first = collect_statistics(m, feeds, ["x"], means={"x": 1}, histograms=False, cache=cache)
-    assert Statistics.load(cache)["x"] == first["x"]
-    again = collect_statistics(m, feeds, ["x"], means={"x": 1}, histograms=False, cache=cache)
-    np.testing.assert_array_equal(again["x"].channel_mean, first["x"].channel_mean)
+    first = collect_statistics(m, feeds, ["t"], means={"t": 1}, histograms=False, cache=cache)
+    assert Statistics.load(cache)["t"] == first["t"]
+    again = collect_statistics(m, feeds, ["t"], means={"t": 1}, histograms=False, cache=cache)
+    np.testing.assert_array_equal(again["t"].channel_mean, first["t"].channel_mean)
     with pytest.raises(UsageError, match="means names"):
-        collect_statistics(m, feeds, ["x"], means={"z": 0})
+        collect_statistics(m, feeds, ["t"], means={"z": 0})
 
 
 # ------------------------------------------------------------------------------------------ tiny graphs

@@ -17,6 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim.calibration import Statistics, TensorStats, collect_statistics
 from onnxslim.errors import BadInputError, UsageError
 
+from _graphs import non_finite_inside
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 
@@ -362,6 +364,17 @@ def test_mse_keeps_full_range_without_outliers_and_ranges_need_histograms():
         plain.range("entropy")
 
 
+def _div_model() -> onnx.ModelProto:
+    """y = x / d: non-finite activations from finite data (``_graphs.non_finite_inside``)."""
+    g = helper.make_graph(
+        [helper.make_node("Div", ["x", "d"], ["y"])],
+        "div",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "d")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_streaming_histogram_is_exact_on_its_final_grid():
     rng = np.random.default_rng(2)
     feeds = [
@@ -369,7 +382,7 @@ def test_streaming_histogram_is_exact_on_its_final_grid():
         for scale, shift in zip(rng.uniform(0.1, 10, 25), rng.uniform(-30, 30, 25))
     ]
     feeds.append({"x": np.array([np.nan, np.inf, 1.0], np.float32)})  # non-finite values are left out
-    s = collect_statistics(_identity_model(), feeds, ["y"], bins=64)["y"]
+    s = collect_statistics(_div_model(), non_finite_inside(feeds), ["y"], bins=64)["y"]
     values = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
     values = values[np.isfinite(values)]
     assert s.count == values.size == s.hist.sum()
@@ -408,7 +421,7 @@ def test_save_load_round_trip_is_exact(tmp_path, outlier_stats):
 
 def test_non_finite_values_are_left_out_and_survive_save_load(tmp_path):
     x = np.array([[1, np.nan, np.inf], [-2, 3, np.nan]], np.float32)  # channel 2 never has a finite value
-    stats = collect_statistics(_identity_model(), [{"x": x}], ["y"], per_channel={"y": 1})
+    stats = collect_statistics(_div_model(), non_finite_inside([{"x": x}]), ["y"], per_channel={"y": 1})
     s = stats["y"]
     assert (s.count, s.min, s.max, int(s.hist.sum())) == (3, -2.0, 3.0, 3)
     np.testing.assert_array_equal(s.channel_min, [-2, 3, np.inf])

@@ -17,7 +17,7 @@ from onnxslim.passes.quantize._math import quantize_weight
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
 
 from _fusion_testlib import model
-from _graphs import stored_weight
+from _graphs import non_finite_inside, stored_weight
 from conftest import MODELS, SAMPLES, eval_feeds
 
 QUANT = "quantize_int8_static"
@@ -92,16 +92,18 @@ def test_quantizer_rounds_to_nearest_without_a_hessian_and_is_keyed_by_content()
 
 # -- calibration: Gram matrices --------------------------------------------------------------------------
 def test_gram_equals_numpy_and_round_trips(tmp_path):
-    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [None, 3, 4])], [_vi("y", None)], [])
+    nodes = [helper.make_node("Div", ["x", "d"], ["t"]), helper.make_node("Relu", ["t"], ["y"])]
+    m = _model(nodes, [_vi("x", [None, 3, 4]), _vi("d", [None, 3, 4])], [_vi("y", None)], [])
     rng = np.random.default_rng(3)
-    feeds = [{"x": rng.standard_normal((b, 3, 4)).astype(np.float32)} for b in (1, 2, 5)]
-    feeds[1]["x"][0, 1, 2] = np.nan  # that row (one vector along axis 1) is left out
-    stats = collect_statistics(m, feeds, ["y", "x"], grams={"y": 1, "x": -1}, histograms=["x"])
-    rows = np.concatenate([np.maximum(f["x"], 0).transpose(0, 2, 1).reshape(-1, 3) for f in feeds]).astype(np.float64)
+    data = [{"x": rng.standard_normal((b, 3, 4)).astype(np.float32)} for b in (1, 2, 5)]
+    data[1]["x"][0, 1, 2] = np.nan  # that row (one vector along axis 1) is left out
+    feeds = non_finite_inside(data)  # the NaN is made inside the model (data must be finite)
+    stats = collect_statistics(m, feeds, ["y", "t"], grams={"y": 1, "t": -1}, histograms=["t"])
+    rows = np.concatenate([np.maximum(f["x"], 0).transpose(0, 2, 1).reshape(-1, 3) for f in data]).astype(np.float64)
     rows = rows[np.isfinite(rows).all(axis=1)]
     np.testing.assert_allclose(stats["y"].gram, rows.T @ rows, rtol=1e-12)
     assert stats["y"].gram_rows == len(rows) == 8 * 4 - 1 and stats["y"].hist is None
-    assert stats["x"].gram.shape == (4, 4) and stats["x"].hist is not None
+    assert stats["t"].gram.shape == (4, 4) and stats["t"].hist is not None
     stats.save(tmp_path / "s.json")
     assert Statistics.load(tmp_path / "s.json") == stats
     # the cache serves the same request, and is not used for another Gram axis
