@@ -44,9 +44,10 @@ def allocate_sparsity(
     criterion,
     samples: int,
     notes: list[str],
+    max_layers: int = 0,
 ) -> dict[int, tuple[float, float]]:
     """id(layer) -> (its sparsity, its measured loss at the target), for the layers that could be measured (weights
-    in initializers); the others keep ``target``."""
+    in initializers; the ``max_layers`` largest when > 0); the others keep ``target``."""
     t0 = time.perf_counter()
     base = export_standalone(ctx.graph, ctx.opset)
     tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
@@ -54,6 +55,10 @@ def allocate_sparsity(
     engine = SensitivityEngine(base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion)
     levels = sensitivity_levels(target)
     measured = [x for x in layers if x.source.node is None and x.source.constant.name in tensors]
+    if max_layers and len(measured) > max_layers:  # the largest layers hold most of the zeros to place
+        size = lambda x: int(np.prod(x.source.constant.shape))
+        keep = {id(x) for x in sorted(measured, key=lambda x: -size(x))[:max_layers]}
+        measured = [x for x in measured if id(x) in keep]
     losses: dict[int, list[float]] = {}
     for layer in measured:
         proto = tensors[layer.source.constant.name]
@@ -106,7 +111,7 @@ def allocate_sparsity(
     if pick == "uniform":
         chosen = {k: target for k in chosen}
     notes.append(
-        f"sensitivity allocation: {len(measured)} layers x {len(levels) - 1} levels measured in "
+        f"sensitivity allocation: {len(measured)} of {len(layers)} layers x {len(levels) - 1} levels measured in "
         f"{time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; score allocated "
         f"{scores['allocated']:.4f} vs uniform {scores['uniform']:.4f}: kept {pick}"
     )

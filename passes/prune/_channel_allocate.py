@@ -39,6 +39,7 @@ def allocate_fractions(
     criterion,
     samples: int,
     notes: list[str],
+    max_groups: int = 0,
 ) -> dict[int, float]:
     """id(group) -> fraction for the ``plan``'s (group, fraction) pairs whose readers' weights are initializers."""
     t0 = time.perf_counter()
@@ -87,6 +88,10 @@ def allocate_fractions(
         return n
 
     measured = [(g, f) for g, f in plan if readers(g)]
+    if max_groups and len(measured) > max_groups:  # the largest groups hold most of the weights to remove
+        size = {id(g): weights_removed(g, choose(g, f)) for g, f in measured}
+        keep = {id(g) for g, _ in sorted(measured, key=lambda p: -size[id(p[0])])[:max_groups]}
+        measured = [(g, f) for g, f in measured if id(g) in keep]
     curves: dict[int, list[tuple[float, float, int, dict]]] = {}  # id -> [(level, loss, weights removed, removed)]
     for g, f in measured:
         curve = [(0.0, 0.0, 0, {})]
@@ -126,7 +131,7 @@ def allocate_fractions(
         restore(saved)
     pick = "allocated" if scores["allocated"] >= scores["uniform"] else "uniform"
     notes.append(
-        f"sensitivity allocation: {len(measured)} groups measured in {time.perf_counter() - t0:.1f}s on "
+        f"sensitivity allocation: {len(measured)} of {len(plan)} groups measured in {time.perf_counter() - t0:.1f}s on "
         f"{len(engine.feeds)} calibration samples (before recovery); score allocated {scores['allocated']:.4f} vs "
         f"uniform {scores['uniform']:.4f}: kept {pick}"
     )

@@ -129,6 +129,9 @@ class PruneChannels(Pass):
             metadata={"help": "allocation: cosine, decisions, or script.py:function(reference, candidate)"},
         )
         sensitivity_samples: int = field(default=8, metadata={"help": "allocation: calibration samples compared"})
+        sensitivity_groups: int = field(
+            default=16, metadata={"help": "allocation: probe the largest this many groups (0 = all); others: fraction"}
+        )
         damping: float = field(default=0.01, metadata={"help": "recovery: ridge on diag(Sigma), relative to its mean"})
         max_gram_mb: int = field(
             default=1024,
@@ -146,8 +149,8 @@ class PruneChannels(Pass):
             problem = check_criterion(self.sensitivity_metric, "sensitivity_metric")
             if problem:
                 return problem
-            if self.sensitivity_samples < 1:
-                return f"sensitivity_samples must be >= 1; got {self.sensitivity_samples}"
+            if self.sensitivity_samples < 1 or self.sensitivity_groups < 0:
+                return "sensitivity_samples must be >= 1 and sensitivity_groups >= 0"
             if self.damping < 0 or self.max_gram_mb < 0:
                 return "damping and max_gram_mb must be >= 0"
             try:
@@ -190,7 +193,13 @@ class PruneChannels(Pass):
         choose = lambda g, fraction: self._choose(g, analysis, scores[id(g)], fraction)
         if opts.allocation == "sensitivity" or (opts.allocation == "auto" and with_data):
             fractions = allocate_fractions(
-                ctx, plan, choose, resolve_criterion(opts.sensitivity_metric), opts.sensitivity_samples, result.notes
+                ctx,
+                plan,
+                choose,
+                resolve_criterion(opts.sensitivity_metric),
+                opts.sensitivity_samples,
+                result.notes,
+                opts.sensitivity_groups,
             )
             plan = [(g, fractions.get(id(g), f)) for g, f in plan]
         for g, fraction in plan:
