@@ -5,7 +5,8 @@ from __future__ import annotations
 from ._version import __version__
 from .data import FeedData, load_feeds
 from .errors import BadInputError, GateFailedError, OnnxSlimError, PassError, PluginError, UsageError
-from .graph import LoadedModel, ModelContract, load_model, save_model
+from .graph import LoadedModel, ModelContract, load_model
+from .model_save import save_model
 from .parity import ParityResult, check
 from .pass_base import Pass, PassContext, PassResult, SkippedNode, iter_graphs
 from .pipeline import DEFAULT_PASSES, OptimizeResult, PassSpec, optimize

@@ -267,7 +267,7 @@ class Check:
 def _preflight(output, report, model, check_data) -> None:
     """Everything that can be checked before work starts, so a bad run fails (exit 2) having written nothing:
     the output and report folders exist and are writable, and every eval feed fits the model."""
-    from .graph import check_writable
+    from .model_save import check_writable
 
     if output is not None:
         check_writable(output)

@@ -1,19 +1,16 @@
 """Model I/O that keeps the model's contract.
 
 Loading never pulls external weights into memory: tensors keep their external references and are read
-one at a time, only when a pass asks for values. Saving streams external tensors from their source file
-into the output's data file, and writes both atomically (temp file + rename).
+one at a time, only when a pass asks for values. Saving (``model_save``) streams external tensors from their
+source file into the output's data file, and replaces the pair atomically.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
-import re
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +26,12 @@ __all__ = [
     "LoadedModel",
     "ModelContract",
     "load_model",
-    "save_model",
     "check_model",
     "iter_graphs",
     "iter_tensor_protos",
     "tensor_nbytes",
     "PROTOBUF_LIMIT",
     "external_path",
-    "check_writable",
-    "external_locations",
 ]
 
 log = logging.getLogger(__name__)
@@ -402,272 +396,6 @@ def tensor_to_array(t: TensorProto, base_dir: Path | None) -> np.ndarray:
     tmp.data_location = TensorProto.DEFAULT
     tmp.raw_data = read_external(t, base_dir)
     return onnx.numpy_helper.to_array(tmp)
-
-
-# ---------------------------------------------------------------------------------------------- saving
-def _serialized_size_estimate(model: onnx.ModelProto, *, include_external: bool = False) -> int:
-    tensors = iter_tensor_protos(model)
-    return sum(tensor_nbytes(t) for t in tensors if include_external or not _is_external(t)) + 2**20
-
-
-_TMP_SUFFIX = ".tmp-onnxslim"
-# Temp files are named .<target>.<pid>.<random>.tmp-onnxslim, so a later run can tell a dead writer's leftovers.
-_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+" + re.escape(_TMP_SUFFIX) + "$")
-_OLD_MODEL_PARSE_LIMIT = 256 * 2**20
-
-
-def _atomic_target(path: Path) -> Path:
-    """A temporary file next to ``path``, with the permissions a plain ``open(path, "w")`` would give it (an
-    existing file's mode; else 0666 minus the umask): mkstemp makes 0600 files, and a model only its writer
-    can read breaks serving setups."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=str(path.parent))
-    try:
-        if path.exists():
-            mode = path.stat().st_mode & 0o7777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    return Path(tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_temps(folder: Path, targets: set[str]) -> None:
-    """Delete temp files a killed writer of these targets left behind (only ours, only of dead processes)."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for e in entries:
-        m = _TMP_NAME.match(e.name)
-        if m and m["target"] in targets and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
-            try:
-                os.unlink(e.path)
-                log.info("removed %s, left by a killed run", e.path)
-            except OSError:
-                pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _data_name_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(name)}\.[0-9a-f]{{16}}\.data$")
-
-
-def external_locations(path: str | os.PathLike) -> set[str]:
-    """External-data locations of the model at ``path`` (empty when unreadable or too big to parse cheaply)."""
-    path = Path(path)
-    try:
-        if not path.is_file() or path.stat().st_size > _OLD_MODEL_PARSE_LIMIT:
-            return set()
-        old = onnx.load(str(path), load_external_data=False)
-        return {_external_info(t).get("location", "") for t in iter_tensor_protos(old) if _is_external(t)}
-    except Exception:  # noqa: BLE001 - an unreadable old model just has nothing to clean up
-        return set()
-
-
-def _writable_folder(folder: Path, what: str) -> None:
-    """Fail now, with one line, when nothing can be created in ``folder`` (root ignores mode bits: try it)."""
-    if not folder.is_dir():
-        raise BadInputError(f"{what} folder {folder} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".onnxslim-probe.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise BadInputError(
-            f"cannot write to the {what} folder {folder} ({e.strerror}); choose a writable folder"
-        ) from None
-
-
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Pre-flight for an output file: not a directory, its folder exists and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInputError(f"{what} path {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    _writable_folder(path.parent if str(path.parent) else Path("."), what)
-    return path
-
-
-def save_model(
-    model: onnx.ModelProto,
-    path: str | os.PathLike,
-    *,
-    source_dir: Path | None = None,
-    external_data: bool | None = None,
-    size_threshold: int = 1024,
-    protect: Iterable[str | os.PathLike] = (),
-) -> Path:
-    """Write a model atomically. Returns the path written.
-
-    external_data: True writes every tensor of ``size_threshold`` bytes or more to a data file next to the
-    output (``<name>.data``, or ``<name>.<content hash>.data`` when ``<name>.data`` already exists); None (auto)
-    does so when the model has external tensors already or would not fit in one protobuf; False keeps
-    everything inline (fails above 2 GB with a clear error).
-    Tensors already external are streamed from ``source_dir`` without loading them whole.
-
-    The model/data pair is replaced so that a crash at any moment leaves the old pair or the new one: the new
-    data file never takes the name of a file the old model (or anything in ``protect``, e.g. the input
-    model's files) reads; it is renamed into place before the model that points at it, and the old data file
-    is removed only after. The model proto is restored to its original state before returning.
-    """
-    path = Path(path)
-    check_writable(path)
-    folder = path.parent
-    has_ext = any(_is_external(t) for t in iter_tensor_protos(model))
-    too_big = _serialized_size_estimate(model, include_external=True) >= PROTOBUF_LIMIT
-    if external_data is None:
-        external_data = has_ext or too_big
-    if not external_data and too_big:
-        raise BadInputError(
-            f"the model's weights exceed protobuf's 2 GB limit; save with external data (--external-data) to {path}"
-        )
-    plain = f"{path.name}.data"
-    _remove_stale_temps(folder, {path.name, plain})
-    keep = {os.path.realpath(p) for p in protect}
-    if source_dir is not None:
-        for t in iter_tensor_protos(model):
-            if _is_external(t):
-                keep.add(str(external_path(source_dir, _external_info(t).get("location", ""), t.name)))
-    if os.path.realpath(path) in keep:
-        raise BadInputError(f"the output {path} is a file the input model reads; choose another output path")
-    old = external_locations(path)
-    undo: list[tuple[TensorProto, TensorProto]] = []
-    tmp_model: Path | None = None
-    tmp_data: Path | None = None
-    location: str | None = None
-    try:
-        tmp_model = _atomic_target(path)
-        if external_data:
-            tmp_data = _atomic_target(folder / plain)
-            digest = _write_external(model, tmp_data, source_dir, size_threshold, undo)
-            location = plain if not (folder / plain).exists() else f"{path.name}.{digest[:16]}.data"
-            for t, _ in undo:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = location
-        elif has_ext:
-            for t in iter_tensor_protos(model):
-                if _is_external(t):
-                    undo.append((t, _snapshot(t)))
-                    raw = read_external(t, source_dir)
-                    t.ClearField("external_data")
-                    t.data_location = TensorProto.DEFAULT
-                    t.raw_data = raw
-        with open(tmp_model, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        if tmp_data is not None:
-            target = folder / location
-            if os.path.realpath(target) in keep:  # same name means same bytes (content hash): leave it be
-                tmp_data.unlink()
-            else:
-                os.replace(tmp_data, target)
-            tmp_data = None
-            _fsync_dir(folder)  # the data is durable under its final name before the model points at it
-        os.replace(tmp_model, path)
-        tmp_model = None
-        _fsync_dir(folder)
-    except OSError as e:
-        raise BadInputError(f"cannot write {path} ({e.strerror or e}); check the folder's space and permissions") from e
-    finally:
-        for t, snap in reversed(undo):
-            t.CopyFrom(snap)
-        for leftover in (tmp_model, tmp_data):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
-    # The new pair is in place: the old data file goes now (only names of our making, never a protected file).
-    ours = _data_name_pattern(path.name)
-    stale = {loc for loc in old if loc == plain or ours.match(loc)}
-    try:
-        stale.update(e.name for e in os.scandir(folder) if ours.match(e.name))
-    except OSError:
-        pass
-    for loc in stale - {location}:
-        f = folder / loc
-        if os.path.realpath(f) not in keep and f.is_file():
-            try:
-                f.unlink()
-            except OSError:
-                pass
-    return path
-
-
-def _snapshot(t: TensorProto) -> TensorProto:
-    snap = TensorProto()
-    snap.CopyFrom(t)
-    return snap
-
-
-def _write_external(model, data_path: Path, source_dir, threshold: int, undo) -> str:
-    """Stream tensors into ``data_path``; returns the hash of its bytes (callers set the location after)."""
-    offset = 0
-    digest = hashlib.blake2b(digest_size=16)
-    with open(data_path, "wb") as out:
-        for t in iter_tensor_protos(model, constants=False):
-            ext = _is_external(t)
-            if not ext and (tensor_nbytes(t) < threshold or t.data_type == TensorProto.STRING):
-                continue
-            undo.append((t, _snapshot(t)))
-            pad = (-offset) % 4096  # page-aligned so runtimes can mmap
-            out.write(b"\0" * pad)
-            digest.update(b"\0" * pad)
-            offset += pad
-            start = offset
-            if ext:
-                info = _external_info(t)
-                if source_dir is None:
-                    raise BadInputError(f"tensor '{t.name}' is external but its source folder is unknown")
-                length = int(info["length"]) if "length" in info else tensor_nbytes(t)
-                with open(external_path(source_dir, info.get("location", ""), t.name), "rb") as src:
-                    src.seek(int(info.get("offset", 0)))
-                    left = length
-                    while left:
-                        chunk = src.read(min(left, _COPY_CHUNK))
-                        if not chunk:
-                            raise BadInputError(f"external data for '{t.name}' is truncated; copy the data file again")
-                        out.write(chunk)
-                        digest.update(chunk)
-                        left -= len(chunk)
-            else:
-                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
-                out.write(raw)
-                digest.update(raw)
-                length = len(raw)
-                for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "raw_data"):
-                    t.ClearField(fld)
-            offset += length
-            del t.external_data[:]
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", ""), ("offset", str(start)), ("length", str(length))):
-                t.external_data.add(key=k, value=v)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- checking

@@ -27,16 +27,14 @@ from .graph import (
     LoadedModel,
     ModelContract,
     check_model,
-    check_writable,
-    external_locations,
     external_path,
     iter_graphs,
     iter_tensor_protos,
     load_model,
-    save_model,
     tensor_nbytes,
 )
 from .gs_bridge import export_graph, graph_signature, import_graph, quiet_graphsurgeon, value_types
+from .model_save import check_writable, external_locations, save_model
 from .pass_base import Pass, PassContext, PassResult
 from .registry import get_pass
 from .report import PassRecord, Report

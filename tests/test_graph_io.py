@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxslim
 from onnxslim.errors import BadInputError, UsageError
-from onnxslim.graph import ModelContract, load_model, save_model
+from onnxslim.graph import ModelContract, load_model
 from onnxslim.gs_bridge import export_graph, import_graph, value_types
+from onnxslim.model_save import save_model
 from onnxslim.runtime import make_session
 from onnxslim.testing import outputs_close, run_model
 

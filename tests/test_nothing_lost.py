@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.cli import main
-from onnxslim.graph import save_model
+from onnxslim.model_save import save_model
 
 from conftest import ROOT, SAMPLES
 
@@ -146,11 +146,11 @@ _KILLER = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, sys.argv[4])
     import onnx
-    from onnxslim import graph
+    from onnxslim import model_save
 
     step, model, out = sys.argv[1], onnx.load(sys.argv[2]), sys.argv[3]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-    real_replace, real_unlink, real_write = os.replace, os.unlink, graph._write_external
+    real_replace, real_unlink, real_write = os.replace, os.unlink, model_save._write_external
     renames = []
 
     def replace(a, b):
@@ -176,8 +176,8 @@ _KILLER = textwrap.dedent(
         die()
 
     os.replace, os.unlink = replace, unlink
-    graph._write_external = write_partly if step == "while_writing_data" else write
-    graph.save_model(model, out, external_data=True, size_threshold=0)
+    model_save._write_external = write_partly if step == "while_writing_data" else write
+    model_save.save_model(model, out, external_data=True, size_threshold=0)
     """
 )
 STEPS = ["while_writing_data", "after_data_written", "after_data_rename", "after_model_rename", "removing_old_data"]

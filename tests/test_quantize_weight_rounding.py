@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.calibration import Statistics, collect_statistics
 from onnxslim.errors import BadInputError
-from onnxslim.graph import check_model, save_model
+from onnxslim.graph import check_model
+from onnxslim.model_save import save_model
 from onnxslim.passes.quantize._gptq import WeightQuantizer, gptq_round
 from onnxslim.passes.quantize._math import quantize_weight
 from onnxslim.pipeline import DEFAULT_PASSES, optimize
