@@ -160,20 +160,7 @@ def _inferred_output_bytes(ctx: PassContext, nodes: list[gs.Node]) -> dict[int, 
         p.name = f"fold_{i}"
         protos.append(p)
         outs.extend(t.name for t in node.outputs if t.name)
-    graph = onnx.helper.make_graph(
-        protos,
-        "fold_shapes",
-        list(inputs.values()),
-        [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
-        initializer=list(inits.values()),
-    )
-    opsets = [
-        onnx.helper.make_opsetid(d.domain, d.version)
-        for d in (ctx.graph.import_domains or [])
-        if d.domain in ("", "ai.onnx")
-    ] or [onnx.helper.make_opsetid("", ctx.opset)]
-    model = onnx.helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = max(7, min(onnx.IR_VERSION, onnx.helper.find_min_ir_version_for(opsets)))
+    model = _standalone(ctx, protos, list(inputs.values()), outs, list(inits.values()), "fold_shapes")
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - then no size is known and nothing folds this round
@@ -469,20 +456,7 @@ class FoldConstants(Pass):
             p.name = f"fold_{i}"
             protos.append(p)
             outs.extend(t.name for t in node.outputs if t.name)
-        graph = onnx.helper.make_graph(
-            protos,
-            "fold",
-            [],
-            [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
-            initializer=list(inits.values()),
-        )
-        opsets = [
-            onnx.helper.make_opsetid(d.domain, d.version)
-            for d in (ctx.graph.import_domains or [])
-            if d.domain in ("", "ai.onnx")
-        ] or [onnx.helper.make_opsetid("", ctx.opset)]
-        model = onnx.helper.make_model(graph, opset_imports=opsets)
-        model.ir_version = max(7, min(onnx.IR_VERSION, onnx.helper.find_min_ir_version_for(opsets)))
+        model = _standalone(ctx, protos, [], outs, list(inits.values()), "fold")
         sess = make_session(model, "cpu", optimize=False).session
         quiet = onnxruntime.RunOptions()
         quiet.log_severity_level = 4  # a node that fails is reported as a skip, not on stderr
@@ -493,3 +467,18 @@ class FoldConstants(Pass):
             if all(a is None or (isinstance(a, np.ndarray) and a.dtype != object) for a in arrs):
                 values[id(node)] = [np.asarray(a) if a is not None else None for a in arrs]
         return values
+
+
+def _standalone(ctx, nodes: list, inputs: list, outputs: list[str], inits: list, name: str) -> onnx.ModelProto:
+    """The nodes as a model of their own, at the graph's default-domain opset (shape inference or evaluation)."""
+    graph = onnx.helper.make_graph(
+        nodes, name, inputs, [onnx.helper.make_empty_tensor_value_info(n) for n in outputs], initializer=inits
+    )
+    opsets = [
+        onnx.helper.make_opsetid(d.domain, d.version)
+        for d in (ctx.graph.import_domains or [])
+        if d.domain in ("", "ai.onnx")
+    ] or [onnx.helper.make_opsetid("", ctx.opset)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(7, min(onnx.IR_VERSION, onnx.helper.find_min_ir_version_for(opsets)))
+    return model
