@@ -246,3 +246,11 @@ def test_contract_on_a_trained_model():
         calibration=SAMPLES / "cnn_digits" / "calib",
         expect_modified=True,
     )
+
+
+def test_the_allocation_keeps_layer_sparsity_overrides_as_given():
+    out, record = _run(onnx.load(SAMPLES / "cnn_digits" / "model.onnx"), calibration=SAMPLES / "cnn_digits" / "calib",
+                       sparsity=0.5, allocation="sensitivity", layer_sparsity=["*block1*=0.3"])  # fmt: skip
+    pinned = [d for d in record.layers if "block1" in d["layer"]]
+    assert pinned and all(abs(d["sparsity"] - 0.3) < 0.01 for d in pinned)
+    assert all("loss_alone_at_target" not in d for d in pinned)

@@ -73,6 +73,7 @@ class _Layer:
     sparsity: float = 0.0
     method: str = ""
     gram_request: object = None
+    pinned: bool = False  # its sparsity comes from layer_sparsity: the allocation leaves it as given
 
 
 class PruneByMagnitude(Pass):
@@ -242,8 +243,11 @@ class PruneByMagnitude(Pass):
             return {}
         metric = resolve_criterion(opts.sensitivity_metric)
         weights = lambda layer, level: prune_at(layer, level)[0] if level > 0 else peek_values(layer.source.constant)
+        free = [x for x in layers if not x.pinned]  # layer_sparsity overrides are the user's word
+        if not free:
+            return {}
         chosen = allocate_sparsity(
-            ctx, layers, opts.sparsity, weights, metric, opts.sensitivity_samples, result.notes, opts.sensitivity_layers
+            ctx, free, opts.sparsity, weights, metric, opts.sensitivity_samples, result.notes, opts.sensitivity_layers
         )
         for layer in layers:
             if id(layer) in chosen:
@@ -265,9 +269,10 @@ class PruneByMagnitude(Pass):
             shape = [int(d) for d in src.constant.shape]
             size = int(np.prod(shape)) if shape else 1
             target = nm_sparsity(nm) if nm else opts.sparsity
+            pinned = False
             for pattern, s in overrides:
                 if node_matches(pattern, node):
-                    target = s
+                    target, pinned = s, True
             why = None
             if any(node_matches(p, node) for p in opts.exclude_nodes):
                 why = "excluded by exclude_nodes"
@@ -283,7 +288,7 @@ class PruneByMagnitude(Pass):
                 result.skip(node, why, g)
                 continue
             layout = weight_layout(node, i, shape) if node.op != "Gather" else None
-            found[key] = _Layer(g, node, i, src, layout, site.readers, target)
+            found[key] = _Layer(g, node, i, src, layout, site.readers, target, pinned=pinned)
         return list(found.values())
 
     def _statistics(self, ctx, layers: list[_Layer], reconstruct: str, importance: str, result: PassResult):
