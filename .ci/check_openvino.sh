@@ -7,7 +7,7 @@
 #
 # For every sample model: `onnxslim check M M --data M/eval --providers cpu,openvino`, and assert the
 # outcome is exit 0 (OpenVINO ran and agrees with itself), or exit 1 with a clearly reported OpenVINO
-# failure or skip reason. Prints one line per model saying which. Idempotent: an existing, working venv
+# failure (installed but could not run the model fails the gate; it is never a silent skip). Prints one line per model saying which. Idempotent: an existing, working venv
 # is reused. Exits 0 with "skipped: <reason>" when onnxruntime-openvino cannot be installed here.
 #
 # Usage: .ci/check_openvino.sh [--python PYTHON]   (default: python3.11, else python3)
@@ -81,6 +81,7 @@ except (OSError, ValueError):
     print("BAD no report"); raise SystemExit
 ov = "OpenVINOExecutionProvider"
 skipped = [s["reason"] for s in d["providers"]["skipped"] if s["provider"] == ov]
+failed = [s["reason"] for s in d["providers"].get("failed", []) if s["provider"] == ov]
 run = next((r for r in d["runs"] if r["provider"] == ov), None)
 drift = ""
 if run:
@@ -91,10 +92,11 @@ if run:
         drift += f", accuracy on OpenVINO {acc['candidate']:.4f}"
 if rc == 0 and run:
     print(f"OK openvino ran (session providers {run['session_providers']}){drift}")
-elif rc == 0 and skipped:
-    print(f"OK openvino skipped: {skipped[0]}")
-elif rc == 1 and (skipped or any("OpenVINO" in f for f in d["failures"])):
-    print("OK openvino failure reported: " + "; ".join(skipped or [f for f in d["failures"] if "OpenVINO" in f]))
+elif rc == 1 and failed:
+    # Installed but cannot run this model: the gate must fail (exit 1) and say why.
+    print("OK openvino failure reported (gate failed): " + "; ".join(failed))
+elif rc == 1 and any("OpenVINO" in f for f in d["failures"]):
+    print("OK openvino disagreement reported: " + "; ".join(f for f in d["failures"] if "OpenVINO" in f))
 else:
     print(f"BAD rc={rc}: " + "; ".join(d["failures"]))
 EOF

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from .calibration_stats import RANGE_METHODS, ConvPatches, Statistics, TensorSta
 from .data import FeedData, load_feeds
 from .errors import BadInputError, UsageError
 from .graph import external_path
+from .temp_files import private_temp_dir
 
 __all__ = ["TensorStats", "Statistics", "ConvPatches", "collect_statistics", "RANGE_METHODS"]
 
@@ -348,7 +348,7 @@ def _session_source(model: onnx.ModelProto, data_dir: Path | None = None) -> Ite
     if not locations and model.ByteSize() < 2**31 - 2**24:
         yield model, None
         return
-    with tempfile.TemporaryDirectory(prefix="onnxslim_calib_") as tmp:
+    with private_temp_dir("calib") as tmp:
         in_memory: dict[str, np.memmap] = {}
         for loc in sorted(locations):
             src, dst = external_path(Path(data_dir), loc, f"(data file {loc})"), Path(tmp) / loc

@@ -153,16 +153,10 @@ class Optimize:
 
         settings = Optimize.settings(args)
         _preflight(args.output, args.report, args.model, args.check_data)
-        with _progress() as progress:
-            _, report = optimize(
-                args.model,
-                output=args.output,
-                overwrite_input=args.overwrite_input,
-                progress=progress,
-                **settings.api_kwargs(),
-            )
-        rc = 0
-        if args.check_data:
+        gated: dict = {}
+
+        def gate(staged, report) -> bool:
+            # Runs on the written result before it replaces OUTPUT: a failed or broken gate publishes nothing.
             from .parity_metrics import merge_floors
             from .registry import get_pass
 
@@ -171,14 +165,29 @@ class Optimize:
             result = _run_check(
                 args,
                 args.model,
-                args.output,
+                staged,
                 args.check_data,
                 mode="lossy" if lossy else "exact",
                 metric_floors=merge_floors(floors) if floors else None,
                 seed=settings.seed,
             )
-            report.parity = result.to_dict()
-            rc = 0 if result.passed else 1
+            result.candidate = str(args.output)
+            gated["result"] = result
+            return result.passed
+
+        with _progress() as progress:
+            _, report = optimize(
+                args.model,
+                output=args.output,
+                overwrite_input=args.overwrite_input,
+                progress=progress,
+                gate=gate if args.check_data else None,
+                **settings.api_kwargs(),
+            )
+        rc = 0
+        if "result" in gated:
+            report.parity = gated["result"].to_dict()
+            rc = 0 if gated["result"].passed else 1
         if args.report:
             report.write_json(args.report)
         if not args.quiet or rc:
@@ -301,12 +310,13 @@ def _add_parity_arguments(p) -> None:
         default="cpu",
         metavar="LIST",
         help="execution providers, comma-separated, case-insensitive: cpu,cuda,tensorrt,openvino,... "
-        "(default cpu); one that is not available is reported as skipped",
+        "(default cpu); one not in this onnxruntime build is reported as skipped, one that is installed "
+        "but cannot run the model fails the gate (exit 1)",
     )
     p.add_argument(
         "--require-providers",
         action="store_true",
-        help="fail the gate (exit 1) when a requested provider does not really run",
+        help="fail the gate (exit 1) also when a requested provider is not in this onnxruntime build",
     )
     p.add_argument("--atol", type=float, help="absolute tolerance for every output (overrides the noise floor)")
     p.add_argument("--rtol", type=float, help="relative tolerance for every output")

@@ -3,7 +3,7 @@
 ``save_model`` writes the data file under a temporary name, renames it to a name no current file has
 (``OUT.data``, or ``OUT.<content hash>.data`` when that exists), fsyncs the folder, renames the model that points
 at it into place, and only then removes the old data file, so a kill at any step leaves the old pair or the new
-one; the next save to the same output removes a dead writer's temporary files. ``check_writable`` is the
+one; the next save into the same folder removes a dead writer's temporary files. ``check_writable`` is the
 pre-flight check of an output folder; ``external_locations`` the data files a saved model reads.
 """
 
@@ -32,7 +32,7 @@ from .graph import (
     tensor_nbytes,
 )
 
-__all__ = ["save_model", "check_writable", "external_locations"]
+__all__ = ["save_model", "stage_model", "StagedModel", "check_writable", "external_locations"]
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temps(folder: Path, targets: set[str]) -> None:
-    """Delete temp files a killed writer of these targets left behind (only ours, only of dead processes)."""
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temp files a killed writer left in ``folder`` (only of our naming, only of dead processes)."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for e in entries:
         m = _TMP_NAME.match(e.name)
-        if m and m["target"] in targets and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
             try:
                 os.unlink(e.path)
                 log.info("removed %s, left by a killed run", e.path)
@@ -166,6 +166,78 @@ def save_model(
     model's files) reads; it is renamed into place before the model that points at it, and the old data file
     is removed only after. The model proto is restored to its original state before returning.
     """
+    return stage_model(
+        model, path, source_dir=source_dir, external_data=external_data, size_threshold=size_threshold, protect=protect
+    ).commit()
+
+
+class StagedModel:
+    """A written but not yet published model: ``path`` is a complete model file next to the target (its data
+    already under its final name), so it can be loaded and checked; ``commit()`` renames it into place and
+    removes the old data file, ``discard()`` removes what was written and leaves the old pair untouched."""
+
+    def __init__(self, target: Path, path: Path, location: str | None, old: set[str], keep: set[str], fresh: bool):
+        self.target, self.path = target, path
+        self._location, self._old, self._keep, self._fresh = location, old, keep, fresh
+        self._done = False
+
+    def commit(self) -> Path:
+        if self._done:
+            raise RuntimeError("this staged model was already committed or discarded")
+        self._done = True
+        folder, path = self.target.parent, self.target
+        try:
+            os.replace(self.path, path)
+            _fsync_dir(folder)
+        except OSError as e:
+            self._remove_written()
+            raise BadInputError(
+                f"cannot write {path} ({e.strerror or e}); check the folder's space and permissions"
+            ) from e
+        # The new pair is in place: the old data file goes now (only names of our making, never a protected file).
+        ours = _data_name_pattern(path.name)
+        plain = f"{path.name}.data"
+        stale = {loc for loc in self._old if loc == plain or ours.match(loc)}
+        try:
+            stale.update(e.name for e in os.scandir(folder) if ours.match(e.name))
+        except OSError:
+            pass
+        for loc in stale - {self._location}:
+            f = folder / loc
+            if os.path.realpath(f) not in self._keep and f.is_file():
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+        return path
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._remove_written()
+
+    def _remove_written(self) -> None:
+        victims = [self.path]
+        if self._fresh and self._location:  # a data file this write created (never one the old model reads)
+            victims.append(self.target.parent / self._location)
+        for f in victims:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    source_dir: Path | None = None,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+    protect: Iterable[str | os.PathLike] = (),
+) -> StagedModel:
+    """The first half of ``save_model``: everything written and durable, nothing published yet."""
     path = Path(path)
     check_writable(path)
     folder = path.parent
@@ -178,7 +250,7 @@ def save_model(
             f"the model's weights exceed protobuf's 2 GB limit; save with external data (--external-data) to {path}"
         )
     plain = f"{path.name}.data"
-    _remove_stale_temps(folder, {path.name, plain})
+    _remove_stale_temps(folder)
     keep = {os.path.realpath(p) for p in protect}
     if source_dir is not None:
         for t in iter_tensor_protos(model):
@@ -191,6 +263,7 @@ def save_model(
     tmp_model: Path | None = None
     tmp_data: Path | None = None
     location: str | None = None
+    fresh = False
     try:
         tmp_model = _atomic_target(path)
         if external_data:
@@ -215,15 +288,16 @@ def save_model(
             os.fsync(f.fileno())
         if tmp_data is not None:
             target = folder / location
-            if os.path.realpath(target) in keep:  # same name means same bytes (content hash): leave it be
+            if os.path.realpath(target) in keep or location in old:  # same name means same bytes (content hash)
                 tmp_data.unlink()
             else:
                 os.replace(tmp_data, target)
+                fresh = True
             tmp_data = None
             _fsync_dir(folder)  # the data is durable under its final name before the model points at it
-        os.replace(tmp_model, path)
+        staged = StagedModel(path, tmp_model, location, old, keep, fresh)
         tmp_model = None
-        _fsync_dir(folder)
+        return staged
     except OSError as e:
         raise BadInputError(f"cannot write {path} ({e.strerror or e}); check the folder's space and permissions") from e
     finally:
@@ -232,21 +306,6 @@ def save_model(
         for leftover in (tmp_model, tmp_data):
             if leftover is not None and leftover.exists():
                 leftover.unlink()
-    # The new pair is in place: the old data file goes now (only names of our making, never a protected file).
-    ours = _data_name_pattern(path.name)
-    stale = {loc for loc in old if loc == plain or ours.match(loc)}
-    try:
-        stale.update(e.name for e in os.scandir(folder) if ours.match(e.name))
-    except OSError:
-        pass
-    for loc in stale - {location}:
-        f = folder / loc
-        if os.path.realpath(f) not in keep and f.is_file():
-            try:
-                f.unlink()
-            except OSError:
-                pass
-    return path
 
 
 def _snapshot(t: TensorProto) -> TensorProto:

@@ -239,6 +239,33 @@ def _final_threshold(base: Threshold, user: dict[str, Any], name: str) -> Thresh
 
 
 # ------------------------------------------------------------------------------------------ check
+class _ProviderFailed(Exception):
+    """An installed provider that could not create a session, fell back, or failed a run."""
+
+
+def _provider_runs(src_o, src_c, prov, ref_info, cpu_ref, samples, names, progress):
+    """Sessions and outputs of both models on ``prov``; raises _ProviderFailed with the provider's reason."""
+    tag = prov.replace("ExecutionProvider", "")
+    try:
+        s_orig = ref_info if prov == CPU else make_session(src_o, prov)
+        s_cand = make_session(src_c, prov)
+    except OnnxSlimError as e:
+        raise _ProviderFailed(f"session creation failed: {e}") from e
+    for s in (s_orig, s_cand):
+        if not s.really_on_requested:
+            raise _ProviderFailed(
+                f"onnxruntime fell back to {s.used[0] if s.used else '?'} (session providers: {', '.join(s.used)})"
+            )
+    try:
+        o_out = cpu_ref if prov == CPU else _run_all(s_orig, samples, names, progress, f"original on {tag}")
+        c_out = _run_all(s_cand, samples, names, progress, f"candidate on {tag}")
+    except BadInputError as e:
+        if prov == CPU:
+            raise  # the reference provider failing is the model's problem, not the provider's
+        raise _ProviderFailed(str(e)) from e
+    return s_orig, s_cand, o_out, c_out
+
+
 def check(
     original: str | os.PathLike | onnx.ModelProto,
     candidate: str | os.PathLike | onnx.ModelProto,
@@ -330,33 +357,27 @@ def check(
     avail = set(available_providers())
     used: list[str] = []
     skipped: list[dict] = []
+    failed: list[dict] = []
     runs: list[dict] = []
     for prov in wanted:
-        reason = None
+        tag = prov.replace("ExecutionProvider", "")
         if prov not in avail:
+            # Not in this build: nothing here could run it, so it is skipped unless the user requires it.
             reason = f"{prov} is not in this onnxruntime build (available: {', '.join(sorted(avail))})"
-        else:
-            try:
-                s_orig = ref_info if prov == CPU else make_session(src_o, prov)
-                s_cand = make_session(src_c, prov)
-            except OnnxSlimError as e:
-                reason = f"session creation failed on {prov}: {e}"
-            else:
-                for s in (s_orig, s_cand):
-                    if not s.really_on_requested:
-                        reason = (
-                            f"onnxruntime fell back to {s.used[0] if s.used else '?'} (session providers: "
-                            f"{', '.join(s.used)}); {prov} could not run this model here"
-                        )
-        if reason:
             skipped.append({"provider": prov, "reason": reason})
             if require_providers:
                 failures.append(f"required provider {prov} did not run: {reason}")
             continue
+        # Installed: a provider that cannot run this model is exactly what a deployment gate must catch.
+        try:
+            s_orig, s_cand, o_out, c_out = _provider_runs(
+                src_o, src_c, prov, ref_info, cpu_ref, samples, compared, progress
+            )
+        except _ProviderFailed as e:
+            failed.append({"provider": prov, "reason": str(e)})
+            failures.append(f"{tag}: provider is installed but could not run the models: {e}")
+            continue
         used.append(prov)
-        tag = prov.replace("ExecutionProvider", "")
-        o_out = cpu_ref if prov == CPU else _run_all(s_orig, samples, compared, progress, f"original on {tag}")
-        c_out = _run_all(s_cand, samples, compared, progress, f"candidate on {tag}")
         # The model's own noise floor on this provider: ORT optimizations on vs off (and a rerun off CPU).
         noise_out = _run_all(
             make_session(src_o, prov, optimize=True), samples, compared, progress, f"noise floor on {tag}"
@@ -418,7 +439,9 @@ def check(
             run["user_metric"] = _user_metric(metric_fn, o_out, c_out, samples)
         runs.append(run)
     if not used:
-        failures.append("no requested provider ran: " + "; ".join(f"{s['provider']}: {s['reason']}" for s in skipped))
+        failures.append(
+            "no requested provider ran: " + "; ".join(f"{s['provider']}: {s['reason']}" for s in skipped + failed)
+        )
 
     explained = None
     if explain:
@@ -443,6 +466,7 @@ def check(
             "requested": wanted,
             "used": used,
             "skipped": skipped,
+            "failed": failed,
             "required": require_providers,
             "label_output": lab,
         },

@@ -34,11 +34,12 @@ from .graph import (
     tensor_nbytes,
 )
 from .gs_bridge import export_graph, graph_signature, import_graph, quiet_graphsurgeon, value_types
-from .model_save import check_writable, external_locations, save_model
+from .model_save import check_writable, external_locations, save_model, stage_model
 from .pass_base import Pass, PassContext, PassResult
 from .registry import get_pass
 from .report import PassRecord, Report
 from .summary import summarize
+from .temp_files import remove_stale_temp_dirs
 
 __all__ = ["PassSpec", "OptimizeResult", "optimize", "resolve_passes", "DEFAULT_PASSES", "validate_graph"]
 
@@ -170,6 +171,20 @@ def _check_scope(graph: gs.Graph, outer: set[str]) -> None:
             raise ValueError(f"graph output '{t.name}' is not produced by any node")
 
 
+def _types_conflict(a: onnx.TypeProto, b: onnx.TypeProto) -> bool:
+    """Two declarations of one tensor that cannot both hold (a missing shape or dim is no conflict)."""
+    if not (a.HasField("tensor_type") and b.HasField("tensor_type")):
+        return False
+    ta, tb = a.tensor_type, b.tensor_type
+    if ta.elem_type and tb.elem_type and ta.elem_type != tb.elem_type:
+        return True
+    if not (ta.HasField("shape") and tb.HasField("shape")):
+        return False
+    if len(ta.shape.dim) != len(tb.shape.dim):
+        return True
+    return any(x.dim_value and y.dim_value and x.dim_value != y.dim_value for x, y in zip(ta.shape.dim, tb.shape.dim))
+
+
 def validate_input(loaded: LoadedModel) -> gs.Graph:
     """The input model as a graph, refused with one line (BadInputError) when it is not a valid model:
     an opset newer than this onnx knows, duplicate graph outputs, a cycle, a tensor nothing produces, or
@@ -187,6 +202,13 @@ def validate_input(loaded: LoadedModel) -> gs.Graph:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise BadInputError(f"{where} lists graph output(s) {', '.join(map(repr, dup))} twice; re-export it")
+        inputs = {i.name: i.type for i in g.input}
+        for o in g.output:
+            if o.name in inputs and _types_conflict(o.type, inputs[o.name]):
+                raise BadInputError(
+                    f"{where} declares '{o.name}' as a graph input and a graph output with different types; "
+                    "re-export it"
+                )
     try:
         with quiet_graphsurgeon():
             graph = import_graph(loaded)
@@ -294,6 +316,7 @@ def optimize(
     seed: int = 0,
     opset: int | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    gate: Callable[[Path, Report], bool] | None = None,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
 
@@ -307,8 +330,13 @@ def optimize(
     opset: raise the model's default-domain opset to this version first (onnx.version_converter), e.g. 13 so
     int8 weights get per-channel scales; the output then imports that opset. This changes the model's
     contract, so it happens only when asked, and the report says so.
+    gate: ``gate(staged_path, report) -> passed``, run on the complete written result before it replaces ``output``
+    (e.g. a parity check). Passed: the result is published at ``output``. Failed: ``output`` is left as it was
+    and the result is written to ``failed_output_path(output)`` instead (``report.output`` says where). If the
+    gate raises, nothing is written.
     """
     t_start = time.perf_counter()
+    remove_stale_temp_dirs()  # what a killed run left in the temp folder
     pass_list = resolve_passes(passes)
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     out_path = Path(output) if output is not None else None
@@ -385,9 +413,23 @@ def optimize(
     if level != "none" and small and not checked:
         _check_output(out, level, ran)
     if out_path is not None:
-        save_model(out, out_path, source_dir=loaded.base_dir, external_data=external_data, protect=protect)
-        if level != "none" and not small:
-            _check_output(out_path, level, ran)
+        saving = dict(source_dir=loaded.base_dir, external_data=external_data, protect=protect)
+        staged = stage_model(out, out_path, **saving)
+        try:
+            if level != "none" and not small:
+                _check_output(staged.path, level, ran)
+            passed = gate(staged.path, report) if gate is not None else True
+        except BaseException:
+            staged.discard()  # a failed run writes nothing
+            raise
+        if passed:
+            staged.commit()
+        else:
+            staged.discard()
+            out_path = failed_output_path(out_path)
+            save_model(out, out_path, **saving)
+            report.output = str(out_path)
+            report.warnings.append(f"the gate failed: the result was written to {out_path}, not to {output}")
         after = summarize(out)
         written = LoadedModel(out, external_files=sorted(external_locations(out_path)))
         after.file_size = _file_size(out_path, written)
@@ -397,6 +439,12 @@ def optimize(
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
     report.seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)
+
+
+def failed_output_path(output: str | os.PathLike) -> Path:
+    """Where a result that failed its gate goes: ``model.onnx`` -> ``model.failed.onnx``, beside it."""
+    p = Path(output)
+    return p.with_name(f"{p.stem}.failed{p.suffix or '.onnx'}")
 
 
 def _raise_opset(loaded: LoadedModel, opset: int, report: Report) -> LoadedModel:

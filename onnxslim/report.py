@@ -263,6 +263,8 @@ def _parity_renderables(parity: dict) -> list:
         out.append(t)
     for s in provs.get("skipped") or []:
         out.append(f"provider skipped: {s['provider']}: {s['reason']}")
+    for s in provs.get("failed") or []:
+        out.append(f"provider FAILED: {s['provider']}: {s['reason']}")
     ex = parity.get("explain")
     if ex:
         first = ex.get("first_divergent")

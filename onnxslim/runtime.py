@@ -136,13 +136,14 @@ def node_placement(
 ) -> dict[str, int]:
     """How many executed nodes each provider ran, from one profiled run (fallbacks show up as CPU)."""
     import json
-    import tempfile
     from collections import Counter
 
     import onnxruntime as ort
 
+    from .temp_files import private_temp_dir
+
     full = normalize_provider(provider)
-    with tempfile.TemporaryDirectory() as tmp:
+    with private_temp_dir("placement") as tmp:
         opts = ort.SessionOptions()
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "placement")

@@ -37,6 +37,9 @@ def _case(name: str) -> bytes:
     if name == "duplicate_outputs":
         y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])
         return _model(outputs=[y, y]).SerializeToString()
+    if name == "input_as_output_other_type":  # found by the fuzzer: exit 3 "contract changed" before
+        x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])
+        return _model(outputs=[helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4]), x]).SerializeToString()
     if name == "two_producers":
         nodes = [helper.make_node("Add", ["X", "W"], ["Y"], name="a"), helper.make_node("Relu", ["X"], ["Y"], name="b")]
         return _model(nodes).SerializeToString()
@@ -67,6 +70,7 @@ CASES = {
     "undefined_input": "nowhere.*nothing produces",
     "duplicate_outputs": "'Y' twice",
     "two_producers": "produced by two nodes",
+    "input_as_output_other_type": "'X' as a graph input and a graph output with different types",
     "opset_99": "opset 99",
     "non_utf8_doc": "UTF-8",
     "non_utf8_node_name": "UTF-8",

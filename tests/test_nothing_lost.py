@@ -226,3 +226,94 @@ def test_replacing_an_existing_pair_never_rewrites_the_data_file_the_old_model_r
     assert "out.onnx.data" not in written and "out.onnx" not in written, written
     assert _weight(out) == 2.0
     assert not (tmp_path / "out.onnx.data").exists(), "the old data file is removed once the new pair is in place"
+
+
+def _mismatch_model() -> onnx.ModelProto:
+    """Valid, and fine for the optimizer, but onnxruntime fails to run it on 5-wide feeds (MatMul with 4x4)."""
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gate_that_cannot_run_writes_nothing_and_keeps_the_old_output(tmp_path, capsys):
+    # Found by the fuzzer: the data passes every pre-flight check, the gate then fails with exit 2 after the
+    # optimized model was already written in place of the old output.
+    model = tmp_path / "m.onnx"
+    onnx.save(_mismatch_model(), str(model))
+    data = tmp_path / "d.npz"
+    np.savez(data, X=np.ones((1, 5), np.float32))
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old output")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["optimize", str(model), "-o", str(out), "--check-data", str(data), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxruntime failed" in err
+    assert out.read_bytes() == b"old output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_gate_raising_in_the_api_discards_the_staged_pair(tmp_path):
+    from onnxslim import optimize
+
+    out = tmp_path / "out.onnx"
+    save_model(_model(1.0), out, external_data=True)
+    old = sorted(p.name for p in tmp_path.iterdir())
+
+    def gate(staged, report):
+        assert staged.exists() and staged != out and _weight(staged) == 2.0  # complete, loadable, not published
+        raise KeyboardInterrupt
+
+    two = tmp_path / "two.onnx"
+    onnx.save(_model(2.0), str(two))
+    with pytest.raises(KeyboardInterrupt):
+        optimize(str(two), output=out, external_data=True, gate=gate)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*old, "two.onnx"])
+    assert _weight(out) == 1.0
+    # A passing gate publishes the staged pair and removes the old data file.
+    optimize(str(two), output=out, external_data=True, gate=lambda staged, report: True)
+    assert _weight(out) == 2.0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and "out.onnx" in names and "two.onnx" in names, names
+    assert len([n for n in names if n.startswith("out.onnx.") and n.endswith(".data")]) == 1, names
+
+
+def test_temp_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
+    from onnxslim.temp_files import private_temp_dir, remove_stale_temp_dirs
+
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from onnxslim.temp_files import private_temp_dir
+        with private_temp_dir("calib", root={str(tmp_path)!r}) as d:
+            (d / "model.onnx").write_bytes(b"x" * 4096)
+            print(d, flush=True)
+            time.sleep(60)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    left = child.stdout.readline().strip()
+    with private_temp_dir("calib", root=tmp_path) as mine:
+        assert remove_stale_temp_dirs(tmp_path) == 0  # both owners alive: nothing removed
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        assert os.path.isdir(left)
+        assert remove_stale_temp_dirs(tmp_path) == 1
+        assert not os.path.exists(left) and mine.is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dead_writers_temp_files_for_another_output_are_removed_too(tmp_path):
+    out = tmp_path / "a.onnx"
+    # A temp file of our naming from a process that no longer exists (pid 2**22 + 1 is above pid_max's default).
+    dead = tmp_path / f".b.onnx.{2**22 + 1}.x1y2z3.tmp-onnxslim"
+    dead.write_bytes(b"partial")
+    foreign = tmp_path / ".b.onnx.tmp"  # not ours: left alone
+    foreign.write_bytes(b"keep")
+    save_model(_model(1.0), out)
+    assert not dead.exists() and foreign.exists()

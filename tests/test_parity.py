@@ -281,3 +281,50 @@ def test_merge_floors_takes_the_most_lenient():
         "cosine": 0.98,
         "accuracy_drop": 0.02,
     }
+
+
+def test_installed_provider_that_cannot_run_fails_the_gate(monkeypatch):
+    """Issue 14 defect 9: a provider in the build that falls back or fails is a failed gate, not a skip."""
+    import onnxslim.parity as parity_mod
+
+    real = parity_mod.available_providers
+    monkeypatch.setattr(parity_mod, "available_providers", lambda: [*real(), "CUDAExecutionProvider"])
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA in onnxruntime")
+    # onnxruntime, asked for CUDA it cannot load, falls back to CPU: the provider did not run this model.
+    r = check(CNN, CNN, data=CNN_EVAL, max_samples=1, providers="cpu,cuda")
+    assert not r.passed
+    (bad,) = r.providers["failed"]
+    assert bad["provider"] == "CUDAExecutionProvider" and "fell back to CPUExecutionProvider" in bad["reason"]
+    assert r.providers["skipped"] == [] and r.providers["used"] == ["CPUExecutionProvider"]
+    assert any(f.startswith("CUDA: provider is installed but could not run") for f in r.failures)
+
+
+def test_installed_provider_failing_a_run_fails_the_gate(monkeypatch):
+    import onnxslim.parity as parity_mod
+    from onnxslim.runtime import SessionInfo
+
+    real_avail, real_make = parity_mod.available_providers, parity_mod.make_session
+
+    class Broken:
+        def run(self, *a, **k):
+            raise RuntimeError("kernel XYZ is not implemented on this device\nmore lines")
+
+        def get_outputs(self):
+            return []
+
+    def make(model, provider="cpu", **kw):
+        if provider == "OpenVINOExecutionProvider":
+            return SessionInfo(Broken(), provider, [provider, "CPUExecutionProvider"])
+        return real_make(model, provider, **kw)
+
+    monkeypatch.setattr(parity_mod, "available_providers", lambda: [*real_avail(), "OpenVINOExecutionProvider"])
+    monkeypatch.setattr(parity_mod, "make_session", make)
+    r = check(CNN, CNN, data=CNN_EVAL, max_samples=1, providers="cpu,openvino")
+    assert not r.passed
+    (bad,) = r.providers["failed"]
+    assert "kernel XYZ is not implemented" in bad["reason"] and "more lines" not in bad["reason"]
+    # The CPU run still happened and passed: the failure names the provider, not the model.
+    assert [x["provider"] for x in r.runs] == ["CPUExecutionProvider"] and r.runs[0]["passed"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 from test_parity import CNN, CNN_EVAL, PLANTED_NODE, ROOT, planted_cnn
 
@@ -166,8 +167,10 @@ def test_optimize_with_check_data_puts_parity_in_the_report(tmp_path, capsys):
 
 
 def test_optimize_check_data_fails_gate_with_exit_1(tmp_path, capsys):
-    # A cosine floor above 1 cannot be met: the gate fails and optimize exits 1 after writing the model.
+    # A cosine floor above 1 cannot be met: the gate fails, optimize exits 1, OUTPUT keeps what it held and
+    # the result is kept as o.failed.onnx, a name that says so.
     out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous")
     assert (
         main(
             [
@@ -185,5 +188,9 @@ def test_optimize_check_data_fails_gate_with_exit_1(tmp_path, capsys):
         )
         == 1
     )
-    assert "parity (exact): FAIL" in capsys.readouterr().out
-    assert out.exists()
+    text = capsys.readouterr().out
+    assert "parity (exact): FAIL" in text
+    assert "the gate failed: the result was written to" in " ".join(text.split())
+    assert out.read_bytes() == b"previous"
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.failed.onnx")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.failed.onnx", "o.onnx"]
