@@ -30,9 +30,11 @@ def _preload() -> None:
     import pkgutil
 
     import onnxslim
+    import onnxslim.passes
 
-    for mod in pkgutil.walk_packages(onnxslim.__path__, "onnxslim."):
-        importlib.import_module(mod.name)
+    for pkg in (onnxslim, onnxslim.passes):  # the passes live in their own folder (package-dir mapping)
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            importlib.import_module(mod.name)
 
 
 def main() -> int:
