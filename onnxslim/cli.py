@@ -34,6 +34,13 @@ def command(name: str, help: str):
     return deco
 
 
+def _text_width() -> int:
+    """The terminal's width (at least 80) when stdout is one; 120 for files and pipes, so logs are stable."""
+    import shutil
+
+    return max(80, shutil.get_terminal_size((120, 24)).columns) if sys.stdout.isatty() else 120
+
+
 def _out(text: str = "") -> None:
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 
@@ -104,6 +111,16 @@ class Optimize:
             action="store_false",
             help="keep all weights inside the .onnx file",
         )
+        lat = p.add_mutually_exclusive_group()
+        lat.add_argument(
+            "--latency",
+            dest="latency",
+            action="store_true",
+            default=True,
+            help="measure onnxruntime CPU latency of the input and the output, 1 thread and all cores, "
+            "interleaved runs, a few seconds at most (default)",
+        )
+        lat.add_argument("--no-latency", dest="latency", action="store_false", help="do not measure latency")
         p.add_argument(
             "--shape-annotations",
             choices=["keep", "all"],
@@ -170,28 +187,36 @@ class Optimize:
                 mode="lossy" if lossy else "exact",
                 metric_floors=merge_floors(floors) if floors else None,
                 seed=settings.seed,
+                progress=gated["progress"],
             )
             result.candidate = str(args.output)
             gated["result"] = result
             return result.passed
 
-        with _progress() as progress:
+        with _progress(args.quiet) as progress:
+            gated["progress"] = progress or (lambda *a: None)
             _, report = optimize(
                 args.model,
                 output=args.output,
                 overwrite_input=args.overwrite_input,
                 progress=progress,
                 gate=gate if args.check_data else None,
+                latency=args.latency,
+                latency_data=args.check_data,
                 **settings.api_kwargs(),
             )
         rc = 0
         if "result" in gated:
             report.parity = gated["result"].to_dict()
             rc = 0 if gated["result"].passed else 1
+            if rc:
+                from .suggest import next_steps
+
+                report.next_steps = next_steps(report)
         if args.report:
             report.write_json(args.report)
         if not args.quiet or rc:
-            _out(report.to_json() if args.json else report.render_text())
+            _out(report.to_json() if args.json else report.render_text(_text_width()))
         return rc
 
 
@@ -216,9 +241,10 @@ class Check:
         p.add_argument("--seed", type=int, default=0, help="seed for synthetic inputs (default 0)")
         p.add_argument(
             "--mode",
-            choices=["exact", "lossy"],
-            default="exact",
-            help="exact: tolerances from the model's noise floor (default); lossy: metric floors",
+            choices=["auto", "exact", "lossy"],
+            default="auto",
+            help="exact: tolerances from the model's noise floor; lossy: metric floors; auto (default): lossy when "
+            "the candidate has quantization, pruning or weight codebooks the original lacks, else exact",
         )
         p.add_argument(
             "--floor",
@@ -244,8 +270,10 @@ class Check:
                 raise UsageError(f"--floor {item!r}: write METRIC=NUMBER, e.g. cosine=0.995") from None
             if not eq:
                 raise UsageError(f"--floor {item!r}: write METRIC=NUMBER, e.g. cosine=0.995")
-        if floors and args.mode != "lossy":
-            raise UsageError("--floor applies to --mode lossy; add --mode lossy or use --atol/--rtol")
+        if floors and args.mode == "exact":
+            raise UsageError("--floor applies to --mode lossy; drop --mode exact or use --atol/--rtol")
+        if floors:
+            args.mode = "lossy"
         result = _run_check(
             args,
             args.original,
@@ -269,7 +297,7 @@ class Check:
             else:
                 from .report import Report
 
-                _out(Report(parity=result.to_dict()).render_text(width=140))
+                _out(Report(parity=result.to_dict()).render_text(width=max(_text_width(), 100)))
         return 0 if result.passed else 1
 
 
@@ -317,6 +345,14 @@ def _add_parity_arguments(p) -> None:
         "--require-providers",
         action="store_true",
         help="fail the gate (exit 1) also when a requested provider is not in this onnxruntime build",
+    )
+    p.add_argument(
+        "--channel-axis",
+        action="append",
+        default=[],
+        metavar="OUTPUT:AXIS",
+        help="the axis whose slices are an output's channels in the worst-channel metrics (repeatable; AXIS alone "
+        "for every output); default: axis 1 of feature maps, else the smallest fixed-size axis",
     )
     p.add_argument("--atol", type=float, help="absolute tolerance for every output (overrides the noise floor)")
     p.add_argument("--rtol", type=float, help="relative tolerance for every output")
@@ -376,51 +412,139 @@ def _thresholds_from_args(args: argparse.Namespace) -> dict:
     return out
 
 
-def _run_check(args: argparse.Namespace, original, candidate, data, **kwargs):
+def _run_check(args: argparse.Namespace, original, candidate, data, progress=None, **kwargs):
     from .parity import check
 
-    with _progress() as progress:
-        return check(
-            original,
-            candidate,
-            data,
-            providers=args.providers,
-            require_providers=args.require_providers,
-            thresholds=_thresholds_from_args(args) or None,
-            label_output=args.label_output,
-            metric=args.metric,
-            max_samples=args.max_samples,
-            noise_factor=args.noise_factor,
-            explain=args.explain,
-            progress=progress,
-            **kwargs,
-        )
+    if progress is None:  # not inside another command's progress display (only one may be live)
+        with _progress(getattr(args, "quiet", False)) as own:
+            return _run_check(args, original, candidate, data, progress=own or (lambda *a: None), **kwargs)
+    return check(
+        original,
+        candidate,
+        data,
+        providers=args.providers,
+        require_providers=args.require_providers,
+        thresholds=_thresholds_from_args(args) or None,
+        label_output=args.label_output,
+        metric=args.metric,
+        max_samples=args.max_samples,
+        noise_factor=args.noise_factor,
+        explain=args.explain,
+        progress=progress,
+        channel_axes=",".join(args.channel_axis) or None,
+        **kwargs,
+    )
 
 
 class _progress:
-    """A rich progress bar on stderr (drawn only when stderr is a terminal), one task per stage."""
+    """Progress on stderr, one task per stage: a rich bar on a terminal; elsewhere (CI logs, nohup) plain lines,
+    written only for stages that last: a start line once a stage has run ``start_after`` seconds, a progress
+    line every ``every`` seconds, and a closing line with its duration. ``quiet`` prints nothing."""
+
+    start_after = 3.0
+    every = 10.0
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
 
     def __enter__(self):
         from rich.console import Console
-        from rich.progress import Progress
 
         console = Console(stderr=True)
-        self._bar = Progress(console=console, transient=True) if console.is_terminal else None
-        self._tasks: dict[str, int] = {}
-        if self._bar is None:  # logs and pipes get no progress noise
+        self._bar = self._lines = None
+        if self.quiet:
             return None
-        self._bar.__enter__()
-        return self._update
+        if console.is_terminal:
+            from rich.progress import Progress
 
-    def _update(self, stage: str, done: int, total: int | None) -> None:
+            self._bar = Progress(console=console, transient=True)
+            self._tasks: dict[str, int] = {}
+            self._bar.__enter__()
+            return self._update_bar
+        self._lines = _ProgressLines(self.start_after, self.every)
+        return self._lines.update
+
+    def _update_bar(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self._tasks:
             self._tasks[stage] = self._bar.add_task(stage, total=total)
-        self._bar.update(self._tasks[stage], completed=done)
+        finished = total is not None and done >= total
+        self._bar.update(self._tasks[stage], completed=done, total=total, visible=not finished)
 
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.__exit__(*exc)
+        if self._lines is not None:
+            self._lines.close()
         return False
+
+
+class _ProgressLines:
+    """The plain-line reporter. Stages nest (a pass runs calibration, then sensitivity probes): the innermost
+    open stage is reported, and when it ends the one around it is again. A daemon thread wakes up each second
+    and writes what is due."""
+
+    def __init__(self, start_after: float, every: float):
+        import threading
+
+        self.start_after, self.every = start_after, every
+        self._lock = threading.Lock()
+        self._open: list[dict] = []  # outermost first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+
+    def update(self, stage: str, done: int, total: int | None) -> None:
+        import time
+
+        with self._lock:
+            names = [s["stage"] for s in self._open]
+            if stage in names:
+                self._close_from(names.index(stage) + 1)  # stages opened inside it are over
+                entry = self._open[-1]
+            else:
+                entry = {"stage": stage, "t0": time.monotonic(), "announced": False, "last": 0.0}
+                self._open.append(entry)
+            entry["done"], entry["total"] = done, total
+            if total is not None and done >= total:
+                self._close_from(len(self._open) - 1)
+
+    def _close_from(self, i: int) -> None:
+        import time
+
+        while len(self._open) > i:
+            e = self._open.pop()
+            if e["announced"]:
+                self._write(f"{e['stage']}: done in {time.monotonic() - e['t0']:.0f}s")
+
+    def _tick(self) -> None:
+        import time
+
+        while not self._stop.wait(min(1.0, self.start_after, self.every)):
+            with self._lock:
+                if not self._open:
+                    continue
+                e, now = self._open[-1], time.monotonic()
+                elapsed = now - e["t0"]
+                done, total = e.get("done", 0), e.get("total")
+                count = f"{done}/{total}" if total else f"{done}"
+                if not e["announced"] and elapsed >= self.start_after:
+                    e["announced"], e["last"] = True, now
+                    self._write(f"{e['stage']}: started ({count} done)")
+                elif e["announced"] and now - e["last"] >= self.every:
+                    e["last"] = now
+                    pct = f" ({100 * done / total:.0f}%)" if total else ""
+                    self._write(f"{e['stage']}: {count}{pct}, {elapsed:.0f}s")
+
+    @staticmethod
+    def _write(line: str) -> None:
+        sys.stderr.write(f"onnxslim: {line}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._close_from(0)
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -530,8 +654,13 @@ class Passes:
         from rich.table import Table
 
         t = Table(title="registered passes", title_justify="left", show_lines=True)
-        for c in ("pass", "kind", "calib", "options (default)", "description"):
-            t.add_column(c)
+        # Pass and option names are never cut (they are what a user types); the description wraps instead.
+        longest = max((len(r["name"]) for r in rows), default=4)
+        t.add_column("pass", no_wrap=True, min_width=longest)
+        t.add_column("kind", no_wrap=True)
+        t.add_column("calib", no_wrap=True)
+        t.add_column("options (default)", overflow="fold")
+        t.add_column("description", ratio=1)
         for r in rows:
             if "error" in r:
                 t.add_row(r["name"], "BROKEN", "", "", escape(str(r["error"])))

@@ -29,7 +29,8 @@ import onnx
 from .data import LABEL_KEY, Sample, load_feeds, load_function
 from .errors import BadInputError, OnnxSlimError, UsageError
 from .graph import load_model
-from .parity_metrics import Threshold, compare_output, merge_floors
+from .lossy_changes import lossy_changes
+from .parity_metrics import Threshold, compare_output, default_channel_axis, merge_floors
 from .runtime import available_providers, make_session, node_placement, normalize_provider, run_session
 from .synthetic import synthetic_feeds
 
@@ -239,6 +240,44 @@ def _final_threshold(base: Threshold, user: dict[str, Any], name: str) -> Thresh
 
 
 # ------------------------------------------------------------------------------------------ check
+def _declared_dims(vi) -> list | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _parse_channel_axes(given, names: list[str]) -> dict[str, int]:
+    if not given:
+        return {}
+    if isinstance(given, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in given.split(","))):
+            name, sep, axis = part.rpartition(":")
+            try:
+                items[name if sep else "*"] = int(axis)
+            except ValueError:
+                raise UsageError(
+                    f"channel axis {part!r}: write OUTPUT:AXIS (or AXIS for every output), e.g. boxes:2"
+                ) from None
+        given = items
+    unknown = sorted(set(given) - set(names) - {"*"})
+    if unknown:
+        raise UsageError(f"channel axis for {', '.join(unknown)}: not an output (outputs: {', '.join(names)})")
+    return {str(k): int(v) for k, v in given.items()}
+
+
+def _channel_axis(name: str, ref: np.ndarray, declared: list | None, chosen: dict[str, int]) -> int:
+    if name not in chosen and ("*" not in chosen or ref.ndim < 2):
+        return default_channel_axis(declared, ref.shape)
+    axis = chosen.get(name, chosen.get("*", 1))
+    if ref.ndim < 2 or not -ref.ndim < axis < ref.ndim or axis % ref.ndim == 0:
+        raise UsageError(
+            f"channel axis {axis} of output '{name}' (shape {list(ref.shape)}): give an axis 1..{max(ref.ndim - 1, 1)}"
+        )
+    return axis % ref.ndim
+
+
 class _ProviderFailed(Exception):
     """An installed provider that could not create a session, fell back, or failed a run."""
 
@@ -287,16 +326,21 @@ def check(
     explain: bool = False,
     explain_samples: int = 2,
     progress: Progress | None = None,
+    channel_axes: Mapping[str, int] | str | None = None,
 ) -> ParityResult:
     """Compare ``candidate`` with ``original`` on ``data`` (None: seeded synthetic inputs).
 
-    mode: "exact" (noise-floor tolerances) or "lossy" (metric floors: ``metric_floors`` merged, else
-    ``DEFAULT_LOSSY_FLOORS``). thresholds override the defaults for every output (``"*"``) or by name.
+    mode: "exact" (noise-floor tolerances), "lossy" (metric floors: ``metric_floors`` merged, else
+    ``DEFAULT_LOSSY_FLOORS``) or "auto" (lossy when ``lossy_changes`` finds quantization, pruning or codebooks
+    in the candidate, else exact; a note says which and why). thresholds override the defaults for every
+    output (``"*"``) or by name.
+    channel_axes: output name (or ``"*"``) -> the axis whose slices are its channels in the worst-channel
+    metrics (also the CLI text ``"boxes:2,*:1"``); default ``default_channel_axis`` of the declared shape.
     ``progress(stage, done, total)`` is called as runs advance. Raises BadInputError/UsageError on bad
     input; a failed gate is ``result.passed == False`` (the caller decides whether to raise).
     """
-    if mode not in ("exact", "lossy"):
-        raise UsageError(f"mode must be 'exact' or 'lossy', got {mode!r}")
+    if mode not in ("exact", "lossy", "auto"):
+        raise UsageError(f"mode must be 'exact', 'lossy' or 'auto', got {mode!r}")
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p.strip()]
     wanted: list[str] = []
@@ -305,6 +349,20 @@ def check(
         if full not in wanted:
             wanted.append(full)
     orig, cand = load_model(original), load_model(candidate)
+    lossy_signs = lossy_changes(orig.proto, cand.proto)
+    mode_note = None
+    if mode == "auto":
+        mode = "lossy" if lossy_signs else "exact"
+        if lossy_signs:
+            mode_note = (
+                f"mode lossy (auto): the candidate has lossy changes ({'; '.join(lossy_signs)}), so it is held to "
+                "the lossy metric floors; give --mode exact to insist on exact agreement"
+            )
+    elif mode == "exact" and lossy_signs:
+        mode_note = (
+            f"the candidate has lossy changes ({'; '.join(lossy_signs)}) but is checked in exact mode; "
+            "--mode lossy (or leaving --mode out) judges it by the lossy metric floors"
+        )
     floors: dict[str, float] = {}
     if mode == "lossy":
         given = [metric_floors] if isinstance(metric_floors, Mapping) else list(metric_floors or [])
@@ -336,9 +394,11 @@ def check(
         data_info["plan"] = feeds.plan  # type: ignore[attr-defined]
 
     names = [o.name for o in orig.proto.graph.output]
+    declared = {o.name: _declared_dims(o) for o in orig.proto.graph.output}
+    channel_axes = _parse_channel_axes(channel_axes, names)
     cand_names = {o.name for o in cand.proto.graph.output}
     user = _resolve_thresholds(thresholds, names)
-    notes: list[str] = []
+    notes: list[str] = [mode_note] if mode_note else []
     failures: list[str] = []
     if synthetic:
         notes.append(
@@ -352,7 +412,16 @@ def check(
 
     src_o, src_c = _session_source(orig), _session_source(cand)
     ref_info = make_session(src_o, "cpu")
-    cpu_ref = _run_all(ref_info, samples, compared, progress, "original on CPU (reference)")
+    try:
+        cpu_ref = _run_all(ref_info, samples, compared, progress, "original on CPU (reference)")
+    except BadInputError as e:
+        if not synthetic:
+            raise
+        dims = ", ".join(f"{n}:{'x'.join(map(str, p['shape']))}" for n, p in feeds.plan.items())  # type: ignore[attr-defined]
+        raise BadInputError(
+            f"{e} (synthetic inputs {dims}); give the model's real input sizes with --shapes NAME:DxD,... "
+            "or real data with --data"
+        ) from None
     lab = _label_output(compared, cpu_ref, samples, label_output) if data_info["labels"] else None
     avail = set(available_providers())
     used: list[str] = []
@@ -398,7 +467,8 @@ def check(
                 noise = {k: max(noise[k], again[k]) for k in noise}
             base = _default_threshold(mode, floors, o_out[0][n].dtype, noise, _max_ref(o_out, n), noise_factor, ulps)
             t = _final_threshold(base, user, n)
-            res = compare_output(n, [o[n] for o in o_out], [c[n] for c in c_out], origins, t)
+            axis = _channel_axis(n, o_out[0][n], declared.get(n), channel_axes)
+            res = compare_output(n, [o[n] for o in o_out], [c[n] for c in c_out], origins, t, channel_axis=axis)
             res["threshold"] = t.to_dict()
             res["noise_floor"] = noise
             run["outputs"][n] = res
@@ -414,7 +484,9 @@ def check(
                     )
                 )
             if prov != CPU:
-                drift = compare_output(n, [o[n] for o in cpu_ref], [o[n] for o in o_out], origins, None)
+                drift = compare_output(
+                    n, [o[n] for o in cpu_ref], [o[n] for o in o_out], origins, None, channel_axis=axis
+                )
                 run["provider_drift"][n] = drift["metrics"]
         if lab:
             acc_o, acc_c = _accuracy(o_out, samples, lab), _accuracy(c_out, samples, lab)

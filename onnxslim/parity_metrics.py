@@ -2,8 +2,8 @@
 
 Metrics per output, over every sample: max/mean absolute and relative error, the ``q``-quantile of the
 absolute error, cosine similarity, SNR in dB (capped at 300 dB: identical outputs, JSON-safe), the worst
-channel (axis 1: per-channel max error and cosine) and the worst sample (row of axis 0); integer outputs
-add the fraction of equal elements; ``[batch, classes]`` float outputs add top-1/top-k agreement.
+channel (slices along a channel axis: per-channel max error and cosine) and the worst sample (row of axis 0);
+integer outputs add the fraction of equal elements; ``[batch, classes]`` float outputs add top-1/top-k agreement.
 One number over a whole tensor hides local damage, so the default lossy gate also looks at the worst
 channel and the worst sample.
 
@@ -20,7 +20,15 @@ import numpy as np
 
 from .errors import UsageError
 
-__all__ = ["Threshold", "compare_output", "SNR_CAP_DB", "merge_floors", "cosine_similarity", "snr_db"]
+__all__ = [
+    "Threshold",
+    "compare_output",
+    "default_channel_axis",
+    "SNR_CAP_DB",
+    "merge_floors",
+    "cosine_similarity",
+    "snr_db",
+]
 
 SNR_CAP_DB = 300.0
 _STATISTICS = ("max", "mean", "quantile")
@@ -118,8 +126,10 @@ def compare_output(
     origins: list[str],
     threshold: Threshold | None = None,
     k: int = 5,
+    channel_axis: int = 1,
 ) -> dict:
-    """Metrics of ``cands`` against ``refs`` (one array per feed), and the threshold's checks on them."""
+    """Metrics of ``cands`` against ``refs`` (one array per feed), and the threshold's checks on them.
+    ``channel_axis``: the axis whose slices are the "channels" of the worst-channel metrics."""
     out: dict[str, Any] = {"metrics": {}, "checks": [], "passed": True}
     m = out["metrics"]
     problems = []
@@ -165,7 +175,7 @@ def compare_output(
     m["snr_db"] = snr_db(rf, cf - rf)
     if dtype.kind in "iub":
         m["fraction_equal"] = _f(np.mean(rf == cf)) if rf.size else 1.0
-    _channel_and_sample_metrics(m, refs, cands, origins)
+    _channel_and_sample_metrics(m, refs, cands, origins, channel_axis)
     if dtype.kind == "f" and refs[0].ndim == 2 and refs[0].shape[1] > 1:
         _topk(m, refs, cands, k)
     if threshold is not None:
@@ -173,7 +183,24 @@ def compare_output(
     return out
 
 
-def _channel_and_sample_metrics(m: dict, refs, cands, origins) -> None:
+def default_channel_axis(declared: list | None, shape: tuple[int, ...]) -> int:
+    """The axis a reader calls channels: axis 1 of feature maps (rank >= 4); otherwise, among axes 1.., the
+    smallest of size >= 2 whose size the model fixes (a named dim such as ``seq`` or ``anchors`` is not a
+    channel), else the smallest of size >= 2. [1, 22, 2100] -> 1 (22 rows: boxes and class scores);
+    [1, 2100, 22] -> 2; [batch, seq, 384] -> 2; [batch, 10] -> 1."""
+    if len(shape) < 2:
+        return 1
+    if len(shape) >= 4 and shape[1] >= 2:
+        return 1  # NCHW-style feature maps: C, whatever H and W are
+    axes = [i for i in range(1, len(shape)) if shape[i] >= 2]
+    if not axes:
+        return 1
+    fixed = [i for i in axes if declared and i < len(declared) and isinstance(declared[i], int) and declared[i] > 0]
+    pool = fixed or axes
+    return min(pool, key=lambda i: (shape[i], i))
+
+
+def _channel_and_sample_metrics(m: dict, refs, cands, origins, channel_axis: int = 1) -> None:
     # Worst sample: rows of axis 0 across all feeds.
     worst = (2.0, -1.0, "")
     for r, c, o in zip(refs, cands, origins):
@@ -191,13 +218,16 @@ def _channel_and_sample_metrics(m: dict, refs, cands, origins) -> None:
         m["worst_sample"] = worst[2]
         m["worst_sample_cosine"] = worst[0]
         m["worst_sample_max_abs"] = worst[1]
-    # Worst channel: axis 1 of rank >= 2 outputs (NCHW channels, [batch, features] features).
-    if refs[0].ndim < 2 or len({r.shape[1] for r in refs}) != 1 or refs[0].shape[1] < 2:
+    # Worst channel: slices along channel_axis (NCHW channels, [batch, features] features, a detector's rows).
+    ax = channel_axis
+    if refs[0].ndim < 2 or not 0 < ax < refs[0].ndim or len({r.shape[ax] for r in refs}) != 1 or refs[0].shape[ax] < 2:
         return
-    rc = np.concatenate([np.moveaxis(r.astype(np.float64), 1, 0).reshape(r.shape[1], -1) for r in refs], axis=1)
-    cc = np.concatenate([np.moveaxis(c.astype(np.float64), 1, 0).reshape(c.shape[1], -1) for c in cands], axis=1)
+    n = refs[0].shape[ax]
+    rc = np.concatenate([np.moveaxis(r.astype(np.float64), ax, 0).reshape(n, -1) for r in refs], axis=1)
+    cc = np.concatenate([np.moveaxis(c.astype(np.float64), ax, 0).reshape(n, -1) for c in cands], axis=1)
     cos = np.atleast_1d(cosine_similarity(rc, cc, axis=1))
     mx = np.max(np.abs(cc - rc), axis=1)
+    m["channel_axis"] = ax
     j = int(np.argmin(cos))
     m["worst_channel"] = j
     m["worst_channel_cosine"] = float(cos[j])

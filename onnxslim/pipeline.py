@@ -317,6 +317,8 @@ def optimize(
     opset: int | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     gate: Callable[[Path, Report], bool] | None = None,
+    latency: bool = False,
+    latency_data: Any = None,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
 
@@ -334,6 +336,11 @@ def optimize(
     (e.g. a parity check). Passed: the result is published at ``output``. Failed: ``output`` is left as it was
     and the result is written to ``failed_output_path(output)`` instead (``report.output`` says where). If the
     gate raises, nothing is written.
+    latency: measure onnxruntime CPU latency of the input and of the written result (same session options,
+    interleaved runs, bounded to a few seconds; see ``onnxslim.latency``) into ``report.latency``; only when
+    ``output`` is given and a pass changed the model. Informational: a failed measurement is a reason, never
+    an error. latency_data: feeds to time with when there is no calibration data (e.g. the check data);
+    without either, one seeded synthetic feed.
     """
     t_start = time.perf_counter()
     remove_stale_temp_dirs()  # what a killed run left in the temp folder
@@ -388,7 +395,16 @@ def optimize(
         progress=progress,
     )
     records, ran, graph = _run_passes(**run, graph=graph if run["loaded"] is validated else None)
-    out = _export(graph, loaded, contract, records, shape_annotations)
+    try:
+        out = _export(graph, loaded, contract, records, shape_annotations)
+    except Exception as e:
+        if level != "none":
+            raise
+        # The input already fails onnx.checker (e.g. an attribute whose type and data disagree): bad input.
+        raise BadInputError(
+            f"{loaded.path or 'the model'} fails onnx.checker and cannot be rewritten "
+            f"({str(e).splitlines()[0][:200]}); fix or re-export it"
+        ) from None
     problems = contract.differences(out)
     if problems:
         raise PassError(None, "the model's contract changed: " + "; ".join(problems), before=ran)
@@ -436,9 +452,28 @@ def optimize(
         report.after = after
     else:
         report.after = summarize(out)
+    if latency:
+        report.latency = _latency(model, loaded.proto, out_path, records, feeds, latency_data, seed)
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
     report.seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)
+
+
+def _latency(model, proto: onnx.ModelProto, out_path: Path | None, records, feeds, data, seed: int) -> dict:
+    """The latency section: the input model against the written result, or why it was not measured."""
+    from .latency import latency_feeds, measure_latency, not_measured
+
+    if out_path is None:
+        return not_measured("no output was written (latency is measured on the written file)")
+    if not any(r.modified for r in records):
+        return not_measured("no pass changed the model, so it runs as the input does")
+    try:
+        sample, source, desc = latency_feeds(proto, feeds, data, seed)
+    except Exception as e:  # noqa: BLE001 - latency is informational
+        return not_measured(f"no feeds to time with: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    result = measure_latency(model, out_path, sample, seed=seed, feeds_source=source, feeds_description=desc)
+    log.info("latency: %s", result.get("reason") or [(s["threads"], s["ratio"]) for s in result["settings"]])
+    return result
 
 
 def failed_output_path(output: str | os.PathLike) -> Path:
@@ -528,8 +563,13 @@ def _run_passes(
         for p in pass_list:
             if iteration > 0 and (not p.exact or p.name in failed):
                 continue  # lossy passes run once; a pass that failed is not retried
+            stage = f"pass {p.name}" + (f" (round {iteration + 1})" if iteration else "")
+            if progress:
+                progress(stage, 0, 1)
             with quiet_graphsurgeon():
                 record, ctx.graph = _run_pass(p, ctx, ran, iteration, on_pass_error, verify)
+            if progress:
+                progress(stage, 1, 1)
             records.append(record)
             ran.append(p.name)
             changed = changed or record.modified

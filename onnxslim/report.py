@@ -49,6 +49,8 @@ class Report:
     calibration: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    next_steps: list[str] = field(default_factory=list)  # after a failed gate: what to try (onnxslim.suggest)
+    latency: dict[str, Any] | None = None  # onnxruntime CPU latency, input vs result (onnxslim.latency)
 
     # -------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -89,6 +91,7 @@ class Report:
             if p.iteration == max(q.iteration for q in self.passes if q.name == p.name):
                 t.skipped = list(p.skipped)  # what the last round still could not do
                 t.layers = list(p.layers)
+            t.notes.extend(n for n in p.notes if n not in t.notes)
             t.seconds += p.seconds
             t.error = t.error or p.error
         return list(totals.values())
@@ -100,11 +103,13 @@ class Report:
 
         buf = io.StringIO()
         console = Console(file=buf, width=width, force_terminal=False, color_system=None)
-        for renderable in self.renderables():
+        for renderable in self.renderables(narrow=width < 110):
             console.print(renderable)
         return buf.getvalue()
 
-    def renderables(self) -> list:
+    def renderables(self, narrow: bool = False) -> list:
+        """Tables and lines; ``narrow`` (under ~110 columns): only the passes that changed something, and the
+        parity table without its secondary columns (the JSON has everything)."""
         from rich.table import Table
 
         out: list = []
@@ -117,8 +122,15 @@ class Report:
             t.add_column("after", justify="right")
             t.add_column("change", justify="right")
             after = self.after or self.before
-            rows = [
-                ("nodes", self.before.nodes, after.nodes, _int),
+            # Q/DQ pairs and the weight-decoding chains of packed weights (folded by onnxruntime when it loads the
+            # model) are not compute: counted apart so "+117% nodes" after int8 does not read as a bigger model.
+            kinds = [(label, ops) for label, ops in _NODE_KINDS if _count(self.before, ops) or _count(after, ops)]
+            compute = [self.before.nodes, after.nodes]
+            for _, ops in kinds:
+                compute = [compute[0] - _count(self.before, ops), compute[1] - _count(after, ops)]
+            rows = [("nodes" if not kinds else "compute nodes", compute[0], compute[1], _int)]
+            rows += [(label, _count(self.before, ops), _count(after, ops), _int) for label, ops in kinds]
+            rows += [
                 ("params", self.before.params, after.params, _int),
                 ("initializer bytes", self.before.initializer_bytes, after.initializer_bytes, _bytes),
                 ("file size", self.before.file_size, after.file_size, _bytes),
@@ -140,12 +152,26 @@ class Report:
                 else "passes",
                 title_justify="left",
             )
-            for col in ("#", "pass", "kind", "modified", "stats", "skipped", "s"):
-                t.add_column(col)
-            for i, p in enumerate(self.pass_totals(), 1):
+            totals = self.pass_totals()
+            shown = [p for p in totals if p.modified or p.error] if narrow else totals
+            longest = max((len(p.name) + (0 if p.exact or not narrow else 8) for p in shown), default=4)
+            t.add_column("#")
+            t.add_column("pass", no_wrap=True, min_width=longest)  # a name a user types: never cut
+            cols = ("stats", "s") if narrow else ("kind", "modified", "stats", "skipped", "s")
+            for col in cols:
+                t.add_column(col, overflow="fold", ratio=1 if col == "stats" else None)
+            if narrow and len(shown) < len(totals):
+                t.caption = f"{len(totals) - len(shown)} more pass(es) changed nothing"
+                t.caption_justify = "left"
+            for i, p in enumerate(totals, 1):
+                if p not in shown:
+                    continue
                 stats = ", ".join(f"{k}={_num(v)}" for k, v in p.stats.items() if v) or "-"
                 if p.error:
                     stats = f"FAILED, rolled back: {p.error}"
+                if narrow:  # only passes that changed something are shown; lossy ones say so in the name column
+                    t.add_row(str(i), p.name + ("" if p.exact else " (lossy)"), stats, f"{p.seconds:.2f}")
+                    continue
                 t.add_row(
                     str(i),
                     p.name,
@@ -156,11 +182,14 @@ class Report:
                     f"{p.seconds:.3f}",
                 )
             out.append(t)
+            out.extend(_facts_lines(self.pass_totals()))
             for p in self.pass_totals():
                 if p.layers:
                     out.append(_layers_table(p.name, p.layers))
         if self.parity:
-            out.extend(_parity_renderables(self.parity))
+            out.extend(_parity_renderables(self.parity, narrow))
+        out.extend(f"next step: {step}" for step in self.next_steps)
+        out.extend(_latency_lines(self.latency, self.passes))
         for w in self.warnings:
             out.append(f"warning: {w}")
         if self.checker:
@@ -169,6 +198,36 @@ class Report:
 
 
 _LAYER_ROWS = 20
+_FACT_REASONS = 3
+
+
+def _facts_lines(passes: list[PassRecord]) -> list[str]:
+    """What the passes decided and why, in one short section: their notes (the target CPU, weight bits, opset
+    limits, allocations) and, grouped, why nodes were left as they were (the JSON lists every node)."""
+    from collections import Counter
+
+    lines = []
+    for p in passes:
+        for note in dict.fromkeys(p.notes):
+            lines.append(f"  {p.name}: {note}")
+        reasons = Counter(s.get("reason", "?") for s in p.skipped)
+        if reasons and not p.exact:
+            top = "; ".join(f"{r} ({n})" for r, n in reasons.most_common(_FACT_REASONS))
+            more = (
+                f"; {len(reasons) - _FACT_REASONS} more reason(s) in the JSON" if len(reasons) > _FACT_REASONS else ""
+            )
+            lines.append(f"  {p.name}: {sum(reasons.values())} node(s) left as they were: {top}{more}")
+    return ["facts:", *lines] if lines else []
+
+
+_NODE_KINDS = (
+    ("Q/DQ nodes", ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")),
+    ("weight-decoding nodes", ("BitShift", "BitwiseAnd", "CumSum", "Mod", "ScatterElements")),
+)
+
+
+def _count(summary, ops) -> int:
+    return sum(summary.op_types.get(op, 0) for op in ops)
 
 
 def _layers_table(name: str, layers: list[dict]):
@@ -190,7 +249,22 @@ def _layers_table(name: str, layers: list[dict]):
     return t
 
 
-def _parity_renderables(parity: dict) -> list:
+_NAME_WIDTH = 28
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` cut from the middle to ``width`` characters: the head and the tail tell similar names apart."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def _output_names(runs: list[dict]) -> list[str]:
+    return [n for r in runs for n in r.get("outputs", {})] or ["output"]
+
+
+def _parity_renderables(parity: dict, narrow: bool = False) -> list:
     """Per provider and output: the worst-case metrics, the checks and the verdict; then explain."""
     from rich.table import Table
 
@@ -208,24 +282,27 @@ def _parity_renderables(parity: dict) -> list:
     if runs:
         t = Table(title="parity per provider and output (candidate vs original)", title_justify="left")
         drifts = any(r.get("provider_drift") for r in runs)
-        cols = (
-            [
-                "EP",
-                "output",
-                "max|d|",
-                "mean|d|",
-                "max rel",
-                "cos",
-                "SNR dB",
-                "worst ch cos",
-                "worst smp cos",
-                "top1/eq",
-            ]
-            + (["EP drift max|d|"] if drifts else [])
-            + ["result"]
-        )
+        drifts = drifts and not narrow
+        secondary = () if narrow else ("mean|d|", "max rel")
+        cols = [
+            "EP",
+            "output",
+            "max|d|",
+            *secondary,
+            "cos",
+            "SNR dB",
+            "ch cos" if narrow else "worst ch cos",
+            "smp cos" if narrow else "worst smp cos",
+            "top1/eq",
+            *(["EP drift max|d|"] if drifts else []),
+            "result",
+        ]
+        digits = 4 if narrow else 6
         for col in cols:
-            t.add_column(col, overflow="fold")
+            if col == "output":  # names stay distinguishable: cut from the middle, never wrapped or cut at the end
+                t.add_column(col, no_wrap=True, min_width=min(_NAME_WIDTH, max(len(n) for n in _output_names(runs))))
+            else:
+                t.add_column(col, overflow="fold")
         for r in runs:
             tag = r["provider"].replace("ExecutionProvider", "")
             for name, o in r.get("outputs", {}).items():
@@ -235,14 +312,13 @@ def _parity_renderables(parity: dict) -> list:
                 agree = m.get("top1_agreement", m.get("fraction_equal"))
                 t.add_row(
                     tag,
-                    name,
+                    shorten_middle(name, _NAME_WIDTH),
                     _g(m.get("max_abs")),
-                    _g(m.get("mean_abs")),
-                    _g(m.get("max_rel")),
-                    _g(m.get("cosine"), 6),
-                    _g(m.get("snr_db"), 4),
-                    _g(m.get("worst_channel_cosine"), 6),
-                    _g(m.get("worst_sample_cosine"), 6),
+                    *((_g(m.get("mean_abs")), _g(m.get("max_rel"))) if secondary else ()),
+                    _g(m.get("cosine"), digits),
+                    _g(m.get("snr_db"), 3 if narrow else 4),
+                    _g(m.get("worst_channel_cosine"), digits),
+                    _g(m.get("worst_sample_cosine"), digits),
                     _g(agree, 4),
                     *([_g(drift.get("max_abs")) if drift else ""] if drifts else []),
                     "pass" if o.get("passed") else "FAIL " + ",".join(bad),
@@ -287,6 +363,62 @@ def _parity_renderables(parity: dict) -> list:
     for f in parity.get("failures") or []:
         out.append(f"failed: {f}")
     return out
+
+
+def _latency_lines(latency: dict | None, passes: list[PassRecord]) -> list[str]:
+    """Latency per thread setting (input -> result), and the int8 target the quantizer used with the CPU
+    flags behind it. Lines stay within 80 columns."""
+    out: list[str] = []
+    lat = latency or {}
+    machine = lat.get("machine") or {}
+    if latency is not None:
+        settings = lat.get("settings") or []
+        if not lat.get("measured") or not settings:
+            out.append(f"latency: not measured: {lat.get('reason') or 'unknown reason'}")
+        else:
+            runs = sorted({s.get("runs") for s in settings})
+            n = f"{runs[0]}" if len(runs) == 1 else "/".join(map(str, runs))
+            out.append(
+                f"latency (onnxruntime CPU, {lat.get('graph_optimization', 'ORT_ENABLE_ALL')}, "
+                f"{lat.get('order', 'interleaved')}, median of {n} runs):"
+            )
+            for s in settings:
+                a, b, t = s["original"], s["candidate"], s["threads"]
+                ratio = f"{s['ratio']:.2f}x" if s.get("ratio") is not None else "-"
+                out.append(
+                    f"  {t} thread{'s' if t != 1 else ''}: {_ms(a['median_ms'])} -> {_ms(b['median_ms'])} ms "
+                    f"({ratio}), p10-p90 {_ms(a['p10_ms'])}-{_ms(a['p90_ms'])} -> "
+                    f"{_ms(b['p10_ms'])}-{_ms(b['p90_ms'])}"
+                )
+            source, desc = lat.get("feeds"), lat.get("feeds_description") or ""
+            if source:
+                text = desc if source == "synthetic" and desc else f"first {source} sample, {desc}" if desc else source
+                out.append(f"  feeds: {text}")
+    seen: set[str] = set()
+    for p in passes:
+        note = next((n for n in p.notes if n.startswith("target ")), None) if p.modified else None
+        if note is None or p.name in seen:
+            continue
+        seen.add(p.name)
+        head, _, rest = note.partition(": ")
+        out.append(f"{p.name}: int8 {head}" + (":" if rest else ""))
+        if rest:
+            out.append(f"  {rest}")
+        if machine and "detected on this machine" in note:
+            have = machine.get("cpu_flags") or []
+            absent = [f for f in machine.get("cpu_flags_checked") or [] if f not in have]
+            out.append(
+                f"  CPU flags: {' '.join(have) or 'none of those checked'}"
+                + (f"; absent: {' '.join(absent)}" if absent else "")
+            )
+    return out
+
+
+def _ms(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
 def _g(v, digits: int = 3) -> str:

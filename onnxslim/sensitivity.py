@@ -96,6 +96,8 @@ class SensitivityEngine:
         modes: tuple[bool, ...] = (False, True),
         threads: int = 1,
         criterion: str | Callable[[list[dict], list[dict]], float] = "cosine",
+        progress: Callable[[str, int, int | None], None] | None = None,
+        stage: str = "sensitivity probes",
     ):
         if samples < 1:
             raise ValueError(f"samples must be >= 1; got {samples}")
@@ -103,6 +105,8 @@ class SensitivityEngine:
             raise ValueError(f"criterion must be 'cosine', 'decisions' or a callable; got {criterion!r}")
         self.modes, self.threads, self.criterion = tuple(modes), threads, criterion
         self.sessions = 0
+        self.progress, self.stage = progress, stage
+        self.measured, self.expected = 0, None  # candidates scored so far; how many the current probe() will score
         self.feeds: list[dict[str, np.ndarray]] = []
         for feed in data:
             self.feeds.append(_inputs_only(feed))
@@ -164,6 +168,9 @@ class SensitivityEngine:
                 damage.cosine = min(damage.cosine, m["cosine"])
                 damage.snr_db = min(damage.snr_db, m["snr_db"])
                 damage.max_abs = max(damage.max_abs, m["max_abs"])
+        self.measured += 1
+        if self.progress is not None:
+            self.progress(self.stage, self.measured, self.expected)
         return damage
 
     def probe(
@@ -174,6 +181,8 @@ class SensitivityEngine:
     ) -> dict[K, Damage]:
         """Each change alone: ``build(key)`` is the model with only that change applied; its damage, by key."""
         out: dict[K, Damage] = {}
+        keys = list(keys)
+        self.expected = self.measured + len(keys)
         for key in keys:
             out[key] = self.measure(build(key))
             if on_result is not None:

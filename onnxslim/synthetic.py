@@ -4,7 +4,9 @@ Synthetic data only proves that two models agree on *these* inputs; every report
 The inputs respect the model's contract so the models compute something meaningful:
 
 - dtypes are the declared ones; dynamic dims come from ``shapes`` (``{"input_ids": (1, 16)}`` or the CLI
-  text ``input_ids:1x16,attention_mask:1x16``), else ``batch`` for the first dim and ``dim`` for others;
+  text ``input_ids:1x16,attention_mask:1x16``), else ``batch`` for the first dim; the dynamic spatial dims of
+  an image-like input take the exporter's recorded size (metadata ``imgsz``) or a multiple of the model's total
+  Conv/pool stride (a detector with an FPN needs one), others ``dim``;
 - integer inputs that index a table (``Gather``/``GatherElements``/``GatherND`` indices, also through
   Cast/Unsqueeze/Reshape/...) are drawn in ``[0, rows)`` where ``rows`` is the table's size on the
   gathered axis (an embedding's vocabulary); integer inputs named like masks are all ones; other integers
@@ -24,7 +26,7 @@ import onnx
 from .data import FeedData, InputSpec, input_specs
 from .errors import UsageError
 
-__all__ = ["parse_shapes", "synthetic_feeds", "infer_int_ranges"]
+__all__ = ["parse_shapes", "synthetic_feeds", "infer_int_ranges", "plausible_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,61 @@ def infer_int_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def _concrete_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int, dim: int) -> tuple[int, ...]:
+_STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+_SIZE_KEYS = re.compile(r"^(imgsz|image_?size|input_?size|img_?size)$", re.IGNORECASE)
+
+
+def _total_stride(model: onnx.ModelProto, name: str) -> int:
+    """The largest product of Conv/pool strides on any path from input ``name`` (1: none): a spatial size that
+    is a multiple of it survives every downsampling and the upsampling/concat that mirrors it (FPN, U-Net)."""
+    factor = {name: 1}
+    for n in model.graph.node:  # ONNX requires topological order
+        got = [factor[i] for i in n.input if i in factor]
+        if not got:
+            continue
+        f = max(got)
+        if n.op_type in _STRIDED:
+            strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [])
+            f *= max([1, *strides])
+        for o in n.output:
+            factor[o] = max(factor.get(o, 1), f)
+    return max(factor.values())
+
+
+def _metadata_size(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    """A spatial size the exporter recorded (e.g. ``imgsz`` = ``[640, 640]``), if any."""
+    for p in model.metadata_props:
+        if _SIZE_KEYS.match(p.key.strip()):
+            dims = [int(d) for d in re.findall(r"\d+", p.value)]
+            if dims and all(0 < d <= 8192 for d in dims):
+                return tuple(dims)
+    return None
+
+
+def plausible_dims(model: onnx.ModelProto, spec: InputSpec) -> tuple[dict[int, int], str]:
+    """Sizes for the dynamic spatial dims of an image-like input (rank 3-5, float, read by a Conv or pool), from
+    the exporter's metadata or from the model's total stride; with a note saying where they came from."""
+    if spec.shape is None or not 3 <= len(spec.shape) <= 5 or spec.dtype.kind != "f":
+        return {}, ""
+    dynamic = [i for i, d in enumerate(spec.shape) if i >= 2 and not (isinstance(d, int) and d > 0)]
+    if not dynamic:
+        return {}, ""
+    meta = _metadata_size(model)
+    if meta and len(meta) in (1, len(spec.shape) - 2):
+        sizes = meta * (len(spec.shape) - 2) if len(meta) == 1 else meta
+        return {i: int(sizes[i - 2]) for i in dynamic}, "from the model's metadata"
+    stride = _total_stride(model, spec.name)
+    if stride <= 1:
+        return {}, ""
+    fixed = [d for i, d in enumerate(spec.shape) if i >= 2 and isinstance(d, int) and d > 0]
+    size = max(2 * stride, 32, *fixed)
+    size = -(-size // stride) * stride
+    return {i: size for i in dynamic}, f"a multiple of the model's total stride {stride}"
+
+
+def _concrete_shape(
+    spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int, dim: int, spatial: dict[int, int] | None = None
+) -> tuple[int, ...]:
     if spec.name in shapes:
         got = shapes[spec.name]
         if spec.shape is not None:
@@ -135,7 +191,11 @@ def _concrete_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: 
         return got
     if spec.shape is None:
         raise UsageError(f"input '{spec.name}' has no declared shape; give it with --shapes {spec.name}:DxD")
-    return tuple(d if isinstance(d, int) and d > 0 else (batch if i == 0 else dim) for i, d in enumerate(spec.shape))
+    spatial = spatial or {}
+    return tuple(
+        d if isinstance(d, int) and d > 0 else (batch if i == 0 else spatial.get(i, dim))
+        for i, d in enumerate(spec.shape)
+    )
 
 
 def synthetic_feeds(
@@ -157,7 +217,8 @@ def synthetic_feeds(
             f"(its inputs: {', '.join(s.name for s in specs)})"
         )
     int_ranges = infer_int_ranges(model)
-    concrete = {s.name: _concrete_shape(s, fixed, batch, dim) for s in specs}
+    spatial = {s.name: plausible_dims(model, s) for s in specs if s.name not in fixed}
+    concrete = {s.name: _concrete_shape(s, fixed, batch, dim, spatial.get(s.name, ({}, ""))[0]) for s in specs}
     plan: dict[str, str] = {}
     for s in specs:
         if s.dtype.kind in "iu":
@@ -172,6 +233,9 @@ def synthetic_feeds(
             plan[s.name] = "random bool"
         elif s.dtype.kind in "fc":
             plan[s.name] = "standard normal"
+            sizes, why = spatial.get(s.name, ({}, ""))
+            if sizes:
+                plan[s.name] += f"; dynamic spatial dims {sorted(set(sizes.values()))} ({why})"
         else:
             raise UsageError(f"cannot synthesize input '{s.name}' of dtype {s.dtype}; give real data with --data")
 

@@ -135,7 +135,7 @@ def m_attribute(m, rng):
     elif a.type == AttributeProto.GRAPH:
         del a.g.node[: rng.randrange(len(a.g.node) + 1)]
     else:
-        a.type = rng.choice([0, AttributeProto.INT, AttributeProto.GRAPH, 99])
+        a.type = rng.choice([0, AttributeProto.INT, AttributeProto.GRAPH, AttributeProto.FLOATS])
 
 
 def _mutate_tensor(t: onnx.TensorProto, rng: random.Random) -> None:

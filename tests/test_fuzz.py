@@ -46,3 +46,12 @@ def test_the_runner_reports_a_hang_and_a_crash(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "main", boom)
     rc, err, _ = _fuzz.run_cli(["info", "x"], timeout=30, workdir=tmp_path)
     assert rc == 99 and "Traceback (most recent call last)" in err and "deliberate" in err
+
+
+def test_mutants_the_long_run_found():
+    # bench/fuzz/run_fuzz.py, seeds 100000..100999: an empty ints attribute in an ML op (the input fails
+    # onnx.checker) made graphsurgeon's export raise -> exit 3; now exit 2 naming the problem.
+    for name, seed in (("sklearn_wine_tree", 100037), ("sklearn_cancer", 100515)):
+        applied, results = _fuzz.run_mutant(name, seed, timeout=120)
+        assert [r.problems for r in results] == [[], [], []], (name, seed, applied)
+        assert results[1].rc == 2

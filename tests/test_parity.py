@@ -328,3 +328,31 @@ def test_installed_provider_failing_a_run_fails_the_gate(monkeypatch):
     assert "kernel XYZ is not implemented" in bad["reason"] and "more lines" not in bad["reason"]
     # The CPU run still happened and passed: the failure names the provider, not the model.
     assert [x["provider"] for x in r.runs] == ["CPUExecutionProvider"] and r.runs[0]["passed"]
+
+
+def test_worst_channel_axis_default_and_override():
+    from onnxslim.parity_metrics import compare_output, default_channel_axis
+
+    assert default_channel_axis([1, 22, 2100], (1, 22, 2100)) == 1  # detector rows: boxes + class scores
+    assert default_channel_axis([1, 2100, 22], (1, 2100, 22)) == 2
+    assert default_channel_axis(["batch", "seq", 384], (2, 16, 384)) == 2  # a named dim is not a channel
+    assert default_channel_axis([1, 80, 40, 40], (1, 80, 40, 40)) == 1  # feature maps: C
+    assert default_channel_axis(["batch", 10], (4, 10)) == 1
+    # One bad anchor column of a [1, 6, 50] detector output is the worst "channel" only along axis 2.
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1, 6, 50)).astype(np.float32)
+    cand = ref.copy()
+    cand[0, :, 17] = -cand[0, :, 17]
+    along2 = compare_output("y", [ref], [cand], ["s"], channel_axis=2)["metrics"]
+    along1 = compare_output("y", [ref], [cand], ["s"], channel_axis=1)["metrics"]
+    assert along2["channel_axis"] == 2 and along2["worst_channel"] == 17 and along2["worst_channel_cosine"] < -0.99
+    assert along1["worst_channel_cosine"] > 0.5
+
+
+def test_channel_axes_reach_the_report_and_bad_ones_are_refused():
+    r = check(CNN, CNN, data=CNN_EVAL, max_samples=1)
+    assert r.runs[0]["outputs"]["logits"]["metrics"]["channel_axis"] == 1
+    with pytest.raises(UsageError, match="not an output"):
+        check(CNN, CNN, data=CNN_EVAL, max_samples=1, channel_axes={"nope": 1})
+    with pytest.raises(UsageError, match="give an axis 1..1"):
+        check(CNN, CNN, data=CNN_EVAL, max_samples=1, channel_axes="logits:0")

@@ -107,7 +107,7 @@ def test_required_provider_missing_exits_1(capsys):
         ["--providers", "warpdrive"],
         ["--shapes", "input:1x2"],
         ["--threshold", "logits"],
-        ["--floor", "cosine=0.9"],  # floors need --mode lossy
+        ["--floor", "cosine=0.9", "--mode", "exact"],  # floors are lossy floors
     ],
 )
 def test_bad_input_exits_2(extra, capsys):
@@ -194,3 +194,44 @@ def test_optimize_check_data_fails_gate_with_exit_1(tmp_path, capsys):
     assert out.read_bytes() == b"previous"
     onnx.checker.check_model(onnx.load(str(tmp_path / "o.failed.onnx")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.failed.onnx", "o.onnx"]
+
+
+def test_check_picks_lossy_mode_for_an_int8_candidate_and_says_why(tmp_path, capsys):
+    # Issue 15 item 5: an int8 candidate checked without --mode used to fail with "tolerance = 1.036e+04".
+    q = tmp_path / "q.onnx"
+    calib = ROOT / "cnn_digits" / "calib"
+    assert main(["optimize", str(CNN), "-o", str(q), "--quantize", "int8", "--calib", str(calib), "-q"]) == 0
+    rep = tmp_path / "r.json"
+    assert main(["check", str(CNN), str(q), "--data", str(CNN_EVAL), "--report", str(rep), "-q"]) == 0
+    d = json.loads(rep.read_text())
+    assert d["mode"] == "lossy"
+    assert any("mode lossy (auto)" in n and "QuantizeLinear +" in n for n in d["notes"])
+    # Insisting on exact fails, and the report says what the user wants instead.
+    assert main(["check", str(CNN), str(q), "--data", str(CNN_EVAL), "--mode", "exact", "--report", str(rep)]) == 1
+    d = json.loads(rep.read_text())
+    assert d["mode"] == "exact" and any("--mode lossy" in n for n in d["notes"])
+    # A lossless result stays exact.
+    s = tmp_path / "s.onnx"
+    assert main(["optimize", str(CNN), "-o", str(s), "-q"]) == 0
+    assert main(["check", str(CNN), str(s), "--data", str(CNN_EVAL), "--report", str(rep), "-q"]) == 0
+    assert json.loads(rep.read_text())["mode"] == "exact"
+
+
+def test_lossy_changes_sees_pruning_and_codebooks(tmp_path):
+    import onnx
+
+    from onnxslim.lossy_changes import lossy_changes
+
+    calib = ROOT / "cnn_digits" / "calib"
+    orig = onnx.load(str(CNN))
+    assert lossy_changes(orig, orig) == []
+    cases = (
+        (["--prune", "0.5"], "weight-decoding nodes added (BitShift"),  # stored packed
+        (["-p", "prune_by_magnitude:sparsity=0.5"], "(pruned)"),  # stored dense: the zeros show
+        (["--share", "4"], "weight-decoding nodes added (BitShift"),  # packed codes
+        (["--share", "4", "--share-option", "decode=dense"], "codebooks"),
+    )
+    for flags, sign in cases:
+        out = tmp_path / "c.onnx"
+        assert main(["optimize", str(CNN), "-o", str(out), *flags, "--calib", str(calib), "-q"]) == 0
+        assert any(sign in r for r in lossy_changes(orig, onnx.load(str(out)))), flags

@@ -52,7 +52,9 @@ def allocate_sparsity(
     base = export_standalone(ctx.graph, ctx.opset)
     tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
     # onnxruntime's own optimizations on: they change no float semantics here, and the probes run faster
-    engine = SensitivityEngine(base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion)
+    engine = SensitivityEngine(
+        base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion, progress=ctx.progress
+    )
     levels = sensitivity_levels(target)
     measured = [x for x in layers if x.source.node is None and x.source.constant.name in tensors]
     if max_layers and len(measured) > max_layers:  # the largest layers hold most of the zeros to place

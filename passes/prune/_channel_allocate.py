@@ -45,7 +45,9 @@ def allocate_fractions(
     t0 = time.perf_counter()
     base = export_standalone(ctx.graph, ctx.opset)
     tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
-    engine = SensitivityEngine(base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion)
+    engine = SensitivityEngine(
+        base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion, progress=ctx.progress
+    )
 
     def readers(group):
         out = []

@@ -286,7 +286,9 @@ class _Search:
         # MatMulNBits, which re-quantizes the float activation).
         self.what = {"cosine": "cosine", "decisions": "decision score"}.get(opts.precision_metric, "metric score")
         metric = resolve_criterion(opts.precision_metric)
-        self.engine = SensitivityEngine(model, ctx.calibration, samples=opts.sensitivity_samples, criterion=metric)
+        self.engine = SensitivityEngine(
+            model, ctx.calibration, samples=opts.sensitivity_samples, criterion=metric, progress=ctx.progress
+        )
         self.originals = _original_constants(model)
 
     def cosine(self, rungs: dict[Key, str]) -> float:
