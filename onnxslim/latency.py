@@ -48,33 +48,9 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def machine_facts(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """Cores, architecture and the CPU flags that decide the int8 target (``target=auto`` of the quantizer)."""
-    from .passes.quantize import _hardware as hw
-
-    machine = platform.machine().strip().lower()
-    if machine in hw._X86_MACHINES:
-        checked = sorted(hw._X86_VNNI_FLAGS | {"avx2"})
-    elif machine in hw._ARM_MACHINES or machine.startswith(("arm", "aarch64")):
-        checked = sorted(hw._ARM_DOT_FLAGS)
-    else:
-        checked = sorted(hw._X86_VNNI_FLAGS | {"avx2"} | hw._ARM_DOT_FLAGS)
-    try:
-        with open(cpuinfo_path, errors="replace") as f:
-            flags = hw._flags(f.read())
-    except OSError:
-        flags = set()
-    try:
-        target = hw.host_target(cpuinfo_path)
-    except Exception as e:  # noqa: BLE001 - informational
-        target = f"unknown ({type(e).__name__})"
-    return {
-        "cpus": cpu_count(),
-        "machine": platform.machine(),
-        "int8_target": target,
-        "cpu_flags": sorted(flags & set(checked)),
-        "cpu_flags_checked": checked,
-    }
+def machine_facts() -> dict[str, Any]:
+    """Cores and architecture (the int8 target and its deciding CPU flags are in the quantize pass's note)."""
+    return {"cpus": cpu_count(), "machine": platform.machine()}
 
 
 def _first_line(e: BaseException) -> str:

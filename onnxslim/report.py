@@ -103,13 +103,14 @@ class Report:
 
         buf = io.StringIO()
         console = Console(file=buf, width=width, force_terminal=False, color_system=None)
-        for renderable in self.renderables(narrow=width < 110):
+        for renderable in self.renderables(width=width):
             console.print(renderable)
         return buf.getvalue()
 
-    def renderables(self, narrow: bool = False) -> list:
+    def renderables(self, width: int = 120) -> list:
         """Tables and lines; ``narrow`` (under ~110 columns): only the passes that changed something, and the
         parity table without its secondary columns (the JSON has everything)."""
+        narrow = width < 110
         from rich.table import Table
 
         out: list = []
@@ -182,14 +183,14 @@ class Report:
                     f"{p.seconds:.3f}",
                 )
             out.append(t)
-            out.extend(_facts_lines(self.pass_totals()))
+            out.extend(_facts_lines(self.pass_totals(), width))
             for p in self.pass_totals():
                 if p.layers:
                     out.append(_layers_table(p.name, p.layers))
         if self.parity:
             out.extend(_parity_renderables(self.parity, narrow))
         out.extend(f"next step: {step}" for step in self.next_steps)
-        out.extend(_latency_lines(self.latency, self.passes))
+        out.extend(_latency_lines(self.latency))
         for w in self.warnings:
             out.append(f"warning: {w}")
         if self.checker:
@@ -201,7 +202,7 @@ _LAYER_ROWS = 20
 _FACT_REASONS = 3
 
 
-def _facts_lines(passes: list[PassRecord]) -> list[str]:
+def _facts_lines(passes: list[PassRecord], width: int = 120) -> list[str]:
     """What the passes decided and why, in one short section: their notes (the target CPU, weight bits, opset
     limits, allocations) and, grouped, why nodes were left as they were (the JSON lists every node)."""
     from collections import Counter
@@ -217,7 +218,12 @@ def _facts_lines(passes: list[PassRecord]) -> list[str]:
                 f"; {len(reasons) - _FACT_REASONS} more reason(s) in the JSON" if len(reasons) > _FACT_REASONS else ""
             )
             lines.append(f"  {p.name}: {sum(reasons.values())} node(s) left as they were: {top}{more}")
-    return ["facts:", *lines] if lines else []
+    if not lines:
+        return []
+    import textwrap
+
+    wrapped = [w for line in lines for w in textwrap.wrap(line, width - 1, subsequent_indent="    ")]
+    return ["facts:", *wrapped]
 
 
 _NODE_KINDS = (
@@ -365,12 +371,11 @@ def _parity_renderables(parity: dict, narrow: bool = False) -> list:
     return out
 
 
-def _latency_lines(latency: dict | None, passes: list[PassRecord]) -> list[str]:
-    """Latency per thread setting (input -> result), and the int8 target the quantizer used with the CPU
-    flags behind it. Lines stay within 80 columns."""
+def _latency_lines(latency: dict | None) -> list[str]:
+    """Latency per thread setting (input -> result); lines stay within 80 columns. (The int8 target and the
+    CPU flags behind it are in the facts section, from the quantize pass's note.)"""
     out: list[str] = []
     lat = latency or {}
-    machine = lat.get("machine") or {}
     if latency is not None:
         settings = lat.get("settings") or []
         if not lat.get("measured") or not settings:
@@ -394,23 +399,6 @@ def _latency_lines(latency: dict | None, passes: list[PassRecord]) -> list[str]:
             if source:
                 text = desc if source == "synthetic" and desc else f"first {source} sample, {desc}" if desc else source
                 out.append(f"  feeds: {text}")
-    seen: set[str] = set()
-    for p in passes:
-        note = next((n for n in p.notes if n.startswith("target ")), None) if p.modified else None
-        if note is None or p.name in seen:
-            continue
-        seen.add(p.name)
-        head, _, rest = note.partition(": ")
-        out.append(f"{p.name}: int8 {head}" + (":" if rest else ""))
-        if rest:
-            out.append(f"  {rest}")
-        if machine and "detected on this machine" in note:
-            have = machine.get("cpu_flags") or []
-            absent = [f for f in machine.get("cpu_flags_checked") or [] if f not in have]
-            out.append(
-                f"  CPU flags: {' '.join(have) or 'none of those checked'}"
-                + (f"; absent: {' '.join(absent)}" if absent else "")
-            )
     return out
 
 

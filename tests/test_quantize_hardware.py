@@ -243,7 +243,13 @@ def test_auto_target_follows_faked_cpu_flags(tmp_path, monkeypatch, cpuinfo, mac
     f.write_text(cpuinfo)
     monkeypatch.setattr(_hardware.platform, "machine", lambda: machine)
     monkeypatch.setattr(_hardware, "host_target", lambda *a, **k: host_target(f))  # the real detection, faked flags
+    real_flags = _hardware.deciding_flags
+    monkeypatch.setattr(_hardware, "deciding_flags", lambda *a, **k: real_flags(f))
     out, rep = optimize(_conv_model(), [FULL], calibration=_calib())
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out)) == qmax
     assert _zero_point_types(out) == {zero_point}
-    assert any("(detected on this machine)" in n for n in rep.passes[0].notes)
+    (note,) = [n for n in rep.passes[0].notes if "(detected on this machine)" in n]
+    # The note names the flags that decided it (issue 15: the report shows them, in its facts section).
+    have, checked = real_flags(f)
+    assert f"CPU flags: {' '.join(have) or 'none of those checked'}" in note
+    assert set(have) <= set(checked) and ("avx2" in have) == ("avx2" in cpuinfo)

@@ -3,9 +3,9 @@ and `check` (tests/_fuzz.py has the mutators and the per-command oracle).
 
     .venv/bin/python bench/fuzz/run_fuzz.py --mutants 1000 [--start-seed 0] [--timeout 60]
 
-Writes bench/out/fuzz/results.json (every mutant with a problem, exit-code counts per command, timings) and
-prints a summary; exits 1 if any mutant had a problem (an exit other than 0/1/2, a traceback, a hang, output
-written on exit 2, the input modified).
+Writes bench/out/fuzz/results.json (every mutant with a problem, exit-code counts per command, timings) and the
+"Fuzzing" section of bench/RESULTS.md, and prints a summary; exits 1 if any mutant had a problem (an exit
+other than 0/1/2, a traceback, a hang, output written on exit 2, the input modified).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 import _fuzz  # noqa: E402
+import int8_report  # noqa: E402
+
+HEADING = "## Fuzzing the CLI with mutated sample models"
 
 
 def _preload() -> None:
@@ -35,6 +38,42 @@ def _preload() -> None:
     for pkg in (onnxslim, onnxslim.passes):  # the passes live in their own folder (package-dir mapping)
         for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             importlib.import_module(mod.name)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _render(r: dict, args) -> str:
+    import os
+
+    lines = [
+        HEADING,
+        "",
+        f"`bench/fuzz/run_fuzz.py --mutants {r['mutants']} --start-seed {r['start_seed']} --timeout {args.timeout:g}`, "
+        f"{r['date']}, {r['machine']}, {os.cpu_count()} cores: {r['commands']} commands on {r['mutants']} "
+        f"mutants of the sample models in {r['wall_s']:.0f} s. Problems (exit outside 0/1/2, traceback, hang, "
+        f"output written on exit 2, input modified): **{len(r['problems'])}**.",
+        "",
+        "| command | exit 0 | exit 1 | exit 2 | other |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for cmd in ("info", "optimize", "check"):
+        counts = {k.split(" exit ")[1]: v for k, v in r["exit_codes"].items() if k.startswith(cmd + " ")}
+        other = sum(v for k, v in counts.items() if k not in ("0", "1", "2"))
+        lines.append(f"| {cmd} | {counts.get('0', 0)} | {counts.get('1', 0)} | {counts.get('2', 0)} | {other} |")
+    lines += ["", "Mutations applied: " + ", ".join(f"{k} {v}" for k, v in r["mutations"].items()) + "."]
+    for p in r["problems"]:
+        lines.append(
+            f"- {p['model']} seed {p['seed']} ({', '.join(p['mutations'])}): {p['command']}: {'; '.join(p['problems'])}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -84,13 +123,14 @@ def main() -> int:
         "problems": problems,
         "wall_s": round(wall, 1),
         "slowest": [{"seconds": round(s, 2), "model": m, "seed": sd, "command": c} for s, m, sd, c in slowest[:5]],
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}".strip(),
+        "machine": f"{_cpu_name()} ({platform.machine()}), Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=1))
+    int8_report.write_section(ROOT / "bench" / "RESULTS.md", _render(result, args), heading=HEADING)
     print(f"{len(problems)} mutant command(s) with problems; details in {out}")
     return 1 if problems else 0
 

@@ -43,11 +43,18 @@ class HardwareChoice:
     detected: bool  # True when it came from this machine (target=auto)
     reduce_range: bool
     activations: str  # "uint8" | "int8"
+    flags: tuple[str, ...] = ()  # the deciding CPU flags this machine has (when detected)
+    flags_checked: tuple[str, ...] = ()  # the ones looked for
 
     def note(self) -> str:
         how = "detected on this machine" if self.detected else "given"
         weights = "7-bit weights [-64, 63] (reduce_range)" if self.reduce_range else "8-bit weights"
-        return f"target {self.target} ({how}): {self.activations} activations, {weights}"
+        text = f"target {self.target} ({how}): {self.activations} activations, {weights}"
+        if self.detected and self.flags_checked:
+            absent = [f for f in self.flags_checked if f not in self.flags]
+            text += f"; CPU flags: {' '.join(self.flags) or 'none of those checked'}"
+            text += f" (absent: {' '.join(absent)})" if absent else ""
+        return text
 
 
 def _flags(cpuinfo: str) -> set[str]:
@@ -125,4 +132,21 @@ def resolve_hardware(
         rr = bool(reduce_range)
     if activations != "auto":
         act = activations
-    return HardwareChoice(resolved, detected, rr, act)
+    have, checked = deciding_flags(cpuinfo_path) if detected else ((), ())
+    return HardwareChoice(resolved, detected, rr, act, have, checked)
+
+
+def deciding_flags(cpuinfo_path: str | Path = "/proc/cpuinfo", machine: str | None = None) -> tuple[tuple, tuple]:
+    """(the flags that decide the target which this machine has, the flags looked for), both sorted."""
+    m = (platform.machine() if machine is None else machine).strip().lower()
+    if m in _X86_MACHINES:
+        checked = _X86_VNNI_FLAGS | {"avx2"}
+    elif m in _ARM_MACHINES or m.startswith(("arm", "aarch64")):
+        checked = set(_ARM_DOT_FLAGS)
+    else:
+        checked = _X86_VNNI_FLAGS | {"avx2"} | _ARM_DOT_FLAGS
+    try:
+        flags = _flags(Path(cpuinfo_path).read_text(errors="replace"))
+    except OSError:
+        flags = set()
+    return tuple(sorted(flags & checked)), tuple(sorted(checked))
