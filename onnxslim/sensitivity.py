@@ -31,7 +31,7 @@ import onnx
 
 from .parity_metrics import SNR_CAP_DB, compare_output, cosine_similarity, snr_db
 
-__all__ = ["Damage", "SensitivityEngine", "resolve_criterion", "check_criterion"]
+__all__ = ["Damage", "SensitivityEngine", "resolve_criterion", "check_criterion", "greedy_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,28 @@ class SensitivityEngine:
     def ranked(damages: Mapping[K, Damage]) -> list[K]:
         """Keys from the most to the least damaging (ties keep their order)."""
         return sorted(damages, key=lambda k: -damages[k].loss)
+
+
+def greedy_levels(losses: Mapping[K, list[float]], gains: Mapping[K, list[float]], need: float) -> dict[K, int]:
+    """Per key, the index of its chosen level. Every key starts at level 0; the key whose next level costs the
+    least loss per unit gained moves up, until the total gain reaches ``need`` or no key can move. ``gains[k][i]``
+    is what level i gains (increasing, ``gains[k][0] == 0``: zeros placed, bits saved); ``losses[k][i]`` what it
+    costs, measured with that key's change alone (losses are taken as additive: the usual first-order view)."""
+    state = {k: 0 for k in losses}
+    total = 0.0
+    while total < need - 1e-9:
+        best, best_key = None, None
+        for k, i in state.items():
+            if i + 1 >= len(losses[k]):
+                continue
+            step = gains[k][i + 1] - gains[k][i]
+            if step <= 0:
+                continue
+            key = ((losses[k][i + 1] - losses[k][i]) / step, -step)
+            if best_key is None or key < best_key:
+                best, best_key = k, key
+        if best is None:
+            break
+        total += gains[best][state[best] + 1] - gains[best][state[best]]
+        state[best] += 1
+    return state

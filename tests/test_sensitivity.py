@@ -95,3 +95,14 @@ def test_decisions_catch_a_ruined_slice_that_the_whole_tensor_cosine_misses():
     assert user.measure(reference).score == 1.0 and user.measure(ruined).score < 1.0
     with pytest.raises(ValueError, match="criterion must be"):
         SensitivityEngine(reference, feeds, criterion="nearest")
+
+
+def test_greedy_levels_takes_the_cheapest_loss_per_unit_gained_first():
+    from onnxslim.sensitivity import greedy_levels
+
+    # a: cheap per unit; b: expensive; c: cheap at first, then steep.
+    losses = {"a": [0.0, 0.01, 0.02], "b": [0.0, 0.5, 0.9], "c": [0.0, 0.001, 0.8]}
+    gains = {"a": [0, 10, 20], "b": [0, 10, 20], "c": [0, 10, 20]}
+    assert greedy_levels(losses, gains, 30) == {"a": 2, "b": 0, "c": 1}
+    assert greedy_levels(losses, gains, 0) == {"a": 0, "b": 0, "c": 0}
+    assert greedy_levels(losses, gains, 1000) == {"a": 2, "b": 2, "c": 2}  # cannot reach: everything moved

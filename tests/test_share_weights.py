@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,7 +21,7 @@ from onnxslim.testing import check_pass_contract, run_model
 from _fusion_testlib import model
 from conftest import SAMPLES
 
-LOOSE = {"keep_first_last": False, "min_weights": 0}
+LOOSE = {"keep_first_last": False, "min_weights": 0, "allocation": "uniform"}
 CNN = SAMPLES / "cnn_digits" / "model.onnx"
 
 
@@ -253,3 +256,33 @@ def test_bad_bits_on_the_command_line_exit_2_with_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "bits must be in 2..8" in err, err
     assert not out.exists()
+
+
+def test_sensitivity_allocation_spends_the_same_bits_where_they_matter(tmp_path):
+    """On the trained sample CNN: 3 bits on average, spread by measured damage; verified against uniform."""
+    cnn = SAMPLES / "cnn_digits"
+    rep = tmp_path / "r.json"
+    argv = ["optimize", str(cnn / "model.onnx"), "-o", str(tmp_path / "s.onnx"), "--share", "3"]
+    argv += ["--calib", str(cnn / "calib"), "--report", str(rep), "--no-latency", "-q"]
+    assert main(argv) == 0
+    (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
+    (note,) = [n for n in p["notes"] if n.startswith("sensitivity allocation:")]
+    allocated, uniform = (float(x) for x in re.findall(r"score allocated ([0-9.]+) vs uniform ([0-9.]+)", note)[0])
+    kept = note.rsplit("kept ", 1)[1]
+    assert kept == ("allocated" if allocated >= uniform else "uniform")
+    bits = {row["layer"]: row["bits"] for row in p["layers"]}
+    params = {row["layer"]: row["params"] for row in p["layers"]}
+    average = sum(bits[k] * params[k] for k in bits) / sum(params.values())
+    assert average <= 3 + 1e-9  # the same index budget as uniform 3 bits
+    if kept == "allocated":
+        assert len(set(bits.values())) > 1
+    # layer_bits is the user's word: a pinned layer keeps its width, the rest are allocated around it.
+    pinned = sorted(bits)[0]
+    assert main([*argv, "--share-option", f"layer_bits={pinned}=6"]) == 0
+    (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
+    assert {row["layer"]: row["bits"] for row in p["layers"]}[pinned] == 6
+    # uniform: every layer at b
+    assert main([*argv, "--share-option", "allocation=uniform"]) == 0
+    (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
+    assert {row["bits"] for row in p["layers"]} == {3}
+    assert not any(n.startswith("sensitivity allocation:") for n in p["notes"])

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from onnxslim.graph import iter_graphs
 from onnxslim.gs_bridge import export_standalone
-from onnxslim.sensitivity import SensitivityEngine
+from onnxslim.sensitivity import SensitivityEngine, greedy_levels
 
 __all__ = ["sensitivity_levels", "allocate_sparsity"]
 
@@ -75,23 +75,8 @@ def allocate_sparsity(
         losses[id(layer)] = curve
     # Greedy: the cheapest loss per zeroed weight first, until the uniform target's zeros are reached.
     params = {id(x): int(np.prod(x.source.constant.shape)) for x in measured}
-    need = target * sum(params.values())
-    state = {k: 0 for k in losses}
-    zeros = 0.0
-    while zeros < need - 1e-9:
-        best, best_key = None, None
-        for k, i in state.items():
-            if i + 1 >= len(levels):
-                continue
-            dz = params[k] * (levels[i + 1] - levels[i])
-            cost = (losses[k][i + 1] - losses[k][i]) / dz
-            key = (cost, -dz)
-            if best_key is None or key < best_key:
-                best, best_key = k, key
-        if best is None:
-            break
-        zeros += params[best] * (levels[state[best] + 1] - levels[state[best]])
-        state[best] += 1
+    gains = {k: [params[k] * v for v in levels] for k in losses}
+    state = greedy_levels(losses, gains, target * sum(params.values()))
     chosen = {k: levels[i] for k, i in state.items()}
     at_target = levels.index(round(target, 4))
     # Verify: the allocated model against the uniform one, both measured; keep the better.

@@ -19,6 +19,9 @@ standard ops (opset >= 11) that onnxruntime folds once at session load, so infer
 b/32 of the fp32 bytes plus the codebook. ``decode=dense`` writes the shared values as dense floats instead
 (they then compress well: the report gives zlib-compressed bytes). Weights read from several graphs, or a graph
 output, stay dense.
+
+Bits per layer (``allocation``, on with calibration data): b is then the average; the largest layers are shared
+alone at a few widths and measured, and the bits go where they matter (``_allocate_bits``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from onnxslim.bit_packing import pack_codes
 from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.graph_edit import ConstantSource, node_matches, peek_values, producer, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
+from onnxslim.sensitivity import check_criterion, resolve_criterion
 from onnxslim.weight_layout import WEIGHT_INPUT, WeightLayout, edge_layers, float_weights, weight_layout
 
+from ._allocate_bits import allocate_bits
 from ._codebook import compensated_codes, decode, kmeans, output_error, refit_codebook, zero_index
 from ._encode import insert_decoder, stored_nbytes
 
@@ -54,6 +59,7 @@ class _Layer:
     readers: int
     bits: int
     gram: bool = False
+    pinned: bool = False  # its bits come from layer_bits: the allocation leaves it as given
 
 
 class ShareWeights(Pass):
@@ -92,6 +98,24 @@ class ShareWeights(Pass):
         iterations: int = field(default=50, metadata={"help": "Lloyd iterations at most"})
         damping: float = field(default=0.01, metadata={"help": "compensated codes: added to diag(H), rel. to mean"})
         max_gram_mb: int = field(default=1024, metadata={"help": "memory for input Gram matrices (8 C^2 bytes)"})
+        allocation: Literal["auto", "uniform", "sensitivity"] = field(
+            default="auto",
+            metadata={
+                "help": "uniform: every layer at b bits; sensitivity: each of the largest layers shared alone at a "
+                "few widths and measured on calibration data, then b bits on average spread by least damage per "
+                "bit saved (same index bytes; kept only when it measures better); auto = sensitivity with data"
+            },
+        )
+        sensitivity_metric: str = field(
+            default="decisions",
+            metadata={"help": "allocation=sensitivity: cosine, decisions, or script.py:function(reference, candidate)"},
+        )
+        sensitivity_samples: int = field(
+            default=8, metadata={"help": "allocation=sensitivity: calibration samples the outputs are compared on"}
+        )
+        sensitivity_layers: int = field(
+            default=16, metadata={"help": "allocation=sensitivity: probe the largest this many layers (0 = all)"}
+        )
 
         def validate(self) -> str | None:
             if not 2 <= self.bits <= 8:
@@ -107,7 +131,9 @@ class ShareWeights(Pass):
                 return f"zero_fraction must be in (0, 1]; got {self.zero_fraction}"
             if self.min_weights < 0 or self.iterations < 1 or not self.damping > 0 or self.max_gram_mb < 0:
                 return "min_weights and max_gram_mb must be >= 0, iterations >= 1 and damping > 0"
-            return None
+            if self.sensitivity_samples < 1 or self.sensitivity_layers < 0:
+                return "sensitivity_samples must be >= 1 and sensitivity_layers >= 0"
+            return check_criterion(self.sensitivity_metric, "sensitivity_metric")
 
     # ------------------------------------------------------------------------------------------ run
     def run(self, ctx: PassContext) -> PassResult:
@@ -121,6 +147,8 @@ class ShareWeights(Pass):
         packed = opts.decode == "packed" and ctx.opset >= 11
         if opts.decode == "packed" and not packed:
             result.notes.append(f"opset {ctx.opset} < 11 (BitShift): shared weights written dense")
+        if opts.allocation == "sensitivity" or (opts.allocation == "auto" and ctx.calibration is not None):
+            self._allocate(ctx, layers, stats, result)
         graph_of = {id(n): g for g in iter_graphs(ctx.graph) for n in g.nodes}
         editors: dict[int, object] = {}
         rng = np.random.default_rng(ctx.seed)
@@ -198,7 +226,7 @@ class ShareWeights(Pass):
                 result.skip(node, why, g)
                 continue
             layout = weight_layout(node, i, shape) if node.op != "Gather" else None
-            found[key] = _Layer(g, node, src, layout, site.readers, bits)
+            found[key] = _Layer(g, node, src, layout, site.readers, bits, pinned=bits != opts.bits)
         return list(found.values())
 
     def _statistics(self, ctx: PassContext, layers: list[_Layer]):
@@ -223,6 +251,35 @@ class ShareWeights(Pass):
         if not grams and not norms:
             return {}
         return ctx.statistics(StatisticsRequest(grams=grams, norms=norms))
+
+    def _allocate(self, ctx: PassContext, layers: list[_Layer], stats, result: PassResult) -> None:
+        """Per-layer bits from measured sensitivity (``_allocate_bits``), b bits on average."""
+        opts = self.options
+        if ctx.calibration is None:
+            result.notes.append("allocation=sensitivity needs calibration data: every layer at b bits")
+            return
+        free = [x for x in layers if not x.pinned]  # layer_bits overrides are the user's word
+        if not free:
+            return
+
+        def shared_at(layer: _Layer, bits: int) -> np.ndarray:
+            w = np.asarray(peek_values(layer.source.constant))
+            layer.bits, target = bits, layer.bits
+            try:
+                done = self._share(layer, w, stats, np.random.default_rng(ctx.seed))
+            finally:
+                layer.bits = target
+            if isinstance(done, str):  # already holds few values: as it is
+                return w
+            codes, codebook, order, _ = done
+            return _dense(codebook.astype(w.dtype), codes, order, w.shape)
+
+        metric = resolve_criterion(opts.sensitivity_metric)
+        chosen = allocate_bits(
+            ctx, free, opts.bits, shared_at, metric, opts.sensitivity_samples, result.notes, opts.sensitivity_layers
+        )
+        for layer in free:
+            layer.bits = chosen.get(id(layer), layer.bits)
 
     # ------------------------------------------------------------------------------------------ one layer
     def _share(self, layer: _Layer, w: np.ndarray, stats, rng):

@@ -1,0 +1,99 @@
+"""Private helper of share_weights: spread one bit budget over the layers by measured sensitivity.
+
+The ``max_layers`` largest layers are each shared alone at a few bit widths around the target and the shared
+sensitivity engine measures what that does to the model's outputs on calibration data, as the task sees it
+(``criterion``). A greedy allocation (``onnxslim.sensitivity.greedy_levels``) then lowers, step by step, the layer
+whose next width costs the least loss per index bit saved, until the layers use as many index bits as the
+uniform width would: the same file size, spent where it matters. The allocated model and the uniform one are both
+measured and the better one is kept, so the search never does worse than uniform on the calibration data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxslim.graph import iter_graphs
+from onnxslim.gs_bridge import export_standalone
+from onnxslim.sensitivity import SensitivityEngine, greedy_levels
+
+__all__ = ["bit_levels", "allocate_bits"]
+
+TOP_BITS = 8
+
+
+def bit_levels(target: int) -> list[int]:
+    """Widths each layer is tried at, widest first: 8 (taken as lossless), two above the target, the target, one
+    below (never under 2)."""
+    return sorted({TOP_BITS, min(TOP_BITS, target + 2), min(TOP_BITS, target + 1), target, max(2, target - 1)})[::-1]
+
+
+def allocate_bits(
+    ctx,
+    layers: list,
+    target: int,
+    shared_at: Callable[[object, int], np.ndarray],
+    criterion,
+    samples: int,
+    notes: list[str],
+    max_layers: int = 0,
+) -> dict[int, int]:
+    """id(layer) -> bits for the layers that could be measured (weights in initializers; the ``max_layers``
+    largest when > 0); the others keep ``target``. ``shared_at(layer, bits)`` is the layer's weight shared at
+    that width (dense)."""
+    t0 = time.perf_counter()
+    base = export_standalone(ctx.graph, ctx.opset)
+    tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
+    measured = [x for x in layers if x.source.node is None and x.source.constant.name in tensors]
+    size = lambda x: int(np.prod(x.source.constant.shape))
+    if max_layers and len(measured) > max_layers:  # the largest layers hold most of the index bits
+        keep = {id(x) for x in sorted(measured, key=lambda x: -size(x))[:max_layers]}
+        measured = [x for x in measured if id(x) in keep]
+    levels = bit_levels(target)
+    if not measured or len(levels) < 2:
+        return {}
+    engine = SensitivityEngine(
+        base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion, progress=ctx.progress
+    )
+
+    def with_weights(plan: dict[int, int]) -> float:
+        saved = []
+        for layer in measured:
+            bits = plan.get(id(layer), TOP_BITS)
+            if bits >= TOP_BITS:
+                continue
+            proto = tensors[layer.source.constant.name]
+            keep = onnx.TensorProto()
+            keep.CopyFrom(proto)
+            saved.append((proto, keep))
+            dtype = numpy_helper.to_array(keep).dtype
+            proto.CopyFrom(numpy_helper.from_array(shared_at(layer, bits).astype(dtype), proto.name))
+        try:
+            return engine.measure(base).score
+        finally:
+            for proto, keep in saved:
+                proto.CopyFrom(keep)
+
+    losses: dict[int, list[float]] = {}
+    for layer in measured:
+        curve = [0.0]
+        for bits in levels[1:]:
+            curve.append(max(curve[-1], 1.0 - with_weights({id(layer): bits})))  # fewer bits never help: noise
+        losses[id(layer)] = curve
+    gains = {id(x): [size(x) * (TOP_BITS - b) for b in levels] for x in measured}
+    state = greedy_levels(losses, gains, sum(size(x) for x in measured) * (TOP_BITS - target))
+    chosen = {k: levels[i] for k, i in state.items()}
+    uniform = {id(x): target for x in measured}
+    scores = {"uniform": with_weights(uniform), "allocated": with_weights(chosen)}
+    pick = "allocated" if scores["allocated"] >= scores["uniform"] else "uniform"
+    used = sum(size(x) * chosen[id(x)] for x in measured) / max(1, sum(size(x) for x in measured))
+    notes.append(
+        f"sensitivity allocation: {len(measured)} of {len(layers)} layers x {len(levels) - 1} widths measured in "
+        f"{time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; allocated {used:.2f} bits "
+        f"on average, score allocated {scores['allocated']:.4f} vs uniform {scores['uniform']:.4f}: kept {pick}"
+    )
+    return chosen if pick == "allocated" else uniform
