@@ -229,6 +229,9 @@ class Pass:
     exact: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
+    # Passes that, when in the same list, must come after this one: they rewrite what it reads (float weights
+    # become int8, codes or packed masks), so this pass would find nothing to do after them.
+    runs_before: ClassVar[tuple[str, ...]] = ()
     idempotent: ClassVar[bool] = True
     visit_functions: ClassVar[bool] = False
     # Lossy passes declare the floors their output should meet (metric -> value), used by parity gates.

@@ -137,6 +137,16 @@ def _check_order(passes: Sequence[Pass]) -> None:
                     f"put '{req}' earlier"
                 )
         seen.add(p.name)
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        late = [q for q in p.runs_before if q in names[:i]]
+        if late:
+            order = " -> ".join(names)
+            raise UsageError(
+                f"pass '{p.name}' must run before '{late[0]}', which rewrites the weights it reads (it would find "
+                f"nothing to do after it), but the order given is {order}; put '{p.name}' earlier (the CLI's flags "
+                "use channels -> prune -> share -> quantize -> pack)"
+            )
 
 
 # --------------------------------------------------------------------------------------------- validation

@@ -254,3 +254,20 @@ def test_context_reports_opsets_per_domain():
     graph = import_graph(onnxslim.load_model(SAMPLES / "sklearn_cancer" / "model.onnx"))
     ctx = PassContext(graph=graph, opset=17)
     assert (ctx.opset_of(""), ctx.opset_of("ai.onnx.ml"), ctx.opset_of("com.microsoft")) == (17, 1, None)
+
+
+@pytest.mark.parametrize(
+    ("order", "early"),
+    [
+        (["quantize_int8_static", "share_weights"], "share_weights"),
+        (["share_weights", "prune_by_magnitude"], "prune_by_magnitude"),
+        (["pack_sparse_weights", "prune_by_magnitude"], "prune_by_magnitude"),
+        (["prune_by_magnitude", "prune_channels"], "prune_channels"),
+    ],
+)
+def test_a_compression_order_that_would_do_nothing_is_explained(order, early):
+    from onnxslim.pipeline import resolve_passes
+
+    with pytest.raises(UsageError, match=f"pass '{early}' must run before '{order[0]}'.*put '{early}' earlier"):
+        resolve_passes(order)
+    resolve_passes(order[::-1])  # the right order is accepted
