@@ -195,13 +195,17 @@ class SensitivityEngine:
         return sorted(damages, key=lambda k: -damages[k].loss)
 
 
-def greedy_levels(losses: Mapping[K, list[float]], gains: Mapping[K, list[float]], need: float) -> dict[K, int]:
+def greedy_levels(
+    losses: Mapping[K, list[float]], gains: Mapping[K, list[float]], need: float, max_loss: float | None = None
+) -> dict[K, int]:
     """Per key, the index of its chosen level. Every key starts at level 0; the key whose next level costs the
     least loss per unit gained moves up, until the total gain reaches ``need`` or no key can move. ``gains[k][i]``
     is what level i gains (increasing, ``gains[k][0] == 0``: zeros placed, bits saved); ``losses[k][i]`` what it
-    costs, measured with that key's change alone (losses are taken as additive: the usual first-order view)."""
+    costs, measured with that key's change alone (losses are taken as additive: the usual first-order view).
+    ``max_loss``: also stop before a move that would take the summed loss past it (an accuracy budget)."""
     state = {k: 0 for k in losses}
     total = 0.0
+    spent = sum(losses[k][0] for k in losses)
     while total < need - 1e-9:
         best, best_key = None, None
         for k, i in state.items():
@@ -215,6 +219,10 @@ def greedy_levels(losses: Mapping[K, list[float]], gains: Mapping[K, list[float]
                 best, best_key = k, key
         if best is None:
             break
+        extra = losses[best][state[best] + 1] - losses[best][state[best]]
+        if max_loss is not None and spent + extra > max_loss:
+            break
+        spent += extra
         total += gains[best][state[best] + 1] - gains[best][state[best]]
         state[best] += 1
     return state

@@ -106,3 +106,12 @@ def test_greedy_levels_takes_the_cheapest_loss_per_unit_gained_first():
     assert greedy_levels(losses, gains, 30) == {"a": 2, "b": 0, "c": 1}
     assert greedy_levels(losses, gains, 0) == {"a": 0, "b": 0, "c": 0}
     assert greedy_levels(losses, gains, 1000) == {"a": 2, "b": 2, "c": 2}  # cannot reach: everything moved
+
+
+def test_greedy_levels_stops_at_a_loss_budget():
+    from onnxslim.sensitivity import greedy_levels
+
+    losses = {"a": [0.0, 0.01, 0.02], "b": [0.0, 0.5, 0.9]}
+    gains = {"a": [0, 10, 20], "b": [0, 10, 20]}
+    assert greedy_levels(losses, gains, float("inf"), max_loss=0.015) == {"a": 1, "b": 0}
+    assert greedy_levels(losses, gains, float("inf"), max_loss=0.6) == {"a": 2, "b": 1}

@@ -286,3 +286,28 @@ def test_sensitivity_allocation_spends_the_same_bits_where_they_matter(tmp_path)
     (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
     assert {row["bits"] for row in p["layers"]} == {3}
     assert not any(n.startswith("sensitivity allocation:") for n in p["notes"])
+
+
+def test_an_accuracy_floor_picks_the_fewest_bits_that_hold_it(tmp_path):
+    cnn = SAMPLES / "cnn_digits"
+    rep = tmp_path / "r.json"
+    average = {}
+    for floor in (0.99, 0.999):
+        argv = ["optimize", str(cnn / "model.onnx"), "-o", str(tmp_path / "s.onnx"), "--share", "2"]
+        argv += ["--share-option", f"min_score={floor}", "--calib", str(cnn / "calib"), "--report", str(rep), "-q"]
+        assert main([*argv, "--no-latency"]) == 0
+        (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
+        (note,) = [n for n in p["notes"] if n.startswith(f"sensitivity allocation to score >= {floor:g}")]
+        score = float(re.search(r"measured score ([0-9.]+)", note)[1])
+        assert score >= floor and note.endswith("the floor holds")
+        rows = p["layers"]
+        assert all(2 <= r["bits"] <= 8 for r in rows)
+        average[floor] = sum(r["bits"] * r["params"] for r in rows) / sum(r["params"] for r in rows)
+    assert average[0.999] > average[0.99]  # a stricter floor costs bits
+    assert (
+        main(
+            ["optimize", str(cnn / "model.onnx"), "-o", str(tmp_path / "x.onnx"), "--share", "4"]
+            + ["--share-option", "min_score=1.5"]
+        )
+        == 2
+    )

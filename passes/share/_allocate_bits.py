@@ -41,10 +41,12 @@ def allocate_bits(
     samples: int,
     notes: list[str],
     max_layers: int = 0,
+    min_score: float = 0.0,
 ) -> dict[int, int]:
     """id(layer) -> bits for the layers that could be measured (weights in initializers; the ``max_layers``
     largest when > 0); the others keep ``target``. ``shared_at(layer, bits)`` is the layer's weight shared at
-    that width (dense)."""
+    that width (dense). ``min_score`` > 0: an accuracy floor instead of a size target: the fewest bits (down to
+    ``target``) whose measured score stays at or above it, backing off the worst layers until it does."""
     t0 = time.perf_counter()
     base = export_standalone(ctx.graph, ctx.opset)
     tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
@@ -53,7 +55,7 @@ def allocate_bits(
     if max_layers and len(measured) > max_layers:  # the largest layers hold most of the index bits
         keep = {id(x) for x in sorted(measured, key=lambda x: -size(x))[:max_layers]}
         measured = [x for x in measured if id(x) in keep]
-    levels = bit_levels(target)
+    levels = bit_levels(target) if not min_score else list(range(TOP_BITS, target - 1, -1))
     if not measured or len(levels) < 2:
         return {}
     engine = SensitivityEngine(
@@ -85,7 +87,10 @@ def allocate_bits(
             curve.append(max(curve[-1], 1.0 - with_weights({id(layer): bits})))  # fewer bits never help: noise
         losses[id(layer)] = curve
     gains = {id(x): [size(x) * (TOP_BITS - b) for b in levels] for x in measured}
-    state = greedy_levels(losses, gains, sum(size(x) for x in measured) * (TOP_BITS - target))
+    total = sum(size(x) for x in measured)
+    if min_score:
+        return _to_floor(measured, losses, gains, levels, min_score, with_weights, notes, total, size, t0, engine)
+    state = greedy_levels(losses, gains, total * (TOP_BITS - target))
     chosen = {k: levels[i] for k, i in state.items()}
     uniform = {id(x): target for x in measured}
     scores = {"uniform": with_weights(uniform), "allocated": with_weights(chosen)}
@@ -97,3 +102,25 @@ def allocate_bits(
         f"on average, score allocated {scores['allocated']:.4f} vs uniform {scores['uniform']:.4f}: kept {pick}"
     )
     return chosen if pick == "allocated" else uniform
+
+
+def _to_floor(measured, losses, gains, levels, floor, with_weights, notes, total, size, t0, engine) -> dict[int, int]:
+    """The accuracy-floor allocation: greedy down to the predicted budget, then measured, backing off (one width
+    up for the layer whose current width costs most) until the measured score holds the floor."""
+    state = greedy_levels(losses, gains, float("inf"), max_loss=1.0 - floor)
+    score = with_weights({k: levels[i] for k, i in state.items()})
+    backed = 0
+    while score < floor and any(state.values()):
+        worst = max((k for k in state if state[k]), key=lambda k: losses[k][state[k]] - losses[k][state[k] - 1])
+        state[worst] -= 1
+        backed += 1
+        score = with_weights({k: levels[i] for k, i in state.items()})
+    chosen = {k: levels[i] for k, i in state.items()}
+    used = sum(size(x) * chosen[id(x)] for x in measured) / max(1, total)
+    held = "holds" if score >= floor else "is missed even at 8 bits everywhere"
+    notes.append(
+        f"sensitivity allocation to score >= {floor:g}: {len(measured)} layers x {len(levels) - 1} widths measured "
+        f"in {time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; {used:.2f} bits on average "
+        f"({backed} back-off step(s)), measured score {score:.4f}: the floor {held}"
+    )
+    return chosen

@@ -117,6 +117,13 @@ class ShareWeights(Pass):
         sensitivity_layers: int = field(
             default=16, metadata={"help": "allocation=sensitivity: probe the largest this many layers (0 = all)"}
         )
+        min_score: float = field(
+            default=0.0,
+            metadata={
+                "help": "allocation=sensitivity: an accuracy floor instead of a size: the fewest bits (down to b) "
+                "whose measured score (sensitivity_metric, 1 = unchanged) stays >= this, e.g. 0.99"
+            },
+        )
 
         def validate(self) -> str | None:
             if not 2 <= self.bits <= 8:
@@ -134,6 +141,8 @@ class ShareWeights(Pass):
                 return "min_weights and max_gram_mb must be >= 0, iterations >= 1 and damping > 0"
             if self.sensitivity_samples < 1 or self.sensitivity_layers < 0:
                 return "sensitivity_samples must be >= 1 and sensitivity_layers >= 0"
+            if not 0.0 <= self.min_score < 1.0:
+                return f"min_score must be in [0, 1) (e.g. 0.99); got {self.min_score}"
             return check_criterion(self.sensitivity_metric, "sensitivity_metric")
 
     # ------------------------------------------------------------------------------------------ run
@@ -277,7 +286,15 @@ class ShareWeights(Pass):
 
         metric = resolve_criterion(opts.sensitivity_metric)
         chosen = allocate_bits(
-            ctx, free, opts.bits, shared_at, metric, opts.sensitivity_samples, result.notes, opts.sensitivity_layers
+            ctx,
+            free,
+            opts.bits,
+            shared_at,
+            metric,
+            opts.sensitivity_samples,
+            result.notes,
+            opts.sensitivity_layers,
+            min_score=opts.min_score,
         )
         for layer in free:
             layer.bits = chosen.get(id(layer), layer.bits)
