@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .graph import iter_graphs
+
 __all__ = ["measure_latency", "latency_feeds", "machine_facts", "cpu_count"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,69 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+MAX_TENSOR_BYTES = 256 * 2**20  # the same bound fold_constants puts on what it materializes
+
+
+def largest_tensor(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> tuple[int, str]:
+    """(bytes, name) of the largest tensor whose size shape inference knows when ``model`` runs on ``feeds``:
+    timing a model that materializes gigabytes would take the machine's memory (a 177-byte model can). Read from
+    a copy that keeps only small constants' data (the shapes of the others are inputs to inference)."""
+    m = _light_copy(model)
+    g = m.graph
+    for vi in g.input:
+        if vi.name in feeds and vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in np.asarray(feeds[vi.name]).shape:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - nothing known: nothing to refuse on
+        return 0, ""
+    best = (0, "")
+    for sub in iter_graphs(inferred.graph):
+        for vi in list(sub.value_info) + list(sub.output):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if any(d is None for d in dims):
+                continue
+            try:
+                item = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+            except Exception:  # noqa: BLE001 - strings and unknown types: no fixed size
+                continue
+            best = max(best, (int(np.prod(dims, dtype=np.float64)) * item, vi.name))
+    return best
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else int(np.prod(t.dims or [1])) * 4
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into graph inputs of the same type and shape (no data)."""
+    m = onnx.ModelProto()
+    for f in ("ir_version", "opset_import", "functions"):
+        if f == "ir_version":
+            m.ir_version = model.ir_version
+        else:
+            getattr(m, f).extend(getattr(model, f))
+    src, g = model.graph, m.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) <= 4096:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
 
 
 def machine_facts() -> dict[str, Any]:
@@ -186,6 +251,7 @@ def measure_latency(
     seed: int = 0,
     feeds_source: str | None = None,
     feeds_description: str | None = None,
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
 ) -> dict[str, Any]:
     """CPU latency of ``original`` and ``candidate`` (paths, external data next to them, or ModelProtos)
     per thread setting (``None``: this machine's cores; settings that resolve to the same count run once).
@@ -229,6 +295,19 @@ def measure_latency(
     except Exception as e:  # noqa: BLE001
         out["reason"] = f"no feeds to time with: {_first_line(e)}"
         return out
+    for side, model in (("input", original), ("result", candidate)):
+        try:
+            proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+            size, name = largest_tensor(proto, feed_dict)
+        except Exception as e:  # noqa: BLE001 - informational: an unreadable model is reported by the session
+            log.debug("largest tensor of the %s: %s", side, e)
+            continue
+        if size > max_tensor_bytes:
+            out["reason"] = (
+                f"the {side} model makes a {size / 2**30:.1f} GiB tensor ('{name}') on these feeds, over the "
+                f"{max_tensor_bytes / 2**20:.0f} MiB that latency measurement allows"
+            )
+            return out
     if out["feeds_description"] is None:
         out["feeds_description"] = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed_dict.items())
     cores = cpu_count()

@@ -60,3 +60,20 @@ def test_the_bound_applies_even_when_growth_is_allowed_and_the_option_raises_it(
     out, report = onnxslim.optimize(model, ["fold_constants:allow_growth=true,max_bytes=100000"])
     assert report.passes[0].stats.get("nodes_folded", 0) >= 1
     assert "Expand" not in {n.op_type for n in out.graph.node}
+
+
+def test_latency_is_not_measured_on_a_model_that_materializes_gigabytes(tmp_path, capsys):
+    # The default latency measurement of `optimize` runs the models: the 60000 x 60000 Expand (14.4 GB) would take
+    # the machine's memory. Shape inference finds it first; the report says why latency was not measured.
+    path = tmp_path / "m.onnx"
+    onnx.save(_expand(60000), str(path))
+    rep = tmp_path / "r.json"
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--report", str(rep), "-q"]) == 0
+    import json
+
+    lat = json.loads(rep.read_text())["latency"]
+    assert not lat["measured"] and "13.4 GiB tensor ('big')" in lat["reason"]
+    # A small one is measured as usual.
+    onnx.save(_expand(64), str(path))
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--report", str(rep), "-q"]) == 0
+    assert json.loads(rep.read_text())["latency"]["measured"]
