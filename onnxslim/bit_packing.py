@@ -94,3 +94,20 @@ def unpack_chain(editor, base: str, words: gs.Constant, bits: int, n: int, befor
         node.name = editor.fresh_name(f"{base}_{node.op.lower()}")
         editor.insert_node(node, before=before)
     return out
+
+
+def mask_index_chain(editor, base: str, mask: gs.Constant, n: int, before: gs.Node | None) -> gs.Variable:
+    """From packed 1-bit ``mask`` words of ``n`` positions: ``Mul(CumSum(keep), keep)``, int64 [n], the i-th set
+    position -> i and every clear one -> 0, so ``Gather(values, index)`` with a leading 0 in ``values`` scatters
+    the kept values back (pack_sparse_weights' values, share_weights' codes of non-zero weights)."""
+    keep = unpack_chain(editor, base, mask, 1, n, before)
+    c = lambda suffix, v: editor.new_constant(f"{base}_{suffix}", np.asarray(v))
+    csum = gs.Variable(editor.fresh_name(f"{base}_cumsum"), dtype=np.int64, shape=[n])
+    index = gs.Variable(editor.fresh_name(f"{base}_index"), dtype=np.int64, shape=[n])
+    for node in (
+        gs.Node("CumSum", inputs=[keep, c("axis", np.array(0, np.int64))], outputs=[csum]),
+        gs.Node("Mul", inputs=[csum, keep], outputs=[index]),
+    ):
+        node.name = editor.fresh_name(f"{base}_{node.op.lower()}")
+        editor.insert_node(node, before=before)
+    return index

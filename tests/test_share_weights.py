@@ -154,9 +154,18 @@ def test_pruned_zeros_stay_zero_and_take_code_zero():
     assert np.all(got[w1 == 0] == 0) and 0.0 in np.unique(got)
     facts = {x["layer"] or x["op"]: x for x in record.layers}
     assert facts["MatMul"]["kept_zero"] and not facts["Gemm"]["kept_zero"]
-    packed, _ = _run(_mlp(w1, w2), calibration=_correlated_feeds(), bits=8, **LOOSE)
-    codes = _inits(packed)["W1_codes_u8"].reshape(w1.shape[1], w1.shape[0]).T  # view order: [out, in]
-    assert np.all(codes[w1 == 0] == 0)  # zero is code 0: pack_sparse_weights can pack these codes further
+    for bits in (3, 8):
+        # Packed, zeros cost one mask bit instead of b: only the codes of non-zero weights are stored.
+        dense, _ = _run(_mlp(w1, w2), calibration=_correlated_feeds(), bits=bits, decode="dense", **LOOSE)
+        packed, rec = _run(_mlp(w1, w2), calibration=_correlated_feeds(), bits=bits, **LOOSE)
+        facts = {x["layer"] or x["op"]: x for x in rec.layers}
+        assert facts["MatMul"].get("sparse_codes") and not facts["Gemm"].get("sparse_codes")
+        nnz = int(np.count_nonzero(_inits(dense)["W1"]))
+        stored = [v for k, v in _inits(packed).items() if k.startswith("W1_codes")]
+        assert [a.nbytes for a in stored] == [nnz if bits == 8 else packed_nbytes(nnz, bits)]
+        assert facts["MatMul"]["stored_bytes"] < facts["MatMul"]["dense_bytes"] * (bits / 32)  # below b bits/weight
+        for f in _correlated_feeds()[:4]:  # the chain rebuilds exactly the shared weights
+            assert np.array_equal(run_model(packed, f)[0], run_model(dense, f)[0])
 
 
 def test_compensated_codes_and_refit_lower_the_output_error():

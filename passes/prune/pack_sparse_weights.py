@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.bit_packing import pack_codes, unpack_chain, unpack_codes
+from onnxslim.bit_packing import mask_index_chain, pack_codes, unpack_codes
 from onnxslim.bit_packing import packed_nbytes as packed_code_bytes
 from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult
@@ -136,16 +136,10 @@ class PackSparseWeights(Pass):
         n = dense.size
         c = lambda suffix, v: editor.new_constant(f"{base}_{suffix}", np.asarray(v))
         v = lambda suffix, dtype, shape: gs.Variable(editor.fresh_name(f"{base}_{suffix}"), dtype=dtype, shape=shape)
-        keep = unpack_chain(editor, base, c("mask", mask), 1, n, before)
-        csum, index, gathered = (
-            v("cumsum", np.int64, [n]),
-            v("index", np.int64, [n]),
-            v("values_dense", dense.dtype, [n]),
-        )
+        index = mask_index_chain(editor, base, c("mask", mask), n, before)
+        gathered = v("values_dense", dense.dtype, [n])
         out = gs.Variable(editor.fresh_name(base + "_unpacked"), dtype=dense.dtype, shape=list(dense.shape))
         nodes = [
-            gs.Node("CumSum", inputs=[keep, c("axis", np.array(0, np.int64))], outputs=[csum]),
-            gs.Node("Mul", inputs=[csum, keep], outputs=[index]),
             gs.Node("Gather", inputs=[c("values", values), index], outputs=[gathered], attrs={"axis": 0}),
             gs.Node("Reshape", inputs=[gathered, c("shape", np.array(dense.shape, np.int64))], outputs=[out]),
         ]

@@ -181,9 +181,17 @@ class ShareWeights(Pass):
             else:
                 graph, readers, tensor = where
                 editor = editors.setdefault(id(graph), ctx.edit(graph))
-                self._encode(editor, layer, tensor, readers, codes, codebook.astype(w.dtype), order, w.shape)
-                stored = stored_nbytes(codes.size, layer.bits, codebook.astype(w.dtype))
-                zipped = len(zlib.compress(_payload(codes, layer.bits, codebook.astype(w.dtype)), 6))
+                cb = codebook.astype(w.dtype)
+                nnz = int(np.count_nonzero(codes))
+                stored = stored_nbytes(codes.size, layer.bits, cb)
+                sparse = bool(facts["kept_zero"] and np.all(cb[:, 0] == 0) and 0 < nnz < codes.size)
+                if sparse and stored_nbytes(codes.size, layer.bits, cb, nnz) < stored:
+                    stored = stored_nbytes(codes.size, layer.bits, cb, nnz)
+                    facts = facts | {"sparse_codes": True}
+                else:
+                    sparse = False
+                self._encode(editor, layer, tensor, readers, codes, cb, order, w.shape, sparse)
+                zipped = len(zlib.compress(_payload(codes, layer.bits, cb, sparse), 6))
             result.layers.append(
                 facts | {"dense_bytes": dense_bytes, "stored_bytes": int(stored), "zip_bytes": int(zipped)}
             )
@@ -366,11 +374,13 @@ class ShareWeights(Pass):
             return None
         return graph, readers, tensor
 
-    def _encode(self, editor, layer, tensor, readers, codes, codebook, order, shape) -> None:
+    def _encode(self, editor, layer, tensor, readers, codes, codebook, order, shape, sparse: bool) -> None:
         position = {id(n): i for i, n in enumerate(editor.graph.nodes)}
         src = layer.source
         first = src.node if src.node is not None else min(readers, key=lambda r: position[id(r)])
-        out = insert_decoder(editor, tensor.name or "w", codes, codebook, layer.bits, order, tuple(shape), first)
+        out = insert_decoder(
+            editor, tensor.name or "w", codes, codebook, layer.bits, order, tuple(shape), first, sparse=sparse
+        )
         for r in readers:
             replace_input(r, tensor, out)
         name = tensor.name
@@ -397,9 +407,12 @@ def _dense(codebook: np.ndarray, codes: np.ndarray, order: tuple[int, ...], shap
     return decode(codebook, codes).reshape(moved).transpose(np.argsort(order))
 
 
-def _payload(codes: np.ndarray, bits: int, codebook: np.ndarray) -> bytes:
-    packed = codes.astype(np.uint8) if bits == 8 else pack_codes(codes, bits)
-    return packed.tobytes() + codebook.tobytes()
+def _payload(codes: np.ndarray, bits: int, codebook: np.ndarray, sparse: bool = False) -> bytes:
+    flat = codes.reshape(-1)
+    kept = flat[flat != 0] if sparse else flat
+    packed = kept.astype(np.uint8) if bits == 8 else pack_codes(kept, bits)
+    mask = pack_codes(flat != 0, 1).tobytes() if sparse else b""
+    return mask + packed.tobytes() + codebook.tobytes()
 
 
 def _zero_first(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
