@@ -273,6 +273,7 @@ def test_sensitivity_allocation_spends_the_same_bits_where_they_matter(tmp_path)
     rep = tmp_path / "r.json"
     argv = ["optimize", str(cnn / "model.onnx"), "-o", str(tmp_path / "s.onnx"), "--share", "3"]
     argv += ["--calib", str(cnn / "calib"), "--report", str(rep), "--no-latency", "-q"]
+    argv += ["--share-option", "allocation=sensitivity"]
     assert main(argv) == 0
     (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
     (note,) = [n for n in p["notes"] if n.startswith("sensitivity allocation:")]
@@ -290,8 +291,8 @@ def test_sensitivity_allocation_spends_the_same_bits_where_they_matter(tmp_path)
     assert main([*argv, "--share-option", f"layer_bits={pinned}=6"]) == 0
     (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
     assert {row["layer"]: row["bits"] for row in p["layers"]}[pinned] == 6
-    # uniform: every layer at b
-    assert main([*argv, "--share-option", "allocation=uniform"]) == 0
+    # uniform (the default): every layer at b
+    assert main(argv[:-2]) == 0
     (p,) = [p for p in json.loads(rep.read_text())["passes"] if p["name"] == "share_weights"]
     assert {row["bits"] for row in p["layers"]} == {3}
     assert not any(n.startswith("sensitivity allocation:") for n in p["notes"])

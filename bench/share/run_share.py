@@ -31,10 +31,10 @@ ONNXSLIM = ROOT / ".venv" / "bin" / "onnxslim"
 
 VARIANTS = {
     "share4-uniform": ["--share", "4", "--share-option", "allocation=uniform"],
-    "share4-allocated": ["--share", "4"],
-    "share3-allocated": ["--share", "3"],
+    "share4-allocated": ["--share", "4", "--share-option", "allocation=sensitivity"],
+    "share3-allocated": ["--share", "3", "--share-option", "allocation=sensitivity"],
     "share4-per-channel": ["--share", "4", "--share-option", "per_channel=true"],
-    "prune50+share4": ["--prune", "0.5", "--share", "4"],
+    "prune50+share4": ["--prune", "0.5", "--share", "4", "--share-option", "allocation=sensitivity"],
 }
 
 
@@ -75,6 +75,9 @@ def render(data: dict) -> str:
         "= the task's decisions against the fp32 model's on held-out feeds (detection F1, text-mask IoU, top-1). "
         "Latency = result / fp32, onnxruntime defaults, interleaved runs. `allocated` = per-layer widths from measured "
         "sensitivity, the same index bits on average as uniform.",
+        "",
+        "Variants: " + "; ".join(f"`{k}` = `{' '.join(v)}`" for k, v in VARIANTS.items()) + ". Held-out feeds per "
+        "model: " + ", ".join(sorted({f"{r['model']} {r['n_eval']}" for r in data["rows"] if r.get("n_eval")})) + ".",
         "",
         "| model | variant | agreement | file ratio | latency 1t | latency 2t | time s |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -20,8 +20,10 @@ b/32 of the fp32 bytes plus the codebook. ``decode=dense`` writes the shared val
 (they then compress well: the report gives zlib-compressed bytes). Weights read from several graphs, or a graph
 output, stay dense.
 
-Bits per layer (``allocation``, on with calibration data): b is then the average; the largest layers are shared
-alone at a few widths and measured, and the bits go where they matter (``_allocate_bits``).
+Bits per layer (``allocation=sensitivity``, or ``min_score``, with calibration data): b is then the average; the
+largest layers are shared alone at a few widths and measured, and the bits go where they matter
+(``_allocate_bits``). Off by default: on the real-model set it helped one model of four on held-out data and hurt
+one (bench/RESULTS.md), the calibration set being small.
 """
 
 from __future__ import annotations
@@ -99,12 +101,12 @@ class ShareWeights(Pass):
         iterations: int = field(default=50, metadata={"help": "Lloyd iterations at most"})
         damping: float = field(default=0.01, metadata={"help": "compensated codes: added to diag(H), rel. to mean"})
         max_gram_mb: int = field(default=1024, metadata={"help": "memory for input Gram matrices (8 C^2 bytes)"})
-        allocation: Literal["auto", "uniform", "sensitivity"] = field(
-            default="auto",
+        allocation: Literal["uniform", "sensitivity"] = field(
+            default="uniform",
             metadata={
-                "help": "uniform: every layer at b bits; sensitivity: each of the largest layers shared alone at a "
-                "few widths and measured on calibration data, then b bits on average spread by least damage per "
-                "bit saved (same index bytes; kept only when it measures better); auto = sensitivity with data"
+                "help": "uniform: every layer at b bits; sensitivity (needs calibration data): each of the largest "
+                "layers shared alone at a few widths and measured, then b bits on average spread by least damage "
+                "per bit saved (same index bytes; kept only when it measures better on the calibration data)"
             },
         )
         sensitivity_metric: str = field(
@@ -120,8 +122,8 @@ class ShareWeights(Pass):
         min_score: float = field(
             default=0.0,
             metadata={
-                "help": "allocation=sensitivity: an accuracy floor instead of a size: the fewest bits (down to b) "
-                "whose measured score (sensitivity_metric, 1 = unchanged) stays >= this, e.g. 0.99"
+                "help": "an accuracy floor instead of a size (implies allocation=sensitivity): the fewest bits (down "
+                "to b) whose measured score (sensitivity_metric, 1 = unchanged) stays >= this, e.g. 0.99"
             },
         )
 
@@ -157,7 +159,7 @@ class ShareWeights(Pass):
         packed = opts.decode == "packed" and ctx.opset >= 11
         if opts.decode == "packed" and not packed:
             result.notes.append(f"opset {ctx.opset} < 11 (BitShift): shared weights written dense")
-        if opts.allocation == "sensitivity" or (opts.allocation == "auto" and ctx.calibration is not None):
+        if opts.allocation == "sensitivity" or opts.min_score:
             self._allocate(ctx, layers, stats, result)
         graph_of = {id(n): g for g in iter_graphs(ctx.graph) for n in g.nodes}
         editors: dict[int, object] = {}
