@@ -30,7 +30,14 @@ from .data import LABEL_KEY, Sample, load_feeds, load_function
 from .errors import BadInputError, OnnxSlimError, UsageError
 from .graph import load_model
 from .lossy_changes import lossy_changes
-from .parity_metrics import Threshold, compare_output, default_channel_axis, merge_floors
+from .parity_metrics import (
+    Threshold,
+    channel_axis_for,
+    compare_output,
+    declared_dims,
+    merge_floors,
+    parse_channel_axes,
+)
 from .runtime import available_providers, make_session, node_placement, normalize_provider, run_session
 from .synthetic import synthetic_feeds
 
@@ -240,44 +247,6 @@ def _final_threshold(base: Threshold, user: dict[str, Any], name: str) -> Thresh
 
 
 # ------------------------------------------------------------------------------------------ check
-def _declared_dims(vi) -> list | None:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-
-
-def _parse_channel_axes(given, names: list[str]) -> dict[str, int]:
-    if not given:
-        return {}
-    if isinstance(given, str):
-        items = {}
-        for part in filter(None, (p.strip() for p in given.split(","))):
-            name, sep, axis = part.rpartition(":")
-            try:
-                items[name if sep else "*"] = int(axis)
-            except ValueError:
-                raise UsageError(
-                    f"channel axis {part!r}: write OUTPUT:AXIS (or AXIS for every output), e.g. boxes:2"
-                ) from None
-        given = items
-    unknown = sorted(set(given) - set(names) - {"*"})
-    if unknown:
-        raise UsageError(f"channel axis for {', '.join(unknown)}: not an output (outputs: {', '.join(names)})")
-    return {str(k): int(v) for k, v in given.items()}
-
-
-def _channel_axis(name: str, ref: np.ndarray, declared: list | None, chosen: dict[str, int]) -> int:
-    if name not in chosen and ("*" not in chosen or ref.ndim < 2):
-        return default_channel_axis(declared, ref.shape)
-    axis = chosen.get(name, chosen.get("*", 1))
-    if ref.ndim < 2 or not -ref.ndim < axis < ref.ndim or axis % ref.ndim == 0:
-        raise UsageError(
-            f"channel axis {axis} of output '{name}' (shape {list(ref.shape)}): give an axis 1..{max(ref.ndim - 1, 1)}"
-        )
-    return axis % ref.ndim
-
-
 class _ProviderFailed(Exception):
     """An installed provider that could not create a session, fell back, or failed a run."""
 
@@ -394,8 +363,8 @@ def check(
         data_info["plan"] = feeds.plan  # type: ignore[attr-defined]
 
     names = [o.name for o in orig.proto.graph.output]
-    declared = {o.name: _declared_dims(o) for o in orig.proto.graph.output}
-    channel_axes = _parse_channel_axes(channel_axes, names)
+    declared = {o.name: declared_dims(o) for o in orig.proto.graph.output}
+    channel_axes = parse_channel_axes(channel_axes, names)
     cand_names = {o.name for o in cand.proto.graph.output}
     user = _resolve_thresholds(thresholds, names)
     notes: list[str] = [mode_note] if mode_note else []
@@ -467,7 +436,7 @@ def check(
                 noise = {k: max(noise[k], again[k]) for k in noise}
             base = _default_threshold(mode, floors, o_out[0][n].dtype, noise, _max_ref(o_out, n), noise_factor, ulps)
             t = _final_threshold(base, user, n)
-            axis = _channel_axis(n, o_out[0][n], declared.get(n), channel_axes)
+            axis = channel_axis_for(n, o_out[0][n], declared.get(n), channel_axes)
             res = compare_output(n, [o[n] for o in o_out], [c[n] for c in c_out], origins, t, channel_axis=axis)
             res["threshold"] = t.to_dict()
             res["noise_floor"] = noise

@@ -283,3 +283,42 @@ def _apply(out: dict, t: Threshold, rf: np.ndarray, cf: np.ndarray, err: np.ndar
         floor = getattr(t, key)
         if floor is not None and metric in m:
             _check(out, metric, m[metric], floor, ">=")
+
+
+def declared_dims(vi) -> list | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def parse_channel_axes(given, names: list[str]) -> dict[str, int]:
+    """``"boxes:2,*:1"`` or a mapping -> output name (or ``"*"``) -> channel axis, names checked."""
+    if not given:
+        return {}
+    if isinstance(given, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in given.split(","))):
+            name, sep, axis = part.rpartition(":")
+            try:
+                items[name if sep else "*"] = int(axis)
+            except ValueError:
+                raise UsageError(
+                    f"channel axis {part!r}: write OUTPUT:AXIS (or AXIS for every output), e.g. boxes:2"
+                ) from None
+        given = items
+    unknown = sorted(set(given) - set(names) - {"*"})
+    if unknown:
+        raise UsageError(f"channel axis for {', '.join(unknown)}: not an output (outputs: {', '.join(names)})")
+    return {str(k): int(v) for k, v in given.items()}
+
+
+def channel_axis_for(name: str, ref: np.ndarray, declared: list | None, chosen: dict[str, int]) -> int:
+    if name not in chosen and ("*" not in chosen or ref.ndim < 2):
+        return default_channel_axis(declared, ref.shape)
+    axis = chosen.get(name, chosen.get("*", 1))
+    if ref.ndim < 2 or not -ref.ndim < axis < ref.ndim or axis % ref.ndim == 0:
+        raise UsageError(
+            f"channel axis {axis} of output '{name}' (shape {list(ref.shape)}): give an axis 1..{max(ref.ndim - 1, 1)}"
+        )
+    return axis % ref.ndim

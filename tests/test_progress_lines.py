@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from onnxslim import cli
+from onnxslim import cli_progress
 from onnxslim.cli import main
 
 from conftest import SAMPLES
@@ -13,7 +13,7 @@ CNN = SAMPLES / "cnn_digits"
 
 
 def test_nested_stages_without_a_tty(capsys):
-    lines = cli._ProgressLines(start_after=0.05, every=0.05)
+    lines = cli_progress.ProgressLines(start_after=0.05, every=0.05)
     lines.update("pass prune_by_magnitude", 0, 1)
     time.sleep(1.3)
     lines.update("calibration", 3, 8)
@@ -32,8 +32,8 @@ def test_nested_stages_without_a_tty(capsys):
 
 
 def test_optimize_prints_stage_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli._progress, "start_after", 0.0)
-    monkeypatch.setattr(cli._progress, "every", 0.01)
+    monkeypatch.setattr(cli_progress.progress_display, "start_after", 0.0)
+    monkeypatch.setattr(cli_progress.progress_display, "every", 0.01)
     out = tmp_path / "q.onnx"
     argv = ["optimize", str(CNN / "model.onnx"), "-o", str(out), "--quantize", "int8", "--calib", str(CNN / "calib")]
     assert main([*argv, "--check-data", str(CNN / "eval"), "--max-samples", "2"]) == 0
