@@ -115,3 +115,32 @@ def test_greedy_levels_stops_at_a_loss_budget():
     gains = {"a": [0, 10, 20], "b": [0, 10, 20]}
     assert greedy_levels(losses, gains, float("inf"), max_loss=0.015) == {"a": 1, "b": 0}
     assert greedy_levels(losses, gains, float("inf"), max_loss=0.6) == {"a": 2, "b": 1}
+
+
+def test_weight_probe_measures_against_the_unchanged_model_and_restores_it():
+    from types import SimpleNamespace
+
+    import onnx
+
+    from onnxslim.data import load_feeds
+    from onnxslim.graph import load_model
+    from onnxslim.gs_bridge import import_graph
+    from onnxslim.weight_layout import float_weights
+    from onnxslim.weight_probe import WeightProbe
+
+    from conftest import SAMPLES
+
+    cnn = SAMPLES / "cnn_digits"
+    loaded = load_model(cnn / "model.onnx")
+    feeds = load_feeds(cnn / "calib").bind(loaded.proto)
+    ctx = SimpleNamespace(graph=import_graph(loaded), opset=17, calibration=feeds, progress=None)
+    sites = [s for s in float_weights(ctx.graph, lambda n: True) if s.node.op == "Conv"]
+    probe = WeightProbe(ctx, sites, "cosine", samples=4, max_layers=2)
+    assert len(probe.measured) == 2
+    big = probe.measured[0]
+    before = onnx.TensorProto()
+    before.CopyFrom(probe._tensors[big.source.constant.name])
+    # The first measurement is of a change: the reference must still be the model as it was.
+    assert probe.score({id(big): np.zeros(big.source.constant.shape, np.float32)}) < 0.99
+    assert probe._tensors[big.source.constant.name] == before  # restored
+    assert probe.score({}) == 1.0

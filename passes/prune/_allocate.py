@@ -16,12 +16,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from onnxslim.graph import iter_graphs
-from onnxslim.gs_bridge import export_standalone
-from onnxslim.sensitivity import SensitivityEngine, greedy_levels
+from onnxslim.sensitivity import greedy_levels
+from onnxslim.weight_probe import WeightProbe
 
 __all__ = ["sensitivity_levels", "allocate_sparsity"]
 
@@ -49,32 +46,17 @@ def allocate_sparsity(
     """id(layer) -> (its sparsity, its measured loss at the target), for the layers that could be measured (weights
     in initializers; the ``max_layers`` largest when > 0); the others keep ``target``."""
     t0 = time.perf_counter()
-    base = export_standalone(ctx.graph, ctx.opset)
-    tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
-    # onnxruntime's own optimizations on: they change no float semantics here, and the probes run faster
-    engine = SensitivityEngine(
-        base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion, progress=ctx.progress
-    )
+    probe = WeightProbe(ctx, layers, criterion, samples, max_layers)
+    measured = probe.measured
     levels = sensitivity_levels(target)
-    measured = [x for x in layers if x.source.node is None and x.source.constant.name in tensors]
-    if max_layers and len(measured) > max_layers:  # the largest layers hold most of the zeros to place
-        size = lambda x: int(np.prod(x.source.constant.shape))
-        keep = {id(x) for x in sorted(measured, key=lambda x: -size(x))[:max_layers]}
-        measured = [x for x in measured if id(x) in keep]
     losses: dict[int, list[float]] = {}
     for layer in measured:
-        proto = tensors[layer.source.constant.name]
-        original = onnx.TensorProto()
-        original.CopyFrom(proto)
         curve = [0.0]
-        for v in levels[1:]:
-            w = prune_at(layer, v)
-            proto.CopyFrom(numpy_helper.from_array(w.astype(numpy_helper.to_array(original).dtype), proto.name))
-            curve.append(max(curve[-1], engine.measure(base).loss))  # a deeper cut never helps: noise clamped
-            proto.CopyFrom(original)
+        for v in levels[1:]:  # a deeper cut never helps: noise clamped
+            curve.append(max(curve[-1], 1.0 - probe.score({id(layer): prune_at(layer, v)})))
         losses[id(layer)] = curve
     # Greedy: the cheapest loss per zeroed weight first, until the uniform target's zeros are reached.
-    params = {id(x): int(np.prod(x.source.constant.shape)) for x in measured}
+    params = {id(x): probe.size(x) for x in measured}
     gains = {k: [params[k] * v for v in levels] for k in losses}
     state = greedy_levels(losses, gains, target * sum(params.values()))
     chosen = {k: levels[i] for k, i in state.items()}
@@ -82,24 +64,13 @@ def allocate_sparsity(
     # Verify: the allocated model against the uniform one, both measured; keep the better.
     scores = {}
     for name, plan in (("uniform", {k: target for k in chosen}), ("allocated", chosen)):
-        saved = []
-        for layer in measured:
-            proto = tensors[layer.source.constant.name]
-            keep = onnx.TensorProto()
-            keep.CopyFrom(proto)
-            saved.append((proto, keep))
-            if plan[id(layer)] > 0:
-                dtype = numpy_helper.to_array(keep).dtype
-                proto.CopyFrom(numpy_helper.from_array(prune_at(layer, plan[id(layer)]).astype(dtype), proto.name))
-        scores[name] = engine.measure(base).score
-        for proto, keep in saved:
-            proto.CopyFrom(keep)
+        scores[name] = probe.score({id(x): prune_at(x, plan[id(x)]) for x in measured if plan[id(x)] > 0})
     pick = "allocated" if scores["allocated"] >= scores["uniform"] else "uniform"
     if pick == "uniform":
         chosen = {k: target for k in chosen}
     notes.append(
         f"sensitivity allocation: {len(measured)} of {len(layers)} layers x {len(levels) - 1} levels measured in "
-        f"{time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; score allocated "
+        f"{time.perf_counter() - t0:.1f}s on {len(probe.engine.feeds)} calibration samples; score allocated "
         f"{scores['allocated']:.4f} vs uniform {scores['uniform']:.4f}: kept {pick}"
     )
     return {k: (chosen[k], losses[k][at_target]) for k in chosen}

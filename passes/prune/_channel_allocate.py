@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from onnxslim.graph import iter_graphs
 from onnxslim.gs_bridge import export_standalone
-from onnxslim.sensitivity import SensitivityEngine
+from onnxslim.sensitivity import SensitivityEngine, greedy_levels
 
 __all__ = ["channel_levels", "allocate_fractions"]
 
@@ -105,23 +105,9 @@ def allocate_fractions(
             curve.append((level, max(loss, curve[-1][1]), weights_removed(g, removed), removed))
         curves[id(g)] = curve
     need = sum(weights_removed(g, choose(g, f)) for g, f in measured)
-    state = {k: 0 for k in curves}
-    got = 0
-    while got < need:
-        best, best_key = None, None
-        for k, i in state.items():
-            c = curves[k]
-            if i + 1 >= len(c) or c[i + 1][2] <= c[i][2]:
-                continue
-            dw = c[i + 1][2] - c[i][2]
-            key = ((c[i + 1][1] - c[i][1]) / dw, -dw)
-            if best_key is None or key < best_key:
-                best, best_key = k, key
-        if best is None:
-            break
-        c = curves[best]
-        got += c[state[best] + 1][2] - c[state[best]][2]
-        state[best] += 1
+    losses = {k: [point[1] for point in c] for k, c in curves.items()}
+    gains = {k: [point[2] for point in c] for k, c in curves.items()}
+    state = greedy_levels(losses, gains, need)  # the least loss per removed weight first
     chosen = {id(g): curves[id(g)][state[id(g)]][0] for g, _ in measured}
     scores = {}
     for name, fractions in (("uniform", {id(g): f for g, f in measured}), ("allocated", chosen)):

@@ -14,12 +14,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from onnxslim.graph import iter_graphs
-from onnxslim.gs_bridge import export_standalone
-from onnxslim.sensitivity import SensitivityEngine, greedy_levels
+from onnxslim.sensitivity import greedy_levels
+from onnxslim.weight_probe import WeightProbe
 
 __all__ = ["bit_levels", "allocate_bits"]
 
@@ -48,37 +45,14 @@ def allocate_bits(
     that width (dense). ``min_score`` > 0: an accuracy floor instead of a size target: the fewest bits (down to
     ``target``) whose measured score stays at or above it, backing off the worst layers until it does."""
     t0 = time.perf_counter()
-    base = export_standalone(ctx.graph, ctx.opset)
-    tensors = {t.name: t for g in iter_graphs(base.graph) for t in g.initializer}
-    measured = [x for x in layers if x.source.node is None and x.source.constant.name in tensors]
-    size = lambda x: int(np.prod(x.source.constant.shape))
-    if max_layers and len(measured) > max_layers:  # the largest layers hold most of the index bits
-        keep = {id(x) for x in sorted(measured, key=lambda x: -size(x))[:max_layers]}
-        measured = [x for x in measured if id(x) in keep]
+    probe = WeightProbe(ctx, layers, criterion, samples, max_layers)
+    measured, size = probe.measured, probe.size
     levels = bit_levels(target) if not min_score else list(range(TOP_BITS, target - 1, -1))
     if not measured or len(levels) < 2:
         return {}
-    engine = SensitivityEngine(
-        base, ctx.calibration, samples=samples, modes=(True,), criterion=criterion, progress=ctx.progress
-    )
 
     def with_weights(plan: dict[int, int]) -> float:
-        saved = []
-        for layer in measured:
-            bits = plan.get(id(layer), TOP_BITS)
-            if bits >= TOP_BITS:
-                continue
-            proto = tensors[layer.source.constant.name]
-            keep = onnx.TensorProto()
-            keep.CopyFrom(proto)
-            saved.append((proto, keep))
-            dtype = numpy_helper.to_array(keep).dtype
-            proto.CopyFrom(numpy_helper.from_array(shared_at(layer, bits).astype(dtype), proto.name))
-        try:
-            return engine.measure(base).score
-        finally:
-            for proto, keep in saved:
-                proto.CopyFrom(keep)
+        return probe.score({id(x): shared_at(x, plan[id(x)]) for x in measured if plan.get(id(x), TOP_BITS) < TOP_BITS})
 
     losses: dict[int, list[float]] = {}
     for layer in measured:
@@ -89,22 +63,22 @@ def allocate_bits(
     gains = {id(x): [size(x) * (TOP_BITS - b) for b in levels] for x in measured}
     total = sum(size(x) for x in measured)
     if min_score:
-        return _to_floor(measured, losses, gains, levels, min_score, with_weights, notes, total, size, t0, engine)
+        return _to_floor(probe, losses, gains, levels, min_score, with_weights, notes, t0)
     state = greedy_levels(losses, gains, total * (TOP_BITS - target))
     chosen = {k: levels[i] for k, i in state.items()}
     uniform = {id(x): target for x in measured}
     scores = {"uniform": with_weights(uniform), "allocated": with_weights(chosen)}
     pick = "allocated" if scores["allocated"] >= scores["uniform"] else "uniform"
-    used = sum(size(x) * chosen[id(x)] for x in measured) / max(1, sum(size(x) for x in measured))
+    used = sum(size(x) * chosen[id(x)] for x in measured) / max(1, total)
     notes.append(
         f"sensitivity allocation: {len(measured)} of {len(layers)} layers x {len(levels) - 1} widths measured in "
-        f"{time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; allocated {used:.2f} bits "
+        f"{time.perf_counter() - t0:.1f}s on {len(probe.engine.feeds)} calibration samples; allocated {used:.2f} bits "
         f"on average, score allocated {scores['allocated']:.4f} vs uniform {scores['uniform']:.4f}: kept {pick}"
     )
     return chosen if pick == "allocated" else uniform
 
 
-def _to_floor(measured, losses, gains, levels, floor, with_weights, notes, total, size, t0, engine) -> dict[int, int]:
+def _to_floor(probe, losses, gains, levels, floor, with_weights, notes, t0) -> dict[int, int]:
     """The accuracy-floor allocation: greedy down to the predicted budget, then measured, backing off (one width
     up for the layer whose current width costs most) until the measured score holds the floor."""
     state = greedy_levels(losses, gains, float("inf"), max_loss=1.0 - floor)
@@ -116,11 +90,12 @@ def _to_floor(measured, losses, gains, levels, floor, with_weights, notes, total
         backed += 1
         score = with_weights({k: levels[i] for k, i in state.items()})
     chosen = {k: levels[i] for k, i in state.items()}
-    used = sum(size(x) * chosen[id(x)] for x in measured) / max(1, total)
+    measured = probe.measured
+    used = sum(probe.size(x) * chosen[id(x)] for x in measured) / max(1, sum(probe.size(x) for x in measured))
     held = "holds" if score >= floor else "is missed even at 8 bits everywhere"
     notes.append(
         f"sensitivity allocation to score >= {floor:g}: {len(measured)} layers x {len(levels) - 1} widths measured "
-        f"in {time.perf_counter() - t0:.1f}s on {len(engine.feeds)} calibration samples; {used:.2f} bits on average "
-        f"({backed} back-off step(s)), measured score {score:.4f}: the floor {held}"
+        f"in {time.perf_counter() - t0:.1f}s on {len(probe.engine.feeds)} calibration samples; {used:.2f} bits on "
+        f"average ({backed} back-off step(s)), measured score {score:.4f}: the floor {held}"
     )
     return chosen
