@@ -252,13 +252,15 @@ def measure_latency(
     feeds_source: str | None = None,
     feeds_description: str | None = None,
     max_tensor_bytes: int = MAX_TENSOR_BYTES,
+    protos: tuple[onnx.ModelProto, onnx.ModelProto] | None = None,
 ) -> dict[str, Any]:
     """CPU latency of ``original`` and ``candidate`` (paths, external data next to them, or ModelProtos)
     per thread setting (``None``: this machine's cores; settings that resolve to the same count run once).
     ``feeds``: one feed dict, or an iterable of them (the first is used). Never raises; see the module text.
     Per setting: ``warmup`` untimed rounds, then at least ``min_runs`` timed rounds and more until ``budget_s``
     seconds or ``max_runs`` rounds; ``limit_s`` (default ``4 * budget_s``) stops a setting even below
-    ``min_runs``, so a very slow model stays bounded. ``seed`` is recorded only (runs have no randomness)."""
+    ``min_runs``, so a very slow model stays bounded. ``seed`` is recorded only (runs have no randomness).
+    ``protos``: the two models' protos when the caller holds them (read for tensor sizes instead of loading)."""
     limit_s = LIMIT_FACTOR * budget_s if limit_s is None else limit_s
     t_start = time.perf_counter()
     out: dict[str, Any] = {
@@ -295,9 +297,11 @@ def measure_latency(
     except Exception as e:  # noqa: BLE001
         out["reason"] = f"no feeds to time with: {_first_line(e)}"
         return out
-    for side, model in (("input", original), ("result", candidate)):
+    for side, model, held in zip(("input", "result"), (original, candidate), protos or (None, None)):
         try:
-            proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+            proto = held if held is not None else model
+            if not isinstance(proto, onnx.ModelProto):
+                proto = onnx.load(str(model), load_external_data=False)
             size, name = largest_tensor(proto, feed_dict)
         except Exception as e:  # noqa: BLE001 - informational: an unreadable model is reported by the session
             log.debug("largest tensor of the %s: %s", side, e)

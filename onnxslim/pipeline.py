@@ -382,13 +382,15 @@ def optimize(
     else:
         report.after = summarize(out)
     if latency:
-        report.latency = _latency(model, loaded.proto, out_path, records, feeds, latency_data, seed)
+        report.latency = _latency(model, loaded.proto, out, out_path, records, feeds, latency_data, seed)
     report.checker = f"onnx.checker {level}" if level != "none" else "skipped (the input fails onnx.checker)"
     report.seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)
 
 
-def _latency(model, proto: onnx.ModelProto, out_path: Path | None, records, feeds, data, seed: int) -> dict:
+def _latency(
+    model, proto: onnx.ModelProto, out: onnx.ModelProto, out_path: Path | None, records, feeds, data, seed: int
+) -> dict:
     """The latency section: the input model against the written result, or why it was not measured."""
     from .latency import latency_feeds, measure_latency, not_measured
 
@@ -400,7 +402,9 @@ def _latency(model, proto: onnx.ModelProto, out_path: Path | None, records, feed
         sample, source, desc = latency_feeds(proto, feeds, data, seed)
     except Exception as e:  # noqa: BLE001 - latency is informational
         return not_measured(f"no feeds to time with: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    result = measure_latency(model, out_path, sample, seed=seed, feeds_source=source, feeds_description=desc)
+    result = measure_latency(
+        model, out_path, sample, seed=seed, feeds_source=source, feeds_description=desc, protos=(proto, out)
+    )
     log.info("latency: %s", result.get("reason") or [(s["threads"], s["ratio"]) for s in result["settings"]])
     return result
 
