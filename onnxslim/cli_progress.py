@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 __all__ = ["progress_display", "ProgressLines"]
 
@@ -55,8 +57,6 @@ class ProgressLines:
     and writes what is due."""
 
     def __init__(self, start_after: float, every: float):
-        import threading
-
         self.start_after, self.every = start_after, every
         self._lock = threading.Lock()
         self._open: list[dict] = []  # outermost first
@@ -65,8 +65,6 @@ class ProgressLines:
         self._thread.start()
 
     def update(self, stage: str, done: int, total: int | None) -> None:
-        import time
-
         with self._lock:
             names = [s["stage"] for s in self._open]
             if stage in names:
@@ -80,16 +78,12 @@ class ProgressLines:
                 self._close_from(len(self._open) - 1)
 
     def _close_from(self, i: int) -> None:
-        import time
-
         while len(self._open) > i:
             e = self._open.pop()
             if e["announced"]:
                 self._write(f"{e['stage']}: done in {time.monotonic() - e['t0']:.0f}s")
 
     def _tick(self) -> None:
-        import time
-
         while not self._stop.wait(min(1.0, self.start_after, self.every)):
             with self._lock:
                 if not self._open:
