@@ -188,14 +188,13 @@ class Optimize:
                 mode="lossy" if lossy else "exact",
                 metric_floors=merge_floors(floors) if floors else None,
                 seed=settings.seed,
-                progress=gated["progress"],
+                progress=progress or (lambda *a: None),  # the display optimize runs under (only one may be live)
             )
             result.candidate = str(args.output)
             gated["result"] = result
             return result.passed
 
         with progress_display(args.quiet) as progress:
-            gated["progress"] = progress or (lambda *a: None)
             _, report = optimize(
                 args.model,
                 output=args.output,
