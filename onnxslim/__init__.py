@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .auto import AutoResult, auto_compress
 from .data import FeedData, load_feeds
 from .errors import BadInputError, GateFailedError, OnnxSlimError, PassError, PluginError, UsageError
 from .graph import LoadedModel, ModelContract, load_model
@@ -17,6 +18,8 @@ from .summary import ModelSummary, summarize
 __all__ = [
     "__version__",
     "optimize",
+    "auto_compress",
+    "AutoResult",
     "check",
     "ParityResult",
     "Pass",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
+from .cli_auto import add_auto_arguments, run_auto
 from .cli_compress import add_compression_arguments, apply_compression_arguments
 from .cli_progress import progress_display
 from .config import OptimizeSettings, load_config, settings_from_mapping
@@ -78,6 +79,7 @@ class Optimize:
             "models); the output imports opset N, a contract change the report names",
         )
         add_compression_arguments(p)
+        add_auto_arguments(p)
         fp = p.add_mutually_exclusive_group()
         fp.add_argument(
             "--fixed-point",
@@ -171,6 +173,10 @@ class Optimize:
 
         settings = Optimize.settings(args)
         _preflight(args.output, args.report, args.model, args.check_data)
+        if args.auto:
+            with progress_display(args.quiet) as progress:
+                rc, report = run_auto(args, settings, progress)
+            return _finish(args, report, rc)
         gated: dict = {}
 
         def gate(staged, report) -> bool:
@@ -213,11 +219,15 @@ class Optimize:
                 from .suggest import next_steps
 
                 report.next_steps = next_steps(report)
-        if args.report:
-            report.write_json(args.report)
-        if not args.quiet or rc:
-            _out(report.to_json() if args.json else report.render_text(_text_width()))
-        return rc
+        return _finish(args, report, rc)
+
+
+def _finish(args: argparse.Namespace, report, rc: int) -> int:
+    if args.report:
+        report.write_json(args.report)
+    if not args.quiet or rc:
+        _out(report.to_json() if args.json else report.render_text(_text_width()))
+    return rc
 
 
 # ------------------------------------------------------------------------------------------ check

@@ -4,8 +4,9 @@ pipeline.
 
 Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` passes), then ``prune_channels``,
 ``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
-zeros stay zero), and ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file
-shrinks; onnxruntime rebuilds them at load). With ``--quantize``, shared weights are written dense
+zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left float), and
+``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime
+rebuilds them at load). With ``--quantize``, shared weights are written dense
 (``decode=dense``): the quantizer needs constant weights, and the int8 file is then what zip compresses well.
 """
 
@@ -22,6 +23,7 @@ _PRUNE = "prune_by_magnitude"
 _CHANNELS = "prune_channels"
 _PACK = "pack_sparse_weights"
 _SHARE = "share_weights"
+_DISTILL = "distill_layers"
 _TARGETS = ["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"]
 
 
@@ -84,6 +86,12 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
         help="with --share: an option of share_weights (repeatable)",
     )
     g.add_argument(
+        "--distill",
+        action="store_true",
+        help="after compression, refit the layers' remaining float parameters (biases, codebooks, surviving "
+        "weights) block by block to the original model's outputs on --calib (distill_layers)",
+    )
+    g.add_argument(
         "--prune-option",
         dest="prune_options",
         action="append",
@@ -121,6 +129,8 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     if getattr(args, "prune_options", None) and not (magnitude or channels is not None):
         raise UsageError("--prune-option applies to pruning; add --prune S, --prune-nm N:M or --prune-channels F")
     if not (quantize or magnitude or channels is not None or share is not None):
+        if getattr(args, "distill", False):
+            raise UsageError("--distill refits what compression changed; add --quantize, --prune or --share")
         return
     passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]
     wanted: dict[str, dict] = {}
@@ -148,9 +158,13 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
             raise UsageError(f"--prune-option {key}: {active} has no option '{key}'; `onnxslim passes` lists them")
         for n in owners:
             wanted[n][key] = value.strip()
+    if getattr(args, "distill", False):
+        if not settings.calibration:
+            raise UsageError("--distill refits layers to the original's outputs on data; give --calib DIR")
+        wanted[_DISTILL] = {}
     if magnitude:
         wanted[_PACK] = {}
-    for name in (_CHANNELS, _PRUNE, _SHARE, _QUANTIZE, _PACK):
+    for name in (_CHANNELS, _PRUNE, _SHARE, _QUANTIZE, _DISTILL, _PACK):
         if name not in wanted:
             continue
         given = next((p for p in passes if p.name == name), None)

@@ -51,6 +51,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)  # after a failed gate: what to try (onnxslim.suggest)
     latency: dict[str, Any] | None = None  # onnxruntime CPU latency, input vs result (onnxslim.latency)
+    auto: dict[str, Any] | None = None  # the automatic search: candidates, Pareto front, sensitivity (onnxslim.auto)
 
     # -------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -187,6 +188,10 @@ class Report:
             for p in self.pass_totals():
                 if p.layers:
                     out.append(_layers_table(p.name, p.layers))
+        if self.auto:
+            from .auto.render_auto import auto_renderables  # the search's own tables, kept with the search
+
+            out.extend(auto_renderables(self.auto, narrow))
         if self.parity:
             out.extend(_parity_renderables(self.parity, narrow))
         out.extend(f"next step: {step}" for step in self.next_steps)

@@ -8,7 +8,8 @@ one measurement and restores them after, so no copy of the model is made per pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from .graph import iter_graphs
 from .gs_bridge import export_standalone
 from .sensitivity import SensitivityEngine
 
-__all__ = ["WeightProbe"]
+__all__ = ["WeightProbe", "swapped_initializers"]
 
 
 class WeightProbe:
@@ -58,18 +59,30 @@ class WeightProbe:
     def score(self, weights: Mapping[int, np.ndarray]) -> float:
         """The engine's score (1 = unchanged decisions) with ``weights`` (id(layer) -> array) in place."""
         engine = self.engine  # its reference runs on the model as it is, before any swap
-        saved = []
-        try:
-            for layer in self.measured:
-                if id(layer) not in weights:
-                    continue
-                proto = self._tensors[layer.source.constant.name]
-                keep = onnx.TensorProto()
-                keep.CopyFrom(proto)
-                saved.append((proto, keep))
-                dtype = helper.tensor_dtype_to_np_dtype(keep.data_type)
-                proto.CopyFrom(numpy_helper.from_array(np.asarray(weights[id(layer)]).astype(dtype), proto.name))
+        named = {x.source.constant.name: weights[id(x)] for x in self.measured if id(x) in weights}
+        with swapped_initializers(self.base, named, self._tensors):
             return engine.measure(self.base).score
-        finally:
-            for proto, keep in saved:
-                proto.CopyFrom(keep)
+
+
+@contextmanager
+def swapped_initializers(
+    model: onnx.ModelProto, values: Mapping[str, np.ndarray], tensors: Mapping[str, onnx.TensorProto] | None = None
+) -> Iterator[onnx.ModelProto]:
+    """``model`` with the named initializers (any subgraph) holding ``values`` (cast to their dtype) for the
+    duration of the block, restored after: one model, no copy per measurement. ``tensors``: the name -> proto
+    index when the caller keeps one."""
+    if tensors is None:
+        tensors = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
+    saved = []
+    try:
+        for name, value in values.items():
+            proto = tensors[name]
+            keep = onnx.TensorProto()
+            keep.CopyFrom(proto)
+            saved.append((proto, keep))
+            dtype = helper.tensor_dtype_to_np_dtype(keep.data_type)
+            proto.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), proto.name))
+        yield model
+    finally:
+        for proto, keep in saved:
+            proto.CopyFrom(keep)

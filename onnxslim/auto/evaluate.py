@@ -1,0 +1,156 @@
+"""Build one candidate with the real passes and judge it on the evaluation data: what a search worker runs.
+
+``evaluate_candidate(task)`` takes plain data (paths, the configuration as layer -> level names) so it can run
+in another process or on a Ray worker; it writes the candidate model to ``task["out"]`` and returns its file
+size and its task metric on EVAL. The metric (``TaskMetric``) is built once per process and reused.
+
+The metric, in the order the issue of the user's data decides it:
+- ``metric`` given (``script.py:function`` or a callable ``fn(reference_outputs, candidate_outputs, samples)``):
+  that value, higher is better, its drop measured from the original's own value;
+- EVAL has ``__label__`` and a label output is found: accuracy, drop from the original's accuracy;
+- otherwise agreement with the original's own decisions (the sensitivity engine's ``decisions`` criterion:
+  worst of cosine, worst-channel cosine and top-1 agreement over float outputs), drop = 1 - agreement.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+__all__ = ["TaskMetric", "evaluate_candidate", "file_bytes"]
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """A model's bytes on disk: the .onnx file plus the external data files next to it that it names."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    seen = set()
+    from ..graph import iter_graphs
+
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value not in seen:
+                    seen.add(entry.value)
+                    extra = path.parent / entry.value
+                    if extra.exists():
+                        total += extra.stat().st_size
+    return total
+
+
+class TaskMetric:
+    """The task metric of candidates against the original (``reference``) on ``data``; see the module text."""
+
+    def __init__(
+        self,
+        reference: str | os.PathLike,
+        data: Any,
+        *,
+        metric: str | Callable | None = None,
+        label_output: str | None = None,
+        max_samples: int | None = None,
+    ):
+        from ..data import LABEL_KEY, load_feeds
+        from ..graph import load_model
+        from ..parity import _label_output, _load_metric, _user_metric
+        from ..sensitivity import SensitivityEngine
+
+        ref = load_model(reference).proto
+        samples = list(load_feeds(data).bind(ref).check_first().samples())
+        if max_samples:
+            samples = samples[:max_samples]
+        feeds = [s.feeds for s in samples]
+        names = [o.name for o in ref.graph.output]
+        fn = _load_metric(metric)
+        self.label_output = None
+        if fn is not None:
+            self.kind = "user"
+            criterion = lambda r, c: _user_metric(fn, r, c, samples).get("value", float("nan"))  # noqa: E731
+        elif samples and LABEL_KEY in samples[0].meta:
+            probe = SensitivityEngine(ref, feeds, samples=len(feeds), modes=(True,))
+            first = [{n: probe.reference[True][n][i] for n in names} for i in range(len(feeds))]
+            self.label_output = _label_output(names, first, samples, label_output)
+            self.kind = "accuracy" if self.label_output else "agreement"
+        else:
+            self.kind = "agreement"
+        if self.kind == "accuracy":
+            from ..parity import _accuracy
+
+            criterion = lambda r, c: _accuracy(c, samples, self.label_output)  # noqa: E731
+        elif self.kind == "agreement":
+            criterion = "decisions"
+        self.samples = len(samples)
+        self.engine = SensitivityEngine(ref, feeds, samples=max(1, len(feeds)), modes=(True,), criterion=criterion)
+        self.base_value = 1.0 if self.kind == "agreement" else self.engine.measure(ref).score
+
+    def describe(self) -> str:
+        what = {
+            "accuracy": f"accuracy of output '{self.label_output}' against __label__",
+            "agreement": "agreement with the original's decisions (worst of cosine, worst-channel cosine, top-1)",
+            "user": "the user metric",
+        }[self.kind]
+        return f"{what} on {self.samples} evaluation samples"
+
+    def measure(self, candidate: str | os.PathLike | onnx.ModelProto) -> dict[str, float]:
+        from ..graph import load_model
+
+        damage = self.engine.measure(load_model(candidate).proto)
+        return {
+            "value": float(damage.score),
+            "drop": float(self.base_value - damage.score),
+            "cosine": float(damage.cosine),
+            "snr_db": float(damage.snr_db),
+        }
+
+
+_METRICS: dict[tuple, TaskMetric] = {}
+
+
+def _metric_for(task: dict) -> TaskMetric:
+    key = (task["base"], str(task["eval"]), str(task.get("metric")), task.get("label_output"))
+    if key not in _METRICS:
+        _METRICS.clear()  # one search per process at a time: keep memory to one reference
+        _METRICS[key] = TaskMetric(
+            task["base"], task["eval"], metric=task.get("metric"), label_output=task.get("label_output")
+        )
+    return _METRICS[key]
+
+
+def evaluate_candidate(task: dict) -> dict:
+    """Build ``task["config"]`` from ``task["base"]`` into ``task["out"]`` and measure it (see the module text).
+    A candidate whose passes fail is a result with ``error`` set, never an exception: the search goes on."""
+    from ..errors import OnnxSlimError
+    from ..pipeline import optimize
+    from .levels import WeightLayer, build_passes, parse_levels
+
+    t0 = time.perf_counter()
+    levels = {lv.name: lv for lv in parse_levels(task["levels"])}
+    layers = [WeightLayer(*x) for x in task["layers"]]
+    config = {name: levels[lv] for name, lv in task["config"].items() if lv != "float"}
+    out: dict[str, Any] = {"error": None, "path": task["out"]}
+    try:
+        passes = build_passes(config, layers, seed=task.get("seed", 0), distill=task.get("distill", False))
+        if passes:
+            optimize(
+                task["base"],
+                passes,
+                output=task["out"],
+                calibration=task["calibration"],
+                seed=task.get("seed", 0),
+                on_pass_error="raise",
+                fixed_point=False,
+            )
+        else:
+            Path(task["out"]).write_bytes(Path(task["base"]).read_bytes())
+        out["size"] = file_bytes(task["out"])
+        out.update(_metric_for(task).measure(task["out"]))
+    except (OnnxSlimError, ValueError, RuntimeError) as e:
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    out["seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,147 @@
+"""What the automatic search can do to one layer: the menu of levels, and a configuration turned into passes.
+
+A level is one technique at one strength for one weight layer (Conv / ConvTranspose / Gemm / MatMul with a
+constant weight): ``float`` (left as it is), ``int8`` (quantize_int8_static), ``shareB`` (share_weights at B
+bits), ``pruneS+shareB`` (prune_by_magnitude at sparsity S, then B-bit codes whose zeros cost one mask bit) or
+``pruneS`` (pruned, stored packed). A configuration maps layer names to levels; ``build_passes`` turns it into
+the real passes with per-layer options, so a candidate is always made by the same code users run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from ..weight_layout import WEIGHT_INPUT
+
+__all__ = ["Level", "parse_levels", "DEFAULT_LEVELS", "WeightLayer", "weight_layers", "build_passes"]
+
+DEFAULT_LEVELS = "int8,share4,share3,share2"
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    int8: bool = False
+    bits: int = 0  # share_weights index bits (0: not shared)
+    sparsity: float = 0.0  # prune_by_magnitude
+
+    def bytes(self, n: int) -> float:
+        """Estimated stored bytes of an n-element fp32 weight at this level (what the search trades)."""
+        if self.int8:
+            return float(n)
+        if self.bits:
+            codebook = 4.0 * 2**self.bits
+            if self.sparsity:
+                return n / 8 + n * (1 - self.sparsity) * self.bits / 8 + codebook
+            return n * self.bits / 8 + codebook
+        if self.sparsity:
+            return n / 8 + 4.0 * n * (1 - self.sparsity)
+        return 4.0 * n
+
+
+FLOAT = Level("float")
+_LEVEL = re.compile(r"^(?:prune(?P<s>0?\.\d+))?\+?(?:share(?P<b>[2-8]))?$")
+
+
+def parse_levels(text: str) -> list[Level]:
+    """``"int8,share4,prune0.5+share4"`` -> levels, ordered from the largest estimated size to the smallest."""
+    out: list[Level] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if token == "int8":
+            out.append(Level("int8", int8=True))
+            continue
+        m = _LEVEL.match(token)
+        if not m or not (m.group("s") or m.group("b")):
+            raise ValueError(f"unknown level {token!r}: write int8, shareB (B in 2..8), pruneS or pruneS+shareB")
+        s = float(m.group("s") or 0.0)
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"level {token!r}: sparsity must be in [0, 1)")
+        out.append(Level(token, bits=int(m.group("b") or 0), sparsity=s))
+    if not out:
+        raise ValueError("no levels given; e.g. int8,share4,share3")
+    names = [x.name for x in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"levels repeat: {text!r}")
+    return sorted(out, key=lambda x: -x.bytes(1 << 16))
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    name: str  # node name
+    op: str
+    weight: str  # initializer name
+    size: int  # weight elements
+
+
+def weight_layers(model: onnx.ModelProto, min_weights: int) -> list[WeightLayer]:
+    """The main graph's named weight layers whose weight is an initializer of at least ``min_weights``
+    elements, in graph order (unnamed nodes cannot be addressed by the passes' per-layer options)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    out = []
+    for node in model.graph.node:
+        idx = WEIGHT_INPUT.get(node.op_type)
+        if idx is None or not node.name or node.name in seen or len(node.input) <= idx:
+            continue
+        t = inits.get(node.input[idx])
+        if t is None:
+            continue
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n >= min_weights:
+            seen.add(node.name)
+            out.append(WeightLayer(node.name, node.op_type, t.name, n))
+    return out
+
+
+def _exact(name: str) -> str:
+    return "re:^" + re.escape(name) + "$"
+
+
+def build_passes(
+    config: Mapping[str, Level], layers: list[WeightLayer], *, seed: int = 0, distill: bool = False
+) -> list:
+    """The passes that apply ``config`` (layer name -> level; absent = float) to a model holding ``layers``."""
+    from ..registry import get_pass
+
+    everyone = [x.name for x in layers]
+    level_of = {x: config.get(x, FLOAT) for x in everyone}
+    passes = []
+    pruned = {x: lv for x, lv in level_of.items() if lv.sparsity}
+    if pruned:
+        passes.append(
+            get_pass("prune_by_magnitude")(
+                sparsity=max(lv.sparsity for lv in pruned.values()),
+                layer_sparsity=[f"{_exact(x)}={lv.sparsity}" for x, lv in pruned.items()],
+                exclude_nodes=[_exact(x) for x in everyone if x not in pruned],
+                allocation="uniform",
+                keep_first_last=False,
+                min_weights=0,
+            )
+        )
+    shared = {x: lv for x, lv in level_of.items() if lv.bits}
+    if shared:
+        passes.append(
+            get_pass("share_weights")(
+                bits=max(lv.bits for lv in shared.values()),
+                layer_bits=[f"{_exact(x)}={lv.bits}" for x, lv in shared.items()],
+                exclude_nodes=[_exact(x) for x in everyone if x not in shared],
+                keep_first_last=False,
+                min_weights=0,
+            )
+        )
+    quantized = [x for x, lv in level_of.items() if lv.int8]
+    if quantized:
+        passes.append(get_pass("quantize_int8_static")(exclude_nodes=[x for x in everyone if x not in quantized]))
+    if distill and passes:
+        passes.append(get_pass("distill_layers")())
+    if pruned and any(not lv.bits for lv in pruned.values()):  # last: distillation reads plain pruned weights
+        passes.append(get_pass("pack_sparse_weights")())
+    return passes
