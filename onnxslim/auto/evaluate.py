@@ -95,7 +95,7 @@ class TaskMetric:
             "agreement": "agreement with the original's decisions (worst of cosine, worst-channel cosine, top-1)",
             "user": "the user metric",
         }[self.kind]
-        return f"{what} on {self.samples} evaluation samples"
+        return f"{what} on {self.samples} evaluation feeds"
 
     def measure(self, candidate: str | os.PathLike | onnx.ModelProto) -> dict[str, float]:
         from ..graph import load_model

@@ -41,8 +41,7 @@ def plot_sensitivity(auto: dict, path: str | os.PathLike) -> None:
             if v is not None and math.isfinite(v):
                 data[i, j] = math.log10(max(v, 1e-6))
     fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(levels), 1.5 + 0.22 * len(layers)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=-6, vmax=0)
     ax.set_xticks(range(len(levels)), levels)
     ax.set_yticks(range(len(layers)), [_short(x) for x in layers], fontsize=7)
