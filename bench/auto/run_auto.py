@@ -1,0 +1,130 @@
+"""``optimize --auto`` on the real-model set at a 1-point budget of the model's own task agreement.
+
+For each model of ``bench/out/real_models/manifest.json``: ``onnxslim optimize M -o OUT --auto --calib CALIB
+--check-data EVAL --budget 0.01 --metric task_metric_<model>.py:agreement`` as a user runs it (wall time and peak
+RSS of the whole command, workers included), then from its JSON report: the chosen model's size and latency
+ratios and agreement, and the best single technique (every layer at one level) within the same budget.
+Writes ``bench/out/auto/results.json`` and the ``## Automatic compression on real pretrained models`` section of
+bench/RESULTS.md.
+
+    .venv/bin/python bench/auto/run_auto.py [--models a,b] [--onnxslim PATH] [--report-only] [-- extra flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "bench")]
+import int8_report  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "auto"
+REAL = ROOT / "bench" / "out" / "real_models"
+HEADING = "## Automatic compression on real pretrained models"
+
+
+def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
+    d, name = REAL / entry["name"], entry["name"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    metric = OUT / f"task_metric_{name}.py"
+    text = Path(__file__).with_name("task_metric.py").read_text()  # the copy lives elsewhere: pin the repo root
+    metric.write_text(text.replace("Path(__file__).resolve().parents[2]", repr(str(ROOT)).join(["Path(", ")"]), 1))
+    dst, report = OUT / f"{name}.onnx", OUT / f"{name}.report.json"
+    cmd = [onnxslim, "optimize", str(d / "model.onnx"), "-o", str(dst), "--auto", "--budget", "0.01"]
+    cmd += ["--calib", str(d / "calib"), "--check-data", str(d / "eval"), "--metric", f"{metric}:agreement"]
+    cmd += ["--report", str(report), "-q", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    row = {"model": name, "rc": p.returncode, "seconds": round(time.perf_counter() - t0)}
+    row["peak_rss_mb_children"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    if not report.exists():
+        row["error"] = (p.stderr.strip().splitlines() or [""])[-1][:300]
+        return row
+    auto = json.loads(report.read_text())["auto"]
+    cands = [c for c in auto["candidates"] if "size_ratio" in c]
+    chosen = next(c for c in cands if c["id"] == auto["chosen"])
+    singles_all = [c for c in cands if c["source"] == "single"]
+    singles = [c for c in singles_all if c["meets_budget"]]
+    best_single = min(singles, key=lambda c: c["size_ratio"]) if singles else None
+    row.update(
+        passed=auto["passed"],
+        chosen=chosen["summary"],
+        size_ratio=round(chosen["size_ratio"], 3),
+        latency_ratio=chosen.get("latency_ratio"),
+        agreement=round(chosen["value"], 4),
+        best_single=best_single["label"] if best_single else None,
+        best_single_size_ratio=round(best_single["size_ratio"], 3) if best_single else None,
+        best_single_agreement=round(best_single["value"], 4) if best_single else None,
+        singles={
+            c["label"]: [round(c["size_ratio"], 3), round(c["value"], 4)] for c in cands if c["source"] == "single"
+        },
+        candidates=len(auto["candidates"]),
+        search_seconds=round(auto["search_seconds"]),
+        peak_rss_mb=round(auto["peak_rss_mb"]),
+        layers=len(auto["layers"]),
+    )
+    return row
+
+
+def _section(rows: list[dict]) -> str:
+    m = int8_report.machine()
+    flags = " ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni") if f in Path("/proc/cpuinfo").read_text())
+    lines = [
+        HEADING,
+        "",
+        f"`bench/auto/run_auto.py`, {m['cpu']}, {m['nproc']} cores, {m['ram']}, CPU flags: {flags}, {m['date']}. "
+        "`optimize --auto --budget 0.01` with each model's own task agreement "
+        "(`bench/real_models/decisions.py`) as `--metric`, judged on the held-out feeds; default levels "
+        "int8, share4, share3, share2. Best single = the smallest every-layer-at-one-level candidate within the "
+        "budget.",
+        "",
+        "| model | chosen (layers per level) | size | latency | agreement | best single within budget | ratio "
+        "| wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "size_ratio" not in r:
+            lines.append(f"| {r['model']} | failed: {r.get('error', '')} | | | | | | {r['seconds']} | |")
+            continue
+        bs = r["best_single"]
+        ratio = f"{r['best_single_size_ratio'] / r['size_ratio']:.2f}x smaller" if bs else "none passes"
+        lat = f"{r['latency_ratio']:.2f}x" if r.get("latency_ratio") else "-"
+        verdict = "" if r["passed"] else " (over budget: best found)"
+        lines.append(
+            f"| {r['model']} | {r['chosen']}{verdict} | {r['size_ratio']:.3f}x | {lat} | {r['agreement']:.4f} | "
+            f"{bs or '-'} {r['best_single_size_ratio'] or ''} / {r['best_single_agreement'] or ''} | {ratio} | "
+            f"{r['seconds']} | {r['peak_rss_mb']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models")
+    ap.add_argument("--onnxslim", default=str(ROOT / ".venv" / "bin" / "onnxslim"))
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("extra", nargs="*")
+    a = ap.parse_args()
+    entries = json.loads((REAL / "manifest.json").read_text())["models"]
+    if a.models:
+        entries = [e for e in entries if e["name"] in a.models.split(",")]
+    res_path = OUT / "results.json"
+    old = {r["model"]: r for r in json.loads(res_path.read_text())} if res_path.exists() else {}
+    if not a.report_only:
+        for e in entries:
+            row = _one(e, a.onnxslim, a.extra)
+            old[row["model"]] = row
+            print(json.dumps(row), flush=True)
+            OUT.mkdir(parents=True, exist_ok=True)
+            res_path.write_text(json.dumps(list(old.values()), indent=1))
+    int8_report.write_section(ROOT / "bench" / "RESULTS.md", _section(list(old.values())), heading=HEADING)
+
+
+if __name__ == "__main__":
+    main()
