@@ -126,7 +126,16 @@ def auto_compress(
     probe_key = f"sensitivity-{cache.key({'levels': levels, 'samples': str(probe_samples)})}.json"
     table = cache.get_json(probe_key)
     if table is None:
-        table = probe_layers(base, layers, menu, calibration, samples=probe_samples, seed=seed, progress=progress)
+        table = probe_layers(
+            base,
+            layers,
+            menu,
+            calibration,
+            samples=probe_samples,
+            criterion=_probe_criterion(metric, calibration, probe_samples),
+            seed=seed,
+            progress=progress,
+        )
         cache.put_json(
             probe_key, {x: {k: (v if math.isfinite(v) else None) for k, v in d.items()} for x, d in table.items()}
         )
@@ -294,6 +303,23 @@ def auto_compress(
     if passed and not keep_cache:
         shutil.rmtree(folder, ignore_errors=True)
     return AutoResult(passed, target, report)
+
+
+def _probe_criterion(metric, calibration, samples: int):
+    """Probes rank layers by the user's own metric when there is one (on the calibration feeds, where a model's
+    decisions can hinge on what a cosine does not see), else by the engine's ``decisions``."""
+    if metric is None:
+        return "decisions"
+    from ..data import load_feeds
+    from ..parity import _load_metric, _user_metric
+
+    fn = _load_metric(metric)
+    first = []
+    for s in load_feeds(calibration).samples():
+        first.append(s)
+        if len(first) >= samples:
+            break
+    return lambda ref, cand: _user_metric(fn, ref, cand, first).get("value", float("nan"))
 
 
 def _summary(config: dict[str, str], n_layers: int) -> str:
