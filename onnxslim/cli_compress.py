@@ -129,7 +129,7 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     if getattr(args, "prune_options", None) and not (magnitude or channels is not None):
         raise UsageError("--prune-option applies to pruning; add --prune S, --prune-nm N:M or --prune-channels F")
     if not (quantize or magnitude or channels is not None or share is not None):
-        if getattr(args, "distill", False):
+        if getattr(args, "distill", False) and not getattr(args, "auto", False):
             raise UsageError("--distill refits what compression changed; add --quantize, --prune or --share")
         return
     passes = list(settings.passes) if settings.passes is not None else [PassSpec(n) for n in DEFAULT_PASSES]

@@ -195,3 +195,16 @@ def test_task_metric_agreement_without_labels(tmp_path):
     assert metric.kind == "agreement" and metric.base_value == 1.0
     same = metric.measure(MODEL)
     assert same["drop"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_lowers_the_drop_of_the_same_candidates(tmp_path):
+    kwargs = dict(calibration=CALIB, eval_data=EVAL, min_weights=256, levels="share2", executor="serial")
+    kwargs.update(latency=False, plots=False, refine_rounds=0)
+    plain = auto_compress(MODEL, tmp_path / "a.onnx", **kwargs).report.auto
+    distilled = auto_compress(MODEL, tmp_path / "b.onnx", distill=True, **kwargs).report.auto
+    every = {c["label"]: c for c in plain["candidates"]}
+    both = [(every[c["label"]], c) for c in distilled["candidates"] if c["label"] == "all share2"]
+    assert both, "the every-layer-at-2-bits candidate is measured in both searches"
+    p, d = both[0]
+    assert p["config"] == d["config"]
+    assert d["drop"] < p["drop"]  # 2-bit codebooks refit to the teacher's outputs lose less accuracy

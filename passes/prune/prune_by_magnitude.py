@@ -81,7 +81,7 @@ class PruneByMagnitude(Pass):
 
     name = "prune_by_magnitude"
     exact = False
-    runs_before = ("share_weights", "quantize_int8_static", "pack_sparse_weights")
+    runs_before = ("share_weights", "quantize_int8_static", "distill_layers", "pack_sparse_weights")
     needs_calibration = False  # used when given: Wanda norms and SparseGPT reconstruction
     idempotent = False
     # Judged by the decisions (top-1 agreement >= 0.98, the pruning issue's target) and the output cosine; one

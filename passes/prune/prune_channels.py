@@ -73,7 +73,13 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    runs_before = ("prune_by_magnitude", "share_weights", "quantize_int8_static", "pack_sparse_weights")
+    runs_before = (
+        "prune_by_magnitude",
+        "share_weights",
+        "quantize_int8_static",
+        "distill_layers",
+        "pack_sparse_weights",
+    )
     needs_calibration = False
     idempotent = False
     metric_floors = {"cosine": 0.9}

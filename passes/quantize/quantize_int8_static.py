@@ -92,6 +92,7 @@ class QuantizeInt8Static(Pass):
     name = "quantize_int8_static"
     exact = False
     needs_calibration = True
+    runs_before = ("distill_layers",)  # distillation refits the biases int8 leaves float
     idempotent = False  # a second run finds nothing left to quantize
     metric_floors = {"cosine": 0.99, "accuracy_drop": 0.01}
 

@@ -69,7 +69,7 @@ class ShareWeights(Pass):
 
     name = "share_weights"
     exact = False
-    runs_before = ("quantize_int8_static", "pack_sparse_weights")
+    runs_before = ("quantize_int8_static", "distill_layers", "pack_sparse_weights")
     needs_calibration = False  # used when given: importance weights, compensated codes, centroid refit
     metric_floors = {"cosine": 0.98, "sample_cosine": 0.9, "top1_agreement": 0.98, "accuracy_drop": 0.01}
 
