@@ -115,7 +115,8 @@ def _section(rows: list[dict]) -> str:
         "shows: int8 on a few layers with float neighbours agrees *less* than int8 everywhere on YOLOv8n (3 int8 "
         "layers: 0.90, all 57: 0.947), so the per-layer probes (weights swapped, activations float) misjudge int8; "
         "and the text detector's search took 1708 s, over the 10-minute target (candidate builds at 2-3 min each "
-        "on 2 cores, run while other work shared the machine).",
+        "on 2 cores, run while other work shared the machine). Trade-off pictures as `--auto` drew them: "
+        "`bench/auto/pareto_yolov8n.png`, `bench/auto/pareto_mobilenetv3_cls.png`.",
     ]
     return "\n".join(lines) + "\n"
 
