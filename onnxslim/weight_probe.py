@@ -28,6 +28,13 @@ class WeightProbe:
 
     def __init__(self, ctx, layers: list, criterion, samples: int, max_layers: int = 0):
         self.base = export_standalone(ctx.graph, ctx.opset)
+        if ctx.base_dir is not None:
+            # Sessions are made from this proto (bytes), and onnxruntime resolves external weights of a model
+            # given as bytes against the working folder: read them in (the probes swap weights in memory anyway).
+            from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+            if any(uses_external_data(t) for g in iter_graphs(self.base.graph) for t in g.initializer):
+                load_external_data_for_model(self.base, str(ctx.base_dir))
         self._tensors = {t.name: t for g in iter_graphs(self.base.graph) for t in g.initializer}
         measured = [x for x in layers if x.source.node is None and x.source.constant.name in self._tensors]
         if max_layers and len(measured) > max_layers:  # the largest layers hold most of what is to place

@@ -254,3 +254,22 @@ def test_the_allocation_keeps_layer_sparsity_overrides_as_given():
     pinned = [d for d in record.layers if "block1" in d["layer"]]
     assert pinned and all(abs(d["sparsity"] - 0.3) < 0.01 for d in pinned)
     assert all("loss_alone_at_target" not in d for d in pinned)
+
+
+def test_sensitivity_allocation_reads_external_weights_from_another_working_folder(tmp_path, monkeypatch):
+    # The probes' sessions are made from bytes; onnxruntime would look for the weights in the working folder.
+    from conftest import SAMPLES
+
+    cnn = SAMPLES / "cnn_digits"
+    model = onnx.load(str(cnn / "model.onnx"))
+    src = tmp_path / "models" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, location="m.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out, report = optimize(
+        str(src), ["prune_by_magnitude:sparsity=0.5"], calibration=str(cnn / "calib"), on_pass_error="raise"
+    )
+    assert report.passes[0].stats["weights_zeroed"] > 0
+    assert any("sensitivity" in n or "allocation" in n for n in report.passes[0].notes)
