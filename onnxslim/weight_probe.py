@@ -28,7 +28,7 @@ class WeightProbe:
 
     def __init__(self, ctx, layers: list, criterion, samples: int, max_layers: int = 0):
         self.base = export_standalone(ctx.graph, ctx.opset)
-        if ctx.base_dir is not None:
+        if getattr(ctx, "base_dir", None) is not None:
             # Sessions are made from this proto (bytes), and onnxruntime resolves external weights of a model
             # given as bytes against the working folder: read them in (the probes swap weights in memory anyway).
             from onnx.external_data_helper import load_external_data_for_model, uses_external_data

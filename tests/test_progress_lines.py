@@ -34,6 +34,13 @@ def test_nested_stages_without_a_tty(capsys):
 def test_optimize_prints_stage_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli_progress.progress_display, "start_after", 0.0)
     monkeypatch.setattr(cli_progress.progress_display, "every", 0.01)
+    update = cli_progress.ProgressLines.update
+
+    def lasting(self, stage, done, total):  # on a fast CPU a 2-sample stage ends before the ticker sees it open
+        update(self, stage, done, total)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(cli_progress.ProgressLines, "update", lasting)
     out = tmp_path / "q.onnx"
     argv = ["optimize", str(CNN / "model.onnx"), "-o", str(out), "--quantize", "int8", "--calib", str(CNN / "calib")]
     assert main([*argv, "--check-data", str(CNN / "eval"), "--max-samples", "2"]) == 0
