@@ -26,22 +26,11 @@ __all__ = ["TaskMetric", "evaluate_candidate", "file_bytes"]
 
 
 def file_bytes(path: str | os.PathLike) -> int:
-    """A model's bytes on disk: the .onnx file plus the external data files next to it that it names."""
-    path = Path(path)
-    total = path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
-    seen = set()
-    from ..graph import iter_graphs
+    """A model's bytes on disk: the .onnx file plus the external data files it names (the pipeline's own count)."""
+    from ..graph import load_model
+    from ..pipeline import _file_size
 
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            for entry in t.external_data:
-                if entry.key == "location" and entry.value not in seen:
-                    seen.add(entry.value)
-                    extra = path.parent / entry.value
-                    if extra.exists():
-                        total += extra.stat().st_size
-    return total
+    return _file_size(Path(path), load_model(path))
 
 
 class TaskMetric:
@@ -72,21 +61,20 @@ class TaskMetric:
         if fn is not None:
             self.kind = "user"
             criterion = lambda r, c: _user_metric(fn, r, c, samples).get("value", float("nan"))  # noqa: E731
-        elif samples and LABEL_KEY in samples[0].meta:
-            probe = SensitivityEngine(ref, feeds, samples=len(feeds), modes=(True,))
-            first = [{n: probe.reference[True][n][i] for n in names} for i in range(len(feeds))]
-            self.label_output = _label_output(names, first, samples, label_output)
-            self.kind = "accuracy" if self.label_output else "agreement"
         else:
-            self.kind = "agreement"
-        if self.kind == "accuracy":
-            from ..parity import _accuracy
+            self.kind, criterion = "agreement", "decisions"
+        # one reference run: the label output is found from it, and the criterion set after
+        self.engine = SensitivityEngine(ref, feeds, samples=max(1, len(feeds)), modes=(True,), criterion="decisions")
+        if fn is None and samples and LABEL_KEY in samples[0].meta:
+            first = self.engine._per_sample(self.engine.reference[True])
+            self.label_output = _label_output(names, first, samples, label_output)
+            if self.label_output:
+                from ..parity import _accuracy
 
-            criterion = lambda r, c: _accuracy(c, samples, self.label_output)  # noqa: E731
-        elif self.kind == "agreement":
-            criterion = "decisions"
+                self.kind = "accuracy"
+                criterion = lambda r, c: _accuracy(c, samples, self.label_output)  # noqa: E731
+        self.engine.criterion = criterion
         self.samples = len(samples)
-        self.engine = SensitivityEngine(ref, feeds, samples=max(1, len(feeds)), modes=(True,), criterion=criterion)
         self.base_value = 1.0 if self.kind == "agreement" else self.engine.measure(ref).score
 
     def describe(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,8 +27,26 @@ from .levels import Level, WeightLayer, build_passes
 __all__ = ["level_weights", "probe_layers"]
 
 
+def _base_weights(base: str, layers: list[WeightLayer]) -> dict[str, np.ndarray]:
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    wanted = {x.weight for x in layers}
+    out = {}
+    for t in onnx.load(base, load_external_data=False).graph.initializer:
+        if t.name in wanted:
+            if uses_external_data(t):
+                load_external_data_for_tensor(t, str(Path(base).parent))
+            out[t.name] = numpy_helper.to_array(t)
+    return out
+
+
 def level_weights(
-    base: str, layers: list[WeightLayer], level: Level, calibration, seed: int = 0
+    base: str,
+    layers: list[WeightLayer],
+    level: Level,
+    calibration,
+    seed: int = 0,
+    original: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Layer name -> its weight with every layer compressed at ``level`` (only the layers the passes changed).
     The weights are read by running the compressed model with each layer's weight input as an extra output
@@ -63,8 +82,8 @@ def level_weights(
     for t in model.graph.initializer:
         if t.name in wanted.values():
             values[t.name] = numpy_helper.to_array(t)
-    base_model = onnx.load(base)
-    original = {t.name: numpy_helper.to_array(t) for t in base_model.graph.initializer}
+    if original is None:
+        original = _base_weights(base, layers)
     out = {}
     for x in layers:
         value = values.get(wanted.get(x.name, ""))
@@ -101,11 +120,11 @@ def probe_layers(
         progress=progress,
         stage="auto: probes",
     )
-    weights = {}
+    weights, original = {}, _base_weights(base, layers)  # read once, compared with every level
     for i, level in enumerate(levels):
         if progress:
             progress(f"auto: compress every layer at {level.name}", i, len(levels))
-        weights[level.name] = level_weights(base, layers, level, calibration, seed)
+        weights[level.name] = level_weights(base, layers, level, calibration, seed, original)
     table: dict[str, dict[str, float]] = {x.name: {} for x in layers}
     engine.expected = sum(len(w) for w in weights.values())
     for level in levels:
