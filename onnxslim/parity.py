@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import LABEL_KEY, Sample, load_feeds, load_function
+from .data import LABEL_KEY, Sample, load_feeds
 from .errors import BadInputError, OnnxSlimError, UsageError
 from .graph import load_model
 from .lossy_changes import lossy_changes
@@ -40,6 +40,7 @@ from .parity_metrics import (
 )
 from .runtime import available_providers, make_session, node_placement, normalize_provider, run_session
 from .synthetic import synthetic_feeds
+from .task_metrics import accuracy, find_label_output, load_metric, user_metric
 
 __all__ = ["check", "ParityResult", "Threshold", "DEFAULT_LOSSY_FLOORS"]
 
@@ -112,12 +113,6 @@ def _session_source(loaded) -> Any:
     return str(loaded.path) if loaded.path is not None else loaded.proto
 
 
-def _load_metric(spec: str | Callable | None) -> Callable | None:
-    if spec is None or callable(spec):
-        return spec
-    return load_function(spec, "metric", "(reference, candidate, samples)")
-
-
 def _run_all(
     info,
     samples: list[Sample],
@@ -134,37 +129,6 @@ def _run_all(
         if progress:
             progress(stage, i + 1, len(samples))
     return outs
-
-
-def _label_output(
-    names: list[str], outs: list[dict[str, np.ndarray]], samples: list[Sample], chosen: str | None
-) -> str | None:
-    if chosen:
-        if chosen not in names:
-            raise UsageError(f"label output '{chosen}' is not an output (outputs: {', '.join(names)})")
-        return chosen
-    labels = samples[0].meta.get(LABEL_KEY)
-    if labels is None or not outs:
-        return None
-    first = outs[0]
-    for n in names:  # an integer label output of the labels' shape
-        if first[n].dtype.kind in "iu" and first[n].shape == labels.shape:
-            return n
-    for n in names:  # logits [batch, classes]
-        if first[n].dtype.kind == "f" and first[n].ndim == 2 and first[n].shape[0] == labels.reshape(-1).shape[0]:
-            return n
-    return None
-
-
-def _accuracy(outs: list[dict[str, np.ndarray]], samples: list[Sample], name: str) -> float:
-    hits = total = 0
-    for o, s in zip(outs, samples):
-        y = s.meta[LABEL_KEY].reshape(-1)
-        v = o[name]
-        pred = np.argmax(v, axis=1) if v.dtype.kind == "f" and v.ndim == 2 else v.reshape(-1)
-        hits += int(np.sum(pred == y))
-        total += y.size
-    return hits / total if total else float("nan")
 
 
 def _noise(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], name: str) -> dict[str, float]:
@@ -332,7 +296,7 @@ def check(
     if mode == "lossy":
         given = [metric_floors] if isinstance(metric_floors, Mapping) else list(metric_floors or [])
         floors = {**DEFAULT_LOSSY_FLOORS, **merge_floors([dict(f) for f in given if f])}
-    metric_fn = _load_metric(metric)
+    metric_fn = load_metric(metric)
 
     # Data: the user's, or seeded synthetic inputs (said loudly in the report).
     if data is None:
@@ -387,7 +351,7 @@ def check(
             f"{e} (synthetic inputs {dims}); give the model's real input sizes with --shapes NAME:DxD,... "
             "or real data with --data"
         ) from None
-    lab = _label_output(compared, cpu_ref, samples, label_output) if data_info["labels"] else None
+    lab = find_label_output(compared, cpu_ref, samples, label_output) if data_info["labels"] else None
     avail = set(available_providers())
     used: list[str] = []
     skipped: list[dict] = []
@@ -454,7 +418,7 @@ def check(
                 )
                 run["provider_drift"][n] = drift["metrics"]
         if lab:
-            acc_o, acc_c = _accuracy(o_out, samples, lab), _accuracy(c_out, samples, lab)
+            acc_o, acc_c = accuracy(o_out, samples, lab), accuracy(c_out, samples, lab)
             task = {"metric": "accuracy", "output": lab, "original": acc_o, "candidate": acc_c, "drop": acc_o - acc_c}
             drop = _final_threshold(Threshold(accuracy_drop=floors.get("accuracy_drop")), user, lab).accuracy_drop
             if drop is not None:
@@ -473,7 +437,7 @@ def check(
                     f"(placement: {run['node_placement']})"
                 )
         if metric_fn is not None:
-            run["user_metric"] = _user_metric(metric_fn, o_out, c_out, samples)
+            run["user_metric"] = user_metric(metric_fn, o_out, c_out, samples)
         runs.append(run)
     if not used:
         failures.append(
@@ -531,16 +495,6 @@ def _placement(src: Any, prov: str, feeds: dict[str, np.ndarray]) -> dict[str, i
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _user_metric(fn: Callable, ref: list[dict], cand: list[dict], samples: list[Sample]) -> dict:
-    try:
-        value = fn(ref, cand, [{**s.feeds, **s.meta} for s in samples])
-    except Exception as e:
-        raise BadInputError(f"the user metric raised {type(e).__name__}: {e}") from e
-    if isinstance(value, Mapping):
-        return {str(k): float(v) for k, v in value.items()}
-    return {"value": float(value)}
 
 
 # ------------------------------------------------------------------------------------------ explain

@@ -47,8 +47,8 @@ class TaskMetric:
     ):
         from ..data import LABEL_KEY, load_feeds
         from ..graph import load_model
-        from ..parity import _label_output, _load_metric, _user_metric
         from ..sensitivity import SensitivityEngine
+        from ..task_metrics import accuracy, find_label_output, load_metric, user_metric
 
         ref = load_model(reference).proto
         samples = list(load_feeds(data).bind(ref).check_first().samples())
@@ -56,23 +56,21 @@ class TaskMetric:
             samples = samples[:max_samples]
         feeds = [s.feeds for s in samples]
         names = [o.name for o in ref.graph.output]
-        fn = _load_metric(metric)
+        fn = load_metric(metric)
         self.label_output = None
         if fn is not None:
             self.kind = "user"
-            criterion = lambda r, c: _user_metric(fn, r, c, samples).get("value", float("nan"))  # noqa: E731
+            criterion = lambda r, c: user_metric(fn, r, c, samples).get("value", float("nan"))  # noqa: E731
         else:
             self.kind, criterion = "agreement", "decisions"
         # one reference run: the label output is found from it, and the criterion set after
         self.engine = SensitivityEngine(ref, feeds, samples=max(1, len(feeds)), modes=(True,), criterion="decisions")
         if fn is None and samples and LABEL_KEY in samples[0].meta:
             first = self.engine._per_sample(self.engine.reference[True])
-            self.label_output = _label_output(names, first, samples, label_output)
+            self.label_output = find_label_output(names, first, samples, label_output)
             if self.label_output:
-                from ..parity import _accuracy
-
                 self.kind = "accuracy"
-                criterion = lambda r, c: _accuracy(c, samples, self.label_output)  # noqa: E731
+                criterion = lambda r, c: accuracy(c, samples, self.label_output)  # noqa: E731
         self.engine.criterion = criterion
         self.samples = len(samples)
         self.base_value = 1.0 if self.kind == "agreement" else self.engine.measure(ref).score
@@ -115,12 +113,13 @@ def evaluate_candidate(task: dict) -> dict:
     A candidate whose passes fail is a result with ``error`` set, never an exception: the search goes on."""
     from ..errors import OnnxSlimError
     from ..pipeline import optimize
-    from .levels import WeightLayer, build_passes, parse_levels
+    from .levels import FLOAT, WeightLayer, build_passes, parse_levels
 
     t0 = time.perf_counter()
     levels = {lv.name: lv for lv in parse_levels(task["levels"])}
+    levels["float"] = FLOAT
     layers = [WeightLayer(*x) for x in task["layers"]]
-    config = {name: levels[lv] for name, lv in task["config"].items() if lv != "float"}
+    config = {name: levels[lv] for name, lv in task["config"].items()}
     out: dict[str, Any] = {"error": None, "path": task["out"]}
     try:
         passes = build_passes(config, layers, seed=task.get("seed", 0), distill=task.get("distill", False))

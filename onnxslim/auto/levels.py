@@ -17,7 +17,7 @@ import onnx
 
 from ..weight_layout import WEIGHT_INPUT
 
-__all__ = ["Level", "parse_levels", "DEFAULT_LEVELS", "WeightLayer", "weight_layers", "build_passes"]
+__all__ = ["Level", "FLOAT", "parse_levels", "DEFAULT_LEVELS", "WeightLayer", "weight_layers", "build_passes"]
 
 DEFAULT_LEVELS = "int8,share4,share3,share2"
 
@@ -108,11 +108,14 @@ def _exact(name: str) -> str:
 def build_passes(
     config: Mapping[str, Level], layers: list[WeightLayer], *, seed: int = 0, distill: bool = False
 ) -> list:
-    """The passes that apply ``config`` (layer name -> level; absent = float) to a model holding ``layers``."""
+    """The passes that apply ``config`` (layer name -> level; absent = float) to a model holding ``layers``.
+    ``config`` may also name other nodes at ``float``: the int8 quantizer leaves them float (an activation-only
+    node such as a head's Concat or Sigmoid, given back by the int8 revert ranking)."""
     from ..registry import get_pass
 
     everyone = [x.name for x in layers]
     level_of = {x: config.get(x, FLOAT) for x in everyone}
+    float_nodes = [x for x, lv in config.items() if x not in level_of and not (lv.int8 or lv.bits or lv.sparsity)]
     passes = []
     pruned = {x: lv for x, lv in level_of.items() if lv.sparsity}
     if pruned:
@@ -139,7 +142,8 @@ def build_passes(
         )
     quantized = [x for x, lv in level_of.items() if lv.int8]
     if quantized:
-        passes.append(get_pass("quantize_int8_static")(exclude_nodes=[x for x in everyone if x not in quantized]))
+        kept = [x for x in everyone if x not in quantized] + float_nodes
+        passes.append(get_pass("quantize_int8_static")(exclude_nodes=kept))
     if distill and passes:
         passes.append(get_pass("distill_layers")())
     if pruned and any(not lv.bits for lv in pruned.values()):  # last: distillation reads plain pruned weights

@@ -7,7 +7,10 @@
 4. Every candidate is built by the real passes (with layer-wise distillation when asked) and judged on EVAL by
    the task metric (``evaluate.TaskMetric``), in parallel through an executor; results are cached on disk.
 5. Back-off: between the furthest passing and the nearest failing point of the path, bisect (reverting the
-   path's last moves, the worst per byte) until they meet or ``refine_rounds`` is spent.
+   path's last moves, the worst per byte) until they meet or ``refine_rounds`` is spent. When int8 everywhere
+   misses the budget, a second track starts from it: nodes go back to float in the order the real int8 model
+   ranks them (``revert_int8``: gain per byte), bisected the same way; what the weight probes cannot see
+   (activation rounding, Q/DQ boundaries) is measured there.
 6. The best passing candidate by the objective is written (rebuilt by the same passes; its bytes checked against
    the evaluated file); the report holds every candidate, the Pareto front and the sensitivity table.
 
@@ -152,11 +155,16 @@ def auto_compress(
     seen: dict[str, int] = {}
     ex = make_executor(executor, workers)
 
-    def add(config: dict[str, str], label: str, source: str, step: int | None = None) -> dict:
+    def add(config: dict[str, str], label: str, source: str, step: int | None = None, track: str = "path") -> dict:
         key = cache.key(config)
         if key in seen:
-            return candidates[seen[key]]
-        c = {"id": len(candidates), "key": key, "label": label, "source": source, "step": step, "config": config}
+            c = candidates[seen[key]]
+        else:
+            c = {"id": len(candidates), "key": key, "label": label, "source": source, "step": step, "config": config}
+        if step is not None:  # one configuration can be a step of both tracks
+            c.setdefault("tracks", {}).setdefault(track, step)
+        if key in seen:
+            return c
         seen[key] = len(candidates)
         candidates.append(c)
         return c
@@ -202,22 +210,39 @@ def auto_compress(
     def meets(c: dict) -> bool:
         return c.get("error") is None and "drop" in c and c["drop"] <= budget + 1e-12 and bool(c["config"])
 
+    def refine(track: str, steps: list[dict[str, str]], label: str) -> None:
+        """Back-off along a track (step 0 = least compressed): bisect between the furthest passing and the
+        nearest failing step until they meet or ``refine_rounds`` is spent."""
+        for _ in range(refine_rounds):
+            on = [(c["tracks"][track], c) for c in candidates if track in c.get("tracks", {}) and "drop" in c]
+            passing = [k for k, c in on if meets(c)]
+            lo = max(passing) if passing else 0
+            failing = [k for k, c in on if k > lo and not meets(c)]
+            if not failing or min(failing) - lo <= 1:
+                return
+            hi = min(failing)
+            n = max(1, min(getattr(ex, "workers", 2), hi - lo - 1))
+            for i in range(1, n + 1):
+                k = lo + round(i * (hi - lo) / (n + 1))
+                if lo < k < hi:
+                    add(steps[k], f"{label} {k}/{len(steps) - 1}", "refine", k, track)
+            run_pending()
+
     run_pending()
-    # 5. back-off along the path: bisect between the furthest passing and the nearest failing step
-    for _ in range(refine_rounds):
-        on_path = sorted((c for c in candidates if c["step"] is not None and "drop" in c), key=lambda c: c["step"])
-        passing = [c["step"] for c in on_path if meets(c)]
-        lo = max(passing) if passing else 0
-        failing = [c["step"] for c in on_path if c["step"] > lo and not meets(c)]
-        if not failing or min(failing) - lo <= 1:
-            break
-        hi = min(failing)
-        n = max(1, min(getattr(ex, "workers", 2), hi - lo - 1))
-        for i in range(1, n + 1):
-            k = lo + round(i * (hi - lo) / (n + 1))
-            if lo < k < hi:
-                add(path[k], f"path {k}/{len(path) - 1}", "refine", k)
+    # 5. back-off along the path
+    refine("path", path, "path")
+    # 5b. int8 everywhere misses the budget: give nodes back to float, ranked in the real int8 model
+    reverts = None
+    all_int8 = next((c for c in candidates if c["label"] == "all int8" and c["source"] == "single"), None)
+    if all_int8 is not None and all_int8.get("error") is None and "drop" in all_int8 and not meets(all_int8):
+        reverts = _int8_reverts(cache, base, all_int8, calibration, metric, probe_samples, size_of, progress)
+        steps = revert_steps(all_int8["config"], [r["node"] for r in reverts["ranked"]])
+        top = len(steps) - 1
+        add(steps[top], "all int8", "single", top, "revert")  # the track's far end is that candidate
+        for k in sorted({min(top, 2**i) for i in range(top.bit_length() + 1)}):
+            add(steps[top - k], f"int8 -{k} float", "revert", top - k, "revert")
         run_pending()
+        refine("revert", steps, "int8 revert")
 
     # latency of what was measured, one at a time (parallel runs would time each other)
     base_bytes = file_bytes(base)
@@ -238,7 +263,7 @@ def auto_compress(
             c["size_ratio"] = c["size"] / base_bytes
             c["meets_budget"] = meets(c)
             c["objective"] = goal.value(c["size_ratio"], c.get("latency_ratio"))
-            c["summary"] = _summary(c["config"], len(layers))
+            c["summary"] = _summary(c["config"], size_of)
     ok = [c for c in candidates if c.get("meets_budget")]
     measured = [c for c in candidates if "objective" in c]
     front_idx = pareto_front([(c["objective"], max(c["drop"], 0.0)) for c in measured])
@@ -253,9 +278,10 @@ def auto_compress(
         raise UsageError("every candidate failed to build; rerun with --verbose to see why")
 
     # 6. write the choice by the same passes, and check it is the file that was judged
-    from .levels import Level
+    from .levels import FLOAT, Level
 
     by_name: dict[str, Level] = {lv.name: lv for lv in menu}
+    by_name["float"] = FLOAT
     passes = build_passes({x: by_name[v] for x, v in chosen["config"].items()}, layers, seed=seed, distill=distill)
     _, report = optimize(
         base, passes, output=target, calibration=calibration, seed=seed, on_pass_error="raise", fixed_point=False
@@ -279,6 +305,7 @@ def auto_compress(
         "layers": [{"name": x.name, "op": x.op, "weights": size_of[x.name]} for x in layers],
         "sensitivity": {x: {k: (v if math.isfinite(v) else None) for k, v in d.items()} for x, d in table.items()},
         "path_steps": len(path) - 1,
+        "int8_reverts": reverts,
         "candidates": [{k: v for k, v in c.items() if k not in ("key",)} for c in candidates],
         "pareto": [measured[i]["id"] for i in front_idx],
         "chosen": chosen["id"],
@@ -311,23 +338,67 @@ def _probe_criterion(metric, calibration, samples: int):
     if metric is None:
         return "decisions"
     from ..data import load_feeds
-    from ..parity import _load_metric, _user_metric
+    from ..task_metrics import load_metric, user_metric
 
-    fn = _load_metric(metric)
+    fn = load_metric(metric)
     first = []
     for s in load_feeds(calibration).samples():
         first.append(s)
         if len(first) >= samples:
             break
-    return lambda ref, cand: _user_metric(fn, ref, cand, first).get("value", float("nan"))
+    return lambda ref, cand: user_metric(fn, ref, cand, first).get("value", float("nan"))
 
 
-def _summary(config: dict[str, str], n_layers: int) -> str:
+def revert_steps(int8_config: dict[str, str], order: list[str]) -> list[dict[str, str]]:
+    """The revert track, least compressed first: step ``len(order) - k`` is ``int8_config`` with the first
+    ``k`` nodes of ``order`` given back to float (a weight layer leaves the configuration; any other node is
+    named at ``float`` so the quantizer leaves it out)."""
+    steps = []
+    for k in range(len(order), -1, -1):
+        config = dict(int8_config)
+        for name in order[:k]:
+            if name in int8_config:
+                del config[name]
+            else:
+                config[name] = "float"
+        steps.append(config)
+    return steps
+
+
+def _int8_reverts(cache, base, all_int8, calibration, metric, samples, size_of, progress) -> dict:
+    """The revert ranking of the all-int8 candidate (``revert_int8.rank_reverts``), cached beside the candidates."""
+    key = f"reverts-{cache.key({'int8': all_int8['key'], 'samples': str(samples)})}.json"
+    hit = cache.get_json(key)
+    if hit is not None:
+        return hit
+    from ..graph import load_model
+    from .revert_int8 import rank_reverts
+
+    criterion = _probe_criterion(metric, calibration, samples)
+    start, ranked = rank_reverts(
+        load_model(base).proto,
+        load_model(all_int8["path"]).proto,
+        calibration,
+        weight_of=size_of,
+        samples=samples,
+        metric=criterion if callable(criterion) else None,
+        progress=progress,
+    )
+    out = {"all_int8_score": start, "ranked": [r.to_dict() for r in ranked]}
+    cache.put_json(key, out)
+    return out
+
+
+def _summary(config: dict[str, str], layer_sizes: dict[str, int]) -> str:
     counts: dict[str, int] = {}
-    for lv in config.values():
-        counts[lv] = counts.get(lv, 0) + 1
-    rest = n_layers - sum(counts.values())
+    for x, lv in config.items():
+        if x in layer_sizes and lv != "float":
+            counts[lv] = counts.get(lv, 0) + 1
+    rest = len(layer_sizes) - sum(counts.values())
     parts = [f"{n} {lv}" for lv, n in sorted(counts.items())]
     if rest:
         parts.append(f"{rest} float")
+    others = sum(1 for x, lv in config.items() if x not in layer_sizes and lv == "float")
+    if others:
+        parts.append(f"{others} other node{'s' if others > 1 else ''} float")
     return ", ".join(parts)
