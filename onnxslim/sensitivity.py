@@ -31,7 +31,7 @@ import onnx
 
 from .parity_metrics import SNR_CAP_DB, compare_output, cosine_similarity, snr_db
 
-__all__ = ["Damage", "SensitivityEngine", "resolve_criterion", "check_criterion", "greedy_levels"]
+__all__ = ["Damage", "SensitivityEngine", "decisions_score", "resolve_criterion", "check_criterion", "greedy_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,26 @@ def resolve_criterion(text: str):
     from .data import load_function
 
     return load_function(text, "metric", "(reference, candidate) -> float")
+
+
+def decisions_score(reference: list[dict], candidate: list[dict]) -> float:
+    """The ``decisions`` criterion on per-sample outputs (output name -> array): the worst over float outputs of
+    the cosine, the worst channel's cosine and top-1 agreement. Continuous where a task metric on a few samples
+    is not: a change that flips no decision still scores by how close its outputs stay."""
+    score = 1.0
+    for name in reference[0] if reference else ():
+        ref = [np.asarray(r[name]) for r in reference]
+        if ref[0].dtype.kind != "f":
+            continue
+        got = [np.asarray(c[name]) for c in candidate]
+        flat = np.concatenate([a.reshape(-1) for a in ref]).astype(np.float64)
+        cand = np.concatenate([a.reshape(-1) for a in got]).astype(np.float64)
+        score = min(score, float(cosine_similarity(flat, cand)))
+        decided = compare_output(name, ref, got, [""] * len(got))["metrics"]
+        for key in ("worst_channel_cosine", "top1_agreement"):
+            if key in decided:
+                score = min(score, float(decided[key]))
+    return score
 
 
 def _inputs_only(feed: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -26,14 +26,14 @@ def _outlier_model() -> onnx.ModelProto:
     w1 = r.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3
     b1 = np.zeros(8, np.float32)
     b1[0] = 5000.0
-    w2 = r.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    w2 = r.standard_normal((64, 8, 1, 1)).astype(np.float32)
     w2[:, 0] = 1e-4
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
     ]
-    inits = [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", np.zeros(8, np.float32))]
+    inits = [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", np.zeros(64, np.float32))]
     return model(nodes, [("x", [1, 4, 8, 8])], [("y", None)], inits)
 
 
@@ -93,11 +93,24 @@ def test_the_node_whose_quantized_input_ruins_the_outputs_ranks_first(planted):
     _, _, calib, _, base, int8 = planted
     x = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert _cos(_run(int8, x), _run(base, x)) < 0.9  # the planted damage is real
-    weights = {"conv1": 288, "conv2": 64}
-    start, ranked = rank_reverts(base, int8, str(calib), weight_of=weights, samples=4)
+    weights = {"conv1": 288, "conv2": 512}
+    start, ranked = rank_reverts(base, int8, str(calib), weights=True, weight_of=weights, samples=4)
     assert start < 0.9 and ranked and ranked[0].name == "conv2"
-    assert ranked[0].gain > 0.09 and ranked[0].cost == 3 * 64
+    assert ranked[0].gain > 0.09 and ranked[0].cost == 3 * 512
     assert _cos(_run(reverted(int8, base, ["conv2"]), x), _run(base, x)) > 0.99
+    # the damage is the activation's: conv2 with its int8 weights and a float input ranks first too, at no cost
+    start_a, by_activation = rank_reverts(base, int8, str(calib), samples=4)
+    assert start_a == start and by_activation[0].name == "conv2" and by_activation[0].cost == 0.0
+    assert _cos(_run(reverted(int8, base, ["conv2"], weights=False), x), _run(base, x)) > 0.99
+
+
+def test_an_activation_revert_keeps_the_int8_weights(planted):
+    *_, base, int8 = planted
+    m = reverted(int8, base, ["conv2"], weights=False)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    assert producer[conv2.input[0]].op_type == "Relu"  # the float activation
+    assert producer[conv2.input[1]].op_type == "DequantizeLinear"  # the int8 weight, decoded
 
 
 def test_revert_steps_run_from_all_given_back_to_all_int8():
@@ -105,6 +118,8 @@ def test_revert_steps_run_from_all_given_back_to_all_int8():
     assert steps[-1] == {"a": "int8", "b": "int8"}
     assert steps[1] == {"a": "int8"}  # b (a weight layer) leaves the configuration
     assert steps[0] == {"a": "int8", "head/Concat": "float"}  # another node is named at float
+    w8 = revert_steps({"a": "int8", "b": "int8"}, ["b", "head/Concat"], "w8")
+    assert w8[1] == {"a": "int8", "b": "w8"} and w8[0] == {"a": "int8", "b": "w8", "head/Concat": "float"}
 
 
 def test_auto_meets_a_budget_int8_everywhere_misses_by_giving_back_the_ranked_node(planted, tmp_path):
@@ -127,8 +142,9 @@ def test_auto_meets_a_budget_int8_everywhere_misses_by_giving_back_the_ranked_no
     assert not all_int8["meets_budget"]
     assert auto["int8_reverts"]["ranked"][0]["node"] == "conv2"
     chosen = next(c for c in auto["candidates"] if c["id"] == auto["chosen"])
-    assert res.passed and chosen["config"] == {"conv1": "int8"}
-    assert "revert" in chosen["tracks"]
+    # conv2 keeps int8 weights with a float input: as small as int8 everywhere
+    assert res.passed and chosen["config"] == {"conv1": "int8", "conv2": "w8"}
+    assert "revert" in chosen["tracks"] and chosen["size"] <= all_int8["size"] + 256
     # an independent check on EVAL: the written model keeps the outputs
     m = onnx.load(out)
     for f in sorted(ev.iterdir()):

@@ -37,11 +37,13 @@ def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
     metric.write_text(text.replace("Path(__file__).resolve().parents[2]", repr(str(ROOT)).join(["Path(", ")"]), 1))
     dst, report = OUT / f"{name}.onnx", OUT / f"{name}.report.json"
     cmd = [onnxslim, "optimize", str(d / "model.onnx"), "-o", str(dst), "--auto", "--budget", "0.01"]
-    cmd += ["--calib", str(d / "calib"), "--check-data", str(d / "eval"), "--metric", f"{metric}:agreement"]
+    ev = d / "eval_more" if (d / "eval_more").is_dir() else d / "eval"  # prepare_more_eval.py's larger split
+    cmd += ["--calib", str(d / "calib"), "--check-data", str(ev), "--metric", f"{metric}:agreement"]
     cmd += ["--report", str(report), "-q", *extra]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     row = {"model": name, "rc": p.returncode, "seconds": round(time.perf_counter() - t0)}
+    row["eval_split"], row["eval_feeds"] = ev.name, len(list(ev.glob("*.npz")))
     row["peak_rss_mb_children"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     if not report.exists():
         row["error"] = (p.stderr.strip().splitlines() or [""])[-1][:300]

@@ -12,3 +12,4 @@ bench/.venv-real/bin/pip install -q rapidocr-onnxruntime==1.4.4 nudenet==3.4.2 m
 # silero-vad's wrapper needs torch; only its ONNX file is used (prepare.py replays its chunking in numpy)
 bench/.venv-real/bin/pip install -q --no-deps silero-vad==6.2.3
 bench/.venv-real/bin/python bench/real_models/prepare.py
+bench/.venv-real/bin/python bench/real_models/prepare_more_eval.py

@@ -113,11 +113,10 @@ def evaluate_candidate(task: dict) -> dict:
     A candidate whose passes fail is a result with ``error`` set, never an exception: the search goes on."""
     from ..errors import OnnxSlimError
     from ..pipeline import optimize
-    from .levels import FLOAT, WeightLayer, build_passes, parse_levels
+    from .levels import WeightLayer, build_passes, by_name, parse_levels
 
     t0 = time.perf_counter()
-    levels = {lv.name: lv for lv in parse_levels(task["levels"])}
-    levels["float"] = FLOAT
+    levels = by_name(parse_levels(task["levels"]))
     layers = [WeightLayer(*x) for x in task["layers"]]
     config = {name: levels[lv] for name, lv in task["config"].items()}
     out: dict[str, Any] = {"error": None, "path": task["out"]}

@@ -1,7 +1,8 @@
 """What the automatic search can do to one layer: the menu of levels, and a configuration turned into passes.
 
 A level is one technique at one strength for one weight layer (Conv / ConvTranspose / Gemm / MatMul with a
-constant weight): ``float`` (left as it is), ``int8`` (quantize_int8_static), ``shareB`` (share_weights at B
+constant weight): ``float`` (left as it is), ``int8`` (quantize_int8_static), ``w8`` (int8 weights, float
+activations: what the int8 revert track gives a layer back to first), ``shareB`` (share_weights at B
 bits), ``pruneS+shareB`` (prune_by_magnitude at sparsity S, then B-bit codes whose zeros cost one mask bit) or
 ``pruneS`` (pruned, stored packed). A configuration maps layer names to levels; ``build_passes`` turns it into
 the real passes with per-layer options, so a candidate is always made by the same code users run.
@@ -17,7 +18,17 @@ import onnx
 
 from ..weight_layout import WEIGHT_INPUT
 
-__all__ = ["Level", "FLOAT", "parse_levels", "DEFAULT_LEVELS", "WeightLayer", "weight_layers", "build_passes"]
+__all__ = [
+    "Level",
+    "FLOAT",
+    "W8",
+    "by_name",
+    "parse_levels",
+    "DEFAULT_LEVELS",
+    "WeightLayer",
+    "weight_layers",
+    "build_passes",
+]
 
 DEFAULT_LEVELS = "int8,share4,share3,share2"
 
@@ -28,6 +39,7 @@ class Level:
     int8: bool = False
     bits: int = 0  # share_weights index bits (0: not shared)
     sparsity: float = 0.0  # prune_by_magnitude
+    weight_only: bool = False  # int8 weights, float activations (quantize_int8_static's weight_only_nodes)
 
     def bytes(self, n: int) -> float:
         """Estimated stored bytes of an n-element fp32 weight at this level (what the search trades)."""
@@ -44,6 +56,7 @@ class Level:
 
 
 FLOAT = Level("float")
+W8 = Level("w8", int8=True, weight_only=True)
 _LEVEL = re.compile(r"^(?:prune(?P<s>0?\.\d+))?\+?(?:share(?P<b>[2-8]))?$")
 
 
@@ -56,9 +69,12 @@ def parse_levels(text: str) -> list[Level]:
         if token == "int8":
             out.append(Level("int8", int8=True))
             continue
+        if token == "w8":
+            out.append(W8)
+            continue
         m = _LEVEL.match(token)
         if not m or not (m.group("s") or m.group("b")):
-            raise ValueError(f"unknown level {token!r}: write int8, shareB (B in 2..8), pruneS or pruneS+shareB")
+            raise ValueError(f"unknown level {token!r}: write int8, w8, shareB (B in 2..8), pruneS or pruneS+shareB")
         s = float(m.group("s") or 0.0)
         if not 0.0 <= s < 1.0:
             raise ValueError(f"level {token!r}: sparsity must be in [0, 1)")
@@ -69,6 +85,11 @@ def parse_levels(text: str) -> list[Level]:
     if len(set(names)) != len(names):
         raise ValueError(f"levels repeat: {text!r}")
     return sorted(out, key=lambda x: -x.bytes(1 << 16))
+
+
+def by_name(menu: list[Level]) -> dict[str, Level]:
+    """Level name -> level: the menu's, plus ``float`` and ``w8`` (the revert track's, in any menu)."""
+    return {FLOAT.name: FLOAT, W8.name: W8, **{lv.name: lv for lv in menu}}
 
 
 @dataclass(frozen=True)
@@ -143,7 +164,8 @@ def build_passes(
     quantized = [x for x, lv in level_of.items() if lv.int8]
     if quantized:
         kept = [x for x in everyone if x not in quantized] + float_nodes
-        passes.append(get_pass("quantize_int8_static")(exclude_nodes=kept))
+        weight_only = [x for x in quantized if level_of[x].weight_only]
+        passes.append(get_pass("quantize_int8_static")(exclude_nodes=kept, weight_only_nodes=weight_only))
     if distill and passes:
         passes.append(get_pass("distill_layers")())
     if pruned and any(not lv.bits for lv in pruned.values()):  # last: distillation reads plain pruned weights

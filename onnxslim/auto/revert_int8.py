@@ -5,16 +5,16 @@ int8 is often the *activations* (a detector head's concatenated box pixels and c
 and how the Q/DQ boundaries of neighbours add up. So, once the search has built the all-int8 candidate with
 the real quantizer, each quantized node is put back to float *in that model* (its DequantizeLinear inputs
 rewired to the float tensors they stand for: the activation before its QuantizeLinear, the base model's float
-weight and bias) and the outputs are scored on calibration data. A node's gain is how much of the damage that
-revert alone takes away; its cost is the bytes its weight grows by (int8 -> fp32). The search then gives nodes
-back in order of gain per byte and verifies each step with the real quantizer (``exclude_nodes``) on EVAL.
+weight and bias, or only its activations: weight-only int8) and the outputs are scored on calibration data. A
+node's gain is how much of the damage that revert alone takes away; its cost, the bytes its weight grows by
+(int8 -> fp32, 0 when the weights stay int8). The search gives nodes back in order of gain per byte and
+verifies each step with the real quantizer (``weight_only_nodes`` / ``exclude_nodes``) on EVAL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import onnx
 
 __all__ = ["quantized_nodes", "reverted", "rank_reverts", "Revert"]
@@ -32,10 +32,13 @@ def quantized_nodes(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def reverted(int8: onnx.ModelProto, base: onnx.ModelProto, names: set[str] | list[str]) -> onnx.ModelProto:
+def reverted(
+    int8: onnx.ModelProto, base: onnx.ModelProto, names: set[str] | list[str], weights: bool = True
+) -> onnx.ModelProto:
     """A copy of ``int8`` with the nodes ``names`` computing in float: each DequantizeLinear input becomes the
-    float tensor it decodes (an activation's QuantizeLinear input, else the base model's same input of the same
-    node, its initializer copied in); Q/DQ nodes nobody reads any more are dropped."""
+    float tensor it decodes (an activation's QuantizeLinear input, else, with ``weights``, the base model's same
+    input of the same node, its initializer copied in; without, int8 weights stay: weight-only int8); Q/DQ
+    nodes nobody reads any more are dropped."""
     names = set(names)
     model = onnx.ModelProto()
     model.CopyFrom(int8)
@@ -55,7 +58,7 @@ def reverted(int8: onnx.ModelProto, base: onnx.ModelProto, names: set[str] | lis
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
-            elif orig is not None and i < len(orig.input) and orig.input[i] in base_inits:
+            elif weights and orig is not None and i < len(orig.input) and orig.input[i] in base_inits:
                 node.input[i] = orig.input[i]
                 if orig.input[i] not in have:
                     g.initializer.append(base_inits[orig.input[i]])
@@ -106,48 +109,23 @@ class Revert:
         return {"node": self.name, "gain": self.gain, "bytes": self.cost}
 
 
-def _decisions(reference: list[dict], candidate: list[dict]) -> float:
-    """The engine's ``decisions`` score over float outputs (worst of cosine, worst channel, top-1)."""
-    from ..parity_metrics import compare_output, cosine_similarity
-
-    score = 1.0
-    for name in reference[0]:
-        ref = [np.asarray(r[name]) for r in reference]
-        if ref[0].dtype.kind != "f":
-            continue
-        got = [np.asarray(c[name]) for c in candidate]
-        flat = np.concatenate([a.reshape(-1) for a in ref]).astype(np.float64)
-        cand = np.concatenate([a.reshape(-1) for a in got]).astype(np.float64)
-        score = min(score, float(cosine_similarity(flat, cand)))
-        decided = compare_output(name, ref, got, [""] * len(got))["metrics"]
-        for key in ("worst_channel_cosine", "top1_agreement"):
-            if key in decided:
-                score = min(score, float(decided[key]))
-    return score
-
-
 def rank_reverts(
     base: onnx.ModelProto,
     int8: onnx.ModelProto,
     calibration,
     *,
-    weight_of: dict[str, int],
+    weights: bool = False,
+    weight_of: dict[str, int] | None = None,
     samples: int = 8,
-    metric: Callable[[list[dict], list[dict]], float] | None = None,
+    criterion: str | Callable[[list[dict], list[dict]], float] = "decisions",
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> tuple[float, list[Revert]]:
     """(all-int8 score, the quantized nodes by gain per byte, best first; those whose revert wins nothing are
-    left out). The score is the mean of the user's metric (when given) and the ``decisions`` score, so a revert
-    that moves no decision on a few samples still ranks by how much closer its outputs come. ``weight_of``: node
-    name -> weight elements (the cost of a revert is 3 bytes per weight: int8 back to fp32)."""
+    left out), scored by the engine's ``criterion`` (the search's probe criterion). ``weights``: revert
+    weights too (else a layer keeps its int8 weights, the same bytes); their cost is then 3 bytes per weight of
+    ``weight_of`` (node name -> weight elements)."""
     from ..data import load_feeds
     from ..sensitivity import SensitivityEngine
-
-    def criterion(ref: list[dict], cand: list[dict]) -> float:
-        value = _decisions(ref, cand)
-        if metric is not None:  # the mean: the engine takes scores <= 1
-            value = 0.5 * (value + float(metric(ref, cand)))
-        return value
 
     engine = SensitivityEngine(
         base,
@@ -163,9 +141,9 @@ def rank_reverts(
     start = engine.measure(int8).score
     ranked = []
     for name in nodes:
-        gain = engine.measure(reverted(int8, base, [name])).score - start
+        gain = engine.measure(reverted(int8, base, [name], weights)).score - start
         if gain > 1e-9:
-            ranked.append(Revert(name, gain, 3.0 * weight_of.get(name, 0)))
+            ranked.append(Revert(name, gain, 3.0 * (weight_of or {}).get(name, 0) if weights else 0.0))
     # free reverts (no weight) first, then by gain per byte; a small floor keeps tiny layers from jumping ahead
     ranked.sort(key=lambda r: (-(r.gain / (r.cost + 4096.0)), r.name))
     return start, ranked

@@ -236,13 +236,18 @@ def auto_compress(
     all_int8 = next((c for c in candidates if c["label"] == "all int8" and c["source"] == "single"), None)
     if all_int8 is not None and all_int8.get("error") is None and "drop" in all_int8 and not meets(all_int8):
         reverts = _int8_reverts(cache, base, all_int8, calibration, metric, probe_samples, size_of, progress)
-        steps = revert_steps(all_int8["config"], [r["node"] for r in reverts["ranked"]])
-        top = len(steps) - 1
-        add(steps[top], "all int8", "single", top, "revert")  # the track's far end is that candidate
-        for k in sorted({min(top, 2**i) for i in range(top.bit_length() + 1)}):
-            add(steps[top - k], f"int8 -{k} float", "revert", top - k, "revert")
-        run_pending()
-        refine("revert", steps, "int8 revert")
+        order = [r["node"] for r in reverts["ranked"]]
+        # first layers keep int8 weights (w8: float activations, the same bytes), then fully float
+        for track, layer_level in (("revert", "w8"), ("revert-float", None)):
+            steps = revert_steps(all_int8["config"], order, layer_level)
+            top = len(steps) - 1
+            add(steps[top], "all int8", "single", top, track)  # the track's far end is that candidate
+            for k in sorted({min(top, 2**i) for i in range(top.bit_length() + 1)}):
+                add(steps[top - k], f"int8 -{k} {layer_level or 'float'}", "revert", top - k, track)
+            run_pending()
+            refine(track, steps, f"int8 -> {layer_level or 'float'}")
+            if any(meets(c) for c in candidates if track in c.get("tracks", {})):
+                break
 
     # latency of what was measured, one at a time (parallel runs would time each other)
     base_bytes = file_bytes(base)
@@ -278,11 +283,10 @@ def auto_compress(
         raise UsageError("every candidate failed to build; rerun with --verbose to see why")
 
     # 6. write the choice by the same passes, and check it is the file that was judged
-    from .levels import FLOAT, Level
+    from .levels import by_name
 
-    by_name: dict[str, Level] = {lv.name: lv for lv in menu}
-    by_name["float"] = FLOAT
-    passes = build_passes({x: by_name[v] for x, v in chosen["config"].items()}, layers, seed=seed, distill=distill)
+    named = by_name(menu)
+    passes = build_passes({x: named[v] for x, v in chosen["config"].items()}, layers, seed=seed, distill=distill)
     _, report = optimize(
         base, passes, output=target, calibration=calibration, seed=seed, on_pass_error="raise", fixed_point=False
     )
@@ -333,11 +337,13 @@ def auto_compress(
 
 
 def _probe_criterion(metric, calibration, samples: int):
-    """Probes rank layers by the user's own metric when there is one (on the calibration feeds, where a model's
-    decisions can hinge on what a cosine does not see), else by the engine's ``decisions``."""
+    """Probes rank by the engine's ``decisions``; with a user metric, by the mean of it (on the calibration
+    feeds: a model's decisions can hinge on what a cosine does not see) and ``decisions`` (a task metric on a
+    few samples is a step function: most single-layer changes flip nothing, and the ranking would be blind)."""
     if metric is None:
         return "decisions"
     from ..data import load_feeds
+    from ..sensitivity import decisions_score
     from ..task_metrics import load_metric, user_metric
 
     fn = load_metric(metric)
@@ -346,21 +352,29 @@ def _probe_criterion(metric, calibration, samples: int):
         first.append(s)
         if len(first) >= samples:
             break
-    return lambda ref, cand: user_metric(fn, ref, cand, first).get("value", float("nan"))
+
+    def criterion(ref: list[dict], cand: list[dict]) -> float:
+        value = user_metric(fn, ref, cand, first).get("value", float("nan"))
+        return 0.5 * (value + decisions_score(ref, cand))
+
+    return criterion
 
 
-def revert_steps(int8_config: dict[str, str], order: list[str]) -> list[dict[str, str]]:
-    """The revert track, least compressed first: step ``len(order) - k`` is ``int8_config`` with the first
-    ``k`` nodes of ``order`` given back to float (a weight layer leaves the configuration; any other node is
-    named at ``float`` so the quantizer leaves it out)."""
+def revert_steps(int8_config: dict[str, str], order: list[str], layer_level: str | None = None) -> list[dict[str, str]]:
+    """A revert track, least compressed first: step ``len(order) - k`` is ``int8_config`` with the first ``k``
+    nodes of ``order`` given back: a weight layer of the configuration to ``layer_level`` (``w8``: int8 weights,
+    float activations) or, when None, to float (it leaves the configuration); any other node is named at
+    ``float`` so the quantizer leaves it out."""
     steps = []
     for k in range(len(order), -1, -1):
         config = dict(int8_config)
         for name in order[:k]:
-            if name in int8_config:
-                del config[name]
-            else:
+            if name not in int8_config:
                 config[name] = "float"
+            elif layer_level:
+                config[name] = layer_level
+            else:
+                del config[name]
         steps.append(config)
     return steps
 
@@ -379,12 +393,11 @@ def _int8_reverts(cache, base, all_int8, calibration, metric, samples, size_of, 
         load_model(base).proto,
         load_model(all_int8["path"]).proto,
         calibration,
-        weight_of=size_of,
         samples=samples,
-        metric=criterion if callable(criterion) else None,
+        criterion=criterion,
         progress=progress,
     )
-    out = {"all_int8_score": start, "ranked": [r.to_dict() for r in ranked]}
+    out = {"all_int8_score": start, "reverted": "activations", "ranked": [r.to_dict() for r in ranked]}
     cache.put_json(key, out)
     return out
 
