@@ -6,8 +6,9 @@ Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` pas
 ``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
 zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left float), and
 ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime
-rebuilds them at load). With ``--quantize``, shared weights are written dense
-(``decode=dense``): the quantizer needs constant weights, and the int8 file is then what zip compresses well.
+rebuilds them at load). With ``--quantize``, shared weights stack: the quantizer makes each codebook int8 and
+keeps the b-bit codes, so the layer runs as an int8 kernel from a b-bit file; per-channel codebooks
+(``--share-option per_channel=true``) are written dense instead (``decode=dense``), quantized as plain weights.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
         wanted[_PRUNE] = {"sparsity": prune} if prune is not None else {"pattern": nm}
     if share is not None:
         wanted[_SHARE] = {"bits": share, **PassSpec.parse(_SHARE + ":" + ",".join(args.share_options or [])).options}
-        if quantize:
-            wanted[_SHARE].setdefault("decode", "dense")
+        if quantize and str(wanted[_SHARE].get("per_channel", "false")).lower() in ("true", "1", "yes"):
+            wanted[_SHARE].setdefault("decode", "dense")  # the quantizer stacks one codebook per tensor only
     if quantize:
         q = PassSpec.parse(_QUANTIZE + ":" + ",".join(args.quantize_options or [])).options
         if args.target_cpu:

@@ -40,7 +40,9 @@ def test_prune_share_and_int8_run_in_order(capsys, tmp_path):
     order = ["prune_by_magnitude", "share_weights", "quantize_int8_static", "pack_sparse_weights"]
     assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
     share = next(p for p in passes if p["name"] == "share_weights")
-    assert share["options"]["decode"] == "dense"  # the quantizer needs constant weights
+    assert share["options"]["decode"] == "packed"  # stacked: the quantizer makes the codebooks int8
+    quantize = next(p for p in passes if p["name"] == "quantize_int8_static")
+    assert quantize["stats"]["codebook_weights_quantized"] >= 4, quantize["stats"]
 
 
 def test_bad_sharing_flags_exit_2_and_write_nothing(capsys, tmp_path):

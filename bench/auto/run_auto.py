@@ -74,52 +74,87 @@ def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
     return row
 
 
+def _nncf_rows() -> dict[str, dict]:
+    path = OUT / "nncf_qwac.json"
+    return {r["model"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+
+def _onnxsim_cell(model: str) -> str:
+    """onnxsim's budget sweep for one model: the smallest result within the task budget, else the most agreeing."""
+    path = OUT / "onnxsim_budget.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["model"] == model]
+    if not rows:
+        return "not run"
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return f"failed: {rows[0]['error'][:80]}"
+    within = [r for r in ok if r["meets_budget"]]
+    r = min(within, key=lambda r: r["size_ratio"]) if within else max(ok, key=lambda r: r["agreement"])
+    return (
+        f"{r['size_ratio']:.3f}x / {r['latency_ratio']:.2f}x / {r['agreement']:.4f}"
+        f"{'' if within else ' (over budget)'} / {r['seconds']:.0f} (its budget {r['onnxsim_budget']}, "
+        f"{len(ok)} of {len(rows)} ran)"
+    )
+
+
 def _section(rows: list[dict]) -> str:
     m = int8_report.machine()
     flags = " ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni") if f in Path("/proc/cpuinfo").read_text())
+    nncf = _nncf_rows()
     lines = [
         HEADING,
         "",
         f"`bench/auto/run_auto.py`, {m['cpu']}, {m['nproc']} cores, {m['ram']}, CPU flags: {flags}, {m['date']}. "
         "`optimize --auto --budget 0.01` with each model's own task agreement "
-        "(`bench/real_models/decisions.py`) as `--metric`, judged on the held-out feeds; default levels "
-        "int8, share4, share3, share2. Best single = the smallest every-layer-at-one-level candidate within the "
-        "budget.",
+        "(`bench/real_models/decisions.py`) as `--metric`, judged on held-out feeds (`eval_more` from "
+        "`prepare_more_eval.py` where the model has it, else `eval`); default levels int8, share4, share3, share2 "
+        "(plus the int8 revert track). Best single = the smallest every-layer-at-one-level candidate within the "
+        "budget. NNCF = `nncf.quantize_with_accuracy_control` (`bench/auto/run_nncf_qwac.py`, same calibration "
+        "and evaluation feeds, same agreement as `validation_fn`, `max_drop=0.01`), its agreement recomputed on "
+        "those feeds; onnxsim = onnxsim 0.8.1 `apply_optimization_pipeline` (`bench/auto/run_onnxsim_budget.py`; "
+        "its budget is output L2 drift, swept, each result judged by the same agreement); latency = 1 thread, "
+        "ratio to fp32.",
         "",
-        "| model | chosen (layers per level) | size | latency | agreement | best single within budget | ratio "
-        "| wall s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | eval feeds | chosen (layers per level) | size | latency | agreement | best single within budget "
+        "| ratio | wall s | peak RSS MB | NNCF accuracy control: size / latency / agreement / s "
+        "| onnxsim budget pipeline: size / latency / agreement / s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        n = nncf.get(r["model"])
+        if n is None:
+            peer = "not run"
+        elif "error" in n:
+            peer = f"failed: {n['error'][:80]}"
+        else:
+            peer = (
+                f"{n['size_ratio']:.3f}x / {n['latency_ratio']:.2f}x / {n['agreement']:.4f}"
+                f"{'' if n['meets_budget'] else ' (over budget)'} / {n['seconds']:.0f}"
+            )
         if "size_ratio" not in r:
-            lines.append(f"| {r['model']} | failed: {r.get('error', '')} | | | | | | {r['seconds']} | |")
+            lines.append(
+                f"| {r['model']} | | failed: {r.get('error', '')} | | | | | | {r['seconds']} | | {peer} "
+                f"| {_onnxsim_cell(r['model'])} |"
+            )
             continue
         bs = r["best_single"]
         ratio = f"{r['best_single_size_ratio'] / r['size_ratio']:.2f}x smaller" if bs else "none passes"
         lat = f"{r['latency_ratio']:.2f}x" if r.get("latency_ratio") else "-"
         verdict = "" if r["passed"] else " (over budget: best found)"
         lines.append(
-            f"| {r['model']} | {r['chosen']}{verdict} | {r['size_ratio']:.3f}x | {lat} | {r['agreement']:.4f} | "
-            f"{bs or '-'} {r['best_single_size_ratio'] or ''} / {r['best_single_agreement'] or ''} | {ratio} | "
-            f"{r['seconds']} | {r['peak_rss_mb']} |"
+            f"| {r['model']} | {r.get('eval_feeds', '')} | {r['chosen']}{verdict} | {r['size_ratio']:.3f}x | {lat} "
+            f"| {r['agreement']:.4f} | {bs or '-'} {r['best_single_size_ratio'] or ''} / "
+            f"{r['best_single_agreement'] or ''} | {ratio} | {r['seconds']} | {r['peak_rss_mb']} | {peer} "
+            f"| {_onnxsim_cell(r['model'])} |"
         )
     lines += ["", "Each level alone on every layer (size ratio / agreement):", ""]
     for r in rows:
         if r.get("singles"):
             cells = ", ".join(f"{k} {v[0]:.3f}x / {v[1]:.4f}" for k, v in r["singles"].items())
             lines.append(f"- {r['model']}: {cells}")
-    lines += [
-        "",
-        "No technique alone keeps any of these models within one point of its own decisions on the held-out feeds "
-        "(the eval sets hold 14-96 feeds, so one changed decision is more than a point: Magika's int8 is 0.9896 = "
-        "one file of 96), and the search finds no mix that does on the detector, the text detector and the "
-        "orientation classifier; the best found is written as OUT.failed.onnx with exit 1. Two facts the table "
-        "shows: int8 on a few layers with float neighbours agrees *less* than int8 everywhere on YOLOv8n (3 int8 "
-        "layers: 0.90, all 57: 0.947), so the per-layer probes (weights swapped, activations float) misjudge int8; "
-        "and the text detector's search took 1708 s, over the 10-minute target (candidate builds at 2-3 min each "
-        "on 2 cores, run while other work shared the machine). Trade-off pictures as `--auto` drew them: "
-        "`bench/auto/pareto_yolov8n.png`, `bench/auto/pareto_mobilenetv3_cls.png`.",
-    ]
+    notes = Path(__file__).with_name("RESULTS_NOTES.md")
+    if notes.exists():  # what the figures mean, written by whoever ran them
+        lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@ A level is one technique at one strength for one weight layer (Conv / ConvTransp
 constant weight): ``float`` (left as it is), ``int8`` (quantize_int8_static), ``w8`` (int8 weights, float
 activations: what the int8 revert track gives a layer back to first), ``shareB`` (share_weights at B
 bits), ``pruneS+shareB`` (prune_by_magnitude at sparsity S, then B-bit codes whose zeros cost one mask bit) or
-``pruneS`` (pruned, stored packed). A configuration maps layer names to levels; ``build_passes`` turns it into
+``pruneS`` (pruned, stored packed); any of the last three ``+int8`` (stacked: int8 activations, and the codebook
+or the surviving weights int8, e.g. ``share4+int8``). A configuration maps layer names to levels; ``build_passes`` turns it into
 the real passes with per-layer options, so a candidate is always made by the same code users run.
 """
 
@@ -43,21 +44,20 @@ class Level:
 
     def bytes(self, n: int) -> float:
         """Estimated stored bytes of an n-element fp32 weight at this level (what the search trades)."""
-        if self.int8:
-            return float(n)
-        if self.bits:
-            codebook = 4.0 * 2**self.bits
+        if self.bits:  # stacked under int8, the codebook is int8
+            codebook = (1.0 if self.int8 else 4.0) * 2**self.bits
             if self.sparsity:
                 return n / 8 + n * (1 - self.sparsity) * self.bits / 8 + codebook
             return n * self.bits / 8 + codebook
+        value = 1.0 if self.int8 else 4.0
         if self.sparsity:
-            return n / 8 + 4.0 * n * (1 - self.sparsity)
-        return 4.0 * n
+            return n / 8 + value * n * (1 - self.sparsity)
+        return value * n
 
 
 FLOAT = Level("float")
 W8 = Level("w8", int8=True, weight_only=True)
-_LEVEL = re.compile(r"^(?:prune(?P<s>0?\.\d+))?\+?(?:share(?P<b>[2-8]))?$")
+_LEVEL = re.compile(r"^(?:prune(?P<s>0?\.\d+))?\+?(?:share(?P<b>[2-8]))?(?P<q>\+int8)?$")
 
 
 def parse_levels(text: str) -> list[Level]:
@@ -74,11 +74,14 @@ def parse_levels(text: str) -> list[Level]:
             continue
         m = _LEVEL.match(token)
         if not m or not (m.group("s") or m.group("b")):
-            raise ValueError(f"unknown level {token!r}: write int8, w8, shareB (B in 2..8), pruneS or pruneS+shareB")
+            raise ValueError(
+                f"unknown level {token!r}: write int8, w8, shareB (B in 2..8), pruneS or pruneS+shareB, "
+                "optionally +int8 (e.g. share4+int8)"
+            )
         s = float(m.group("s") or 0.0)
         if not 0.0 <= s < 1.0:
             raise ValueError(f"level {token!r}: sparsity must be in [0, 1)")
-        out.append(Level(token, bits=int(m.group("b") or 0), sparsity=s))
+        out.append(Level(token, int8=bool(m.group("q")), bits=int(m.group("b") or 0), sparsity=s))
     if not out:
         raise ValueError("no levels given; e.g. int8,share4,share3")
     names = [x.name for x in out]

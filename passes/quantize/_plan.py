@@ -58,6 +58,7 @@ class NodePlan:
     bias: int | None = None
     pass_through: bool = False  # planned by plan_pass_through (re-planned by the ladder, never given rungs)
     macs: int | None = None  # multiply-accumulates per sample (weighted nodes; None = unknown)
+    codebook: int | None = None  # input whose weight share_weights decodes from a codebook (quantized there)
 
     def activation_names(self) -> list[str]:
         return [self.node.inputs[i].name for i in self.activations]
@@ -160,6 +161,8 @@ class QuantizePlanner:
         weight = self.float_weight(w)
         if weight is not None:
             p.weights.append((1, self.weight_axis(node, weight)))
+        elif self.codebook_of(w) is not None:
+            p.codebook = 1  # shared weights: the codebook becomes int8, the codes stay (stacked compression)
         elif self.gathered_weight(w):
             pass  # Gather(constant table, index): the table is quantized (plan_gather), the node reads it float
         elif op in ("MatMul", "Gemm") and self.activation_ok(w):
@@ -170,7 +173,8 @@ class QuantizePlanner:
             )
             return None
         bias = OPS[op].bias
-        if weight is not None and bias is not None and bias >= 0 and len(node.inputs) > bias and node.inputs[bias].name:
+        weighted = weight is not None or p.codebook is not None
+        if weighted and bias is not None and bias >= 0 and len(node.inputs) > bias and node.inputs[bias].name:
             b = self.float_weight(node.inputs[bias])
             beta = float(node.attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
             if b is not None and len(b.shape) == 1 and beta == 1.0:
@@ -182,6 +186,8 @@ class QuantizePlanner:
                 p.macs = self.macs_per_sample(node, table, skip_leading=1)
         elif weight is not None:
             p.macs = self.macs_per_sample(node, weight)
+        elif p.codebook is not None and self.shape_of(w) is not None:
+            p.macs = self.macs_per_sample(node, w)
         if p.macs is not None and p.macs < self.min_macs:
             # Cost rule: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
             # saves; int8 weights + float activation still shrink the file.
@@ -231,6 +237,29 @@ class QuantizePlanner:
             rows = [d for d in (x or [])[1:-1] if isinstance(d, (int, np.integer)) and d > 0]
             return size * int(np.prod(rows, dtype=np.int64))
         return size
+
+    def codebook_of(self, t: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
+        """(the Gather, its float codebook) when ``t`` is share_weights' decoding of one codebook per tensor:
+        ``[Transpose](Reshape(Gather(codebook[K], codes)))``, each step read by the next alone (the chain is
+        retyped to int8 when the codebook is quantized)."""
+        node = t.inputs[0] if len(t.inputs) == 1 else None
+        if node is not None and node.op == "Transpose" and len(t.outputs) == 1:
+            t = node.inputs[0]
+            node = t.inputs[0] if len(t.inputs) == 1 else None
+        if node is None or node.op != "Reshape" or node.domain or len(t.outputs) != 1:
+            return None
+        t = node.inputs[0]
+        gather = t.inputs[0] if len(t.inputs) == 1 else None
+        if gather is None or gather.op != "Gather" or gather.domain or len(t.outputs) != 1:
+            return None
+        if int(gather.attrs.get("axis", 0)) != 0 or isinstance(gather.inputs[1], gs.Constant):
+            return None  # constant codes would be a plain constant weight, folded before this pass
+        codebook = gather.inputs[0]
+        if not isinstance(codebook, gs.Constant) or len(codebook.shape) != 1 or len(codebook.outputs) != 1:
+            return None
+        if np.dtype(codebook.dtype) != np.float32 or not 2 <= codebook.shape[0] <= 256:
+            return None
+        return gather, codebook
 
     def gathered_weight(self, t: gs.Tensor) -> bool:
         src = t.inputs[0] if len(t.inputs) == 1 else None

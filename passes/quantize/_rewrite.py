@@ -80,6 +80,8 @@ class Rewriter:
                 )
                 self.replaced[id(const)] = (const, const_node, owner)
                 p.node.inputs[i] = dq
+            if p.codebook is not None and x_scales:
+                w_scale = self.codebook_weight(p, planner)
             if p.bias is not None and w_scale is not None and 0 in x_scales:
                 const, const_node, owner = planner.constant_of(p.node.inputs[p.bias])
                 if self.quantize_bias(p, const, x_scales[0], w_scale):
@@ -205,6 +207,39 @@ class Rewriter:
         )
         self.weight_cache[key] = (dq, sc.values)
         return dq, sc.values
+
+    def codebook_weight(self, p: NodePlan, planner: QuantizePlanner) -> np.ndarray:
+        """A shared weight stacked under int8: its codebook becomes int8 at one scale per tensor (K values: the
+        rounding moves each centroid by at most scale/2, far below their spacing) and the decoding chain carries
+        int8 codes into a DequantizeLinear, so the layer runs as an int8 kernel and the file keeps b-bit codes.
+        Returns the weight scale (a scalar)."""
+        i = p.codebook
+        w = p.node.inputs[i]
+        gather, codebook = planner.codebook_of(w)
+        values = peek_values(codebook).astype(np.float32)
+        qmax = self.weight_qmax
+        amax = float(np.abs(values).max(initial=0.0))
+        scale = np.float32(amax / qmax if amax > 0 else 1.0)
+        q = np.clip(np.round(values / scale), -qmax, qmax).astype(np.int8)
+        gather.inputs[0] = gs.Constant(self.fresh(f"{codebook.name}_int8"), q)
+        t = gather.outputs[0]
+        while True:  # Gather -> Reshape [-> Transpose]: each output now int8
+            t.dtype = np.int8
+            if t is w:
+                break
+            t = t.outputs[0].outputs[0]
+        dq = gs.Variable(self.fresh(f"{w.name}_dequantized"), dtype=np.float32, shape=w.shape)
+        sc = gs.Constant(self.fresh(f"{codebook.name}_scale"), np.array(scale, dtype=np.float32))
+        zc = gs.Constant(self.fresh(f"{codebook.name}_zero_point"), np.array(0, dtype=np.int8))
+        p.graph.nodes.append(
+            gs.Node("DequantizeLinear", self.fresh(f"{w.name}_DequantizeLinear"), inputs=[w, sc, zc], outputs=[dq])
+        )
+        p.node.inputs[i] = dq
+        self.replaced[id(codebook)] = (codebook, None, None)
+        self.result.count("weights_quantized")
+        self.result.count("codebook_weights_quantized")
+        self.result.count("weight_bytes_int8", q.nbytes + 5)
+        return np.asarray(scale)
 
     def cast_mul_weight(
         self, graph: gs.Graph, base: str, qc: gs.Constant, sc: gs.Constant, axis: int | None, out: gs.Variable

@@ -1,0 +1,126 @@
+"""Weight sharing stacked under int8 (``share_weights`` then ``quantize_int8_static``): the quantizer makes each
+codebook int8 and keeps the b-bit codes, so a shared layer runs as an integer kernel (onnxruntime fuses it into
+QLinearConv) from a file holding b bits per weight; the weights it computes with are at most 2^b int8 values
+times one scale, and the trained sample model keeps its accuracy."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxslim.cli import main
+from onnxslim.pipeline import optimize
+
+from conftest import SAMPLES
+
+CNN = SAMPLES / "cnn_digits"
+MODEL, CALIB, EVAL = str(CNN / "model.onnx"), str(CNN / "calib"), str(CNN / "eval")
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    m, report = optimize(MODEL, ["share_weights", "quantize_int8_static"], calibration=CALIB, seed=0)
+    return m, report
+
+
+def _producer(m):
+    return {o: n for n in m.graph.node for o in n.output}
+
+
+def _ort_ops(m) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_shared_layers_read_an_int8_codebook_through_dequantize_linear(stacked):
+    m, _ = stacked
+    prod = _producer(m)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    stacked_layers = 0
+    for n in m.graph.node:
+        if n.op_type != "Conv":
+            continue
+        dq = prod[n.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        chain = prod.get(dq.input[0])
+        if chain is None:
+            continue  # a layer share_weights left (too small / first / last): a plain int8 weight
+        # [Transpose] <- Reshape <- Gather(int8 codebook, codes)
+        while chain.op_type in ("Reshape", "Transpose"):
+            chain = prod[chain.input[0]]
+        assert chain.op_type == "Gather"
+        codebook = inits[chain.input[0]]
+        assert codebook.dtype == np.int8 and codebook.ndim == 1 and codebook.size <= 16
+        assert chain.input[1] in prod  # the codes are decoded from packed words, not stored dense
+        assert inits[dq.input[1]].ndim == 0  # one scale per tensor
+        stacked_layers += 1
+    assert stacked_layers >= 4
+
+
+def test_the_computed_weights_are_at_most_2_to_the_b_int8_values_times_a_scale(stacked):
+    m, _ = stacked
+    prod = _producer(m)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    wanted = []
+    for n in m.graph.node:
+        if n.op_type == "Conv" and prod[n.input[1]].input[0] in prod:
+            wanted.append((n.input[1], inits[prod[n.input[1]].input[1]]))
+            probe.graph.output.append(helper.make_tensor_value_info(n.input[1], onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.load(sorted(CNN.joinpath("calib").glob("*.npz"))[0])
+    feed = {i.name: x[i.name] for i in sess.get_inputs()}
+    values = sess.run([w for w, _ in wanted], feed)
+    for (name, scale), w in zip(wanted, values):
+        levels = np.unique(w)
+        assert levels.size <= 16, name
+        q = levels / scale
+        np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # exactly int8 codes x the scale
+        assert np.abs(np.round(q)).max() <= 127
+
+
+def test_onnxruntime_runs_the_shared_layers_as_integer_kernels(stacked):
+    m, _ = stacked
+    convs = sum(n.op_type == "Conv" for n in m.graph.node)
+    assert _ort_ops(m)["QLinearConv"] == convs
+
+
+def test_cli_stacks_keeps_accuracy_and_beats_int8_alone_on_size(tmp_path):
+    out, int8 = tmp_path / "stacked.onnx", tmp_path / "int8.onnx"
+    rc = main(
+        ["optimize", MODEL, "-o", str(out), "--share", "4", "--quantize", "int8", "--calib", CALIB]
+        + ["--check-data", EVAL, "-q", "--no-latency"]
+    )
+    assert rc == 0  # the parity gate (accuracy against the labels, within its floor) passed
+    assert main(["optimize", MODEL, "-o", str(int8), "--quantize", "int8", "--calib", CALIB, "-q", "--no-latency"]) == 0
+    assert out.stat().st_size < 0.9 * int8.stat().st_size
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    assert ops["Gather"] >= 4 and ops["DequantizeLinear"] > 0
+
+
+def test_per_channel_codebooks_are_written_dense_and_quantized_as_plain_weights(tmp_path):
+    out = tmp_path / "pc.onnx"
+    rc = main(
+        ["optimize", MODEL, "-o", str(out), "--share", "4", "--share-option", "per_channel=true"]
+        + ["--quantize", "int8", "--calib", CALIB, "-q", "--no-latency"]
+    )
+    assert rc == 0
+    m = onnx.load(out)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert ops["GatherElements"] == 0 and ops["Gather"] == 0
+    assert _ort_ops(m)["QLinearConv"] == ops["Conv"]
