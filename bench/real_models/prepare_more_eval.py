@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import prepare
 
 SEED = 1
@@ -64,7 +63,7 @@ def _text_pages(folder: Path, n: int = 48) -> list[Path]:
         img = Image.new("RGB", (800, 600), bg)
         draw = ImageDraw.Draw(img)
         y = int(rng.integers(20, 60))
-        for j in range(2 + i % 5):
+        for _ in range(2 + i % 5):
             size = int(rng.integers(18, 38))
             line = prepare.SENTENCES[int(rng.integers(0, len(prepare.SENTENCES)))]
             fg = tuple(int(v) for v in rng.integers(0, 90, 3))

@@ -5,8 +5,8 @@ constant weight): ``float`` (left as it is), ``int8`` (quantize_int8_static), ``
 activations: what the int8 revert track gives a layer back to first), ``shareB`` (share_weights at B
 bits), ``pruneS+shareB`` (prune_by_magnitude at sparsity S, then B-bit codes whose zeros cost one mask bit) or
 ``pruneS`` (pruned, stored packed); any of the last three ``+int8`` (stacked: int8 activations, and the codebook
-or the surviving weights int8, e.g. ``share4+int8``). A configuration maps layer names to levels; ``build_passes`` turns it into
-the real passes with per-layer options, so a candidate is always made by the same code users run.
+or the surviving weights int8, e.g. ``share4+int8``). A configuration maps layer names to levels; ``build_passes``
+turns it into the real passes with per-layer options, so a candidate is always made by the same code users run.
 """
 
 from __future__ import annotations
