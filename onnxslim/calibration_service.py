@@ -108,12 +108,19 @@ class CalibrationService:
     """Answers statistics requests over one calibration data source, caching the answers by model state.
 
     ``progress(stage, done, total)`` is called once per sample of each streaming run (stage "calibration").
-    ``runs`` counts the streaming runs made (each is one pass over the data)."""
+    ``runs`` counts the streaming runs made (each is one pass over the data). ``keep_states``: how many model
+    states' answers are kept (1: only the latest, since a pass that changed the graph made the others stale; a
+    caller building many variants of one model, like the automatic search, keeps the base model's too)."""
 
     def __init__(
-        self, data: Any, base_dir: Path | None = None, progress: Callable[[str, int, int | None], None] | None = None
+        self,
+        data: Any,
+        base_dir: Path | None = None,
+        progress: Callable[[str, int, int | None], None] | None = None,
+        keep_states: int = 1,
     ):
         self.data, self.base_dir, self.progress = data, base_dir, progress
+        self.keep_states = max(1, keep_states)
         self.runs = 0
         self._answers: list[tuple[str, StatisticsRequest, Statistics]] = []
 
@@ -147,7 +154,9 @@ class CalibrationService:
         )
         stats.meta["samples_kept"] = min(request.keep_samples, stats.meta.get("samples", 0)) if request.keep else 0
         self.runs += 1
-        # Only answers about the latest model state are kept: a pass that changed the graph made the others
-        # stale, and Gram matrices can take a lot of memory.
-        self._answers = [a for a in self._answers if a[0] == state] + [(state, request, stats)]
+        # Only answers about the latest keep_states model states are kept: a pass that changed the graph made
+        # the others stale, and Gram matrices can take a lot of memory.
+        others = list(dict.fromkeys(a[0] for a in self._answers if a[0] != state))  # oldest first
+        kept = {state, *others[max(0, len(others) - (self.keep_states - 1)) :]} if self.keep_states > 1 else {state}
+        self._answers = [a for a in self._answers if a[0] in kept] + [(state, request, stats)]
         return stats

@@ -248,6 +248,7 @@ def optimize(
     gate: Callable[[Path, Report], bool] | None = None,
     latency: bool = False,
     latency_data: Any = None,
+    statistics: CalibrationService | None = None,
 ) -> OptimizeResult:
     """Run passes on a model and return ``(model, report)``; write it to ``output`` when given.
 
@@ -270,6 +271,9 @@ def optimize(
     ``output`` is given and a pass changed the model. Informational: a failed measurement is a reason, never
     an error. latency_data: feeds to time with when there is no calibration data (e.g. the check data);
     without either, one seeded synthetic feed.
+    statistics: the ``CalibrationService`` that answers the passes' statistics requests, to share across calls
+    over the same calibration data (its answers are cached by model state: many variants of one model built in
+    turn reuse what was collected on it); default a fresh one over ``calibration``.
     """
     t_start = time.perf_counter()
     remove_stale_temp_dirs()  # what a killed run left in the temp folder
@@ -322,6 +326,7 @@ def optimize(
         max_iterations=max_iterations,
         on_pass_error=on_pass_error,
         progress=progress,
+        statistics=statistics,
     )
     records, ran, graph = _run_passes(**run, graph=graph if run["loaded"] is validated else None)
     try:
@@ -475,6 +480,7 @@ def _run_passes(
     verify=None,
     progress=None,
     graph: gs.Graph | None = None,
+    statistics: CalibrationService | None = None,
 ) -> tuple[list[PassRecord], list[str], gs.Graph]:
     graph = graph if graph is not None else import_graph(loaded)
     opset = next((o.version for o in loaded.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -485,7 +491,7 @@ def _run_passes(
         calibration=feeds,
         seed=seed,
         progress=progress,
-        statistics_service=CalibrationService(feeds, loaded.base_dir, progress),
+        statistics_service=statistics or CalibrationService(feeds, loaded.base_dir, progress),
         original_model=loaded.proto,
     )
     records: list[PassRecord] = []

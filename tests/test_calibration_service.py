@@ -60,6 +60,29 @@ def test_answers_are_reused_for_the_same_model_state_only():
     assert service.runs == 3
 
 
+def _doubled(index: int = 1) -> onnx.ModelProto:
+    changed = onnx.load(str(MODEL))
+    w = onnx.numpy_helper.to_array(changed.graph.initializer[index]).copy()
+    changed.graph.initializer[index].CopyFrom(
+        onnx.numpy_helper.from_array(w * 2, changed.graph.initializer[index].name)
+    )
+    return changed
+
+
+@pytest.mark.parametrize("keep_states, runs", [(1, 4), (2, 3)])
+def test_keep_states_keeps_the_base_models_answers_beside_a_variants(keep_states, runs):
+    """Base, a variant, the base again, a second variant: with keep_states=2 the base's answer survives the
+    variant (what the automatic search's workers use: every candidate starts from the same base)."""
+    base, request = onnx.load(str(MODEL)), StatisticsRequest(tensors=("input", CONV_OUT))
+    service = CalibrationService(load_feeds(CALIB), keep_states=keep_states)
+    first = service.statistics(base, request)
+    service.statistics(_doubled(1), request)
+    again = service.statistics(base, request)
+    assert again[CONV_OUT].max == first[CONV_OUT].max
+    service.statistics(_doubled(2), request)
+    assert service.runs == runs
+
+
 def test_requests_along_two_axes_do_not_merge():
     with pytest.raises(UsageError, match="disagree on the means axis of x"):
         StatisticsRequest(means={"x": 1}) | StatisticsRequest(means={"x": 0})

@@ -36,6 +36,13 @@ VARIANTS = {
     "share4-per-channel": ["--share", "4", "--share-option", "per_channel=true"],
     "prune50+share4": ["--prune", "0.5", "--share", "4", "--share-option", "allocation=sensitivity"],
 }
+# --stacked: sharing under int8 (int8 codebooks behind DequantizeLinear, b-bit codes), its own section
+STACKED = {
+    "int8": ["--quantize", "int8"],
+    "share4+int8": ["--share", "4", "--quantize", "int8"],
+    "prune50+share4+int8": ["--prune", "0.5", "--share", "4", "--quantize", "int8"],
+}
+STACKED_HEADING = "## Weight sharing stacked under int8 on real pretrained models"
 
 
 def _one(entry: dict, variant: str) -> dict:
@@ -74,7 +81,13 @@ def render(data: dict) -> str:
         "M -o OUT <flags> --calib CALIB` (packed b-bit codes + codebook, decoded by onnxruntime at load). Agreement "
         "= the task's decisions against the fp32 model's on held-out feeds (detection F1, text-mask IoU, top-1). "
         "Latency = result / fp32, onnxruntime defaults, interleaved runs. `allocated` = per-layer widths from measured "
-        "sensitivity, the same index bits on average as uniform.",
+        "sensitivity, the same index bits on average as uniform."
+        + (
+            " Stacked: `quantize_int8_static` makes each codebook int8 (one scale per tensor) behind "
+            "DequantizeLinear, the codes stay b-bit, activations are int8 (onnxruntime runs integer kernels)."
+            if HEADING == STACKED_HEADING
+            else ""
+        ),
         "",
         "Variants: " + "; ".join(f"`{k}` = `{' '.join(v)}`" for k, v in VARIANTS.items()) + ". Held-out feeds per "
         "model: " + ", ".join(sorted({f"{r['model']} {r['n_eval']}" for r in data["rows"] if r.get("n_eval")})) + ".",
@@ -98,8 +111,12 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated model names (default: all)")
     ap.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--stacked", action="store_true", help="the variants stacked under int8, in their own section")
     args = ap.parse_args()
-    results = OUT / "results.json"
+    global VARIANTS, HEADING
+    if args.stacked:
+        VARIANTS, HEADING = STACKED, STACKED_HEADING
+    results = OUT / ("results_stacked.json" if args.stacked else "results.json")
     data = json.loads(results.read_text()) if results.exists() else {"rows": []}
     if not args.report_only:
         manifest = json.loads((REAL / "manifest.json").read_text())

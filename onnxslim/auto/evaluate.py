@@ -108,6 +108,26 @@ def _metric_for(task: dict) -> TaskMetric:
     return _METRICS[key]
 
 
+_SERVICES: dict[tuple, Any] = {}
+
+
+def _statistics_for(task: dict):
+    """One calibration service per process and search: every candidate is built from the same base model, so
+    what its first pass asks of the base (share_weights' Grams, the int8 ranges and GPTQ Grams of an int8-only
+    candidate) is collected once, not once per candidate."""
+    from ..calibration_service import CalibrationService
+    from ..data import load_feeds
+    from ..graph import load_model
+
+    key = (task["base"], str(task["calibration"]))
+    if key not in _SERVICES:
+        _SERVICES.clear()
+        base = load_model(task["base"])
+        feeds = load_feeds(task["calibration"]).bind(base.proto).check_first()
+        _SERVICES[key] = CalibrationService(feeds, base.base_dir, keep_states=2)
+    return _SERVICES[key]
+
+
 def evaluate_candidate(task: dict) -> dict:
     """Build ``task["config"]`` from ``task["base"]`` into ``task["out"]`` and measure it (see the module text).
     A candidate whose passes fail is a result with ``error`` set, never an exception: the search goes on."""
@@ -131,6 +151,7 @@ def evaluate_candidate(task: dict) -> dict:
                 seed=task.get("seed", 0),
                 on_pass_error="raise",
                 fixed_point=False,
+                statistics=_statistics_for(task),
             )
         else:
             Path(task["out"]).write_bytes(Path(task["base"]).read_bytes())
