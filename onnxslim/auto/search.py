@@ -216,6 +216,8 @@ def auto_compress(
         for _ in range(refine_rounds):
             on = [(c["tracks"][track], c) for c in candidates if track in c.get("tracks", {}) and "drop" in c]
             passing = [k for k, c in on if meets(c)]
+            if not passing and any(k == 0 for k, _ in on):
+                return  # even the least compressed step misses the budget: nothing on this track to find
             lo = max(passing) if passing else 0
             failing = [k for k, c in on if k > lo and not meets(c)]
             if not failing or min(failing) - lo <= 1:
