@@ -47,11 +47,14 @@ def level_weights(
     calibration,
     seed: int = 0,
     original: dict[str, np.ndarray] | None = None,
+    statistics=None,
 ) -> dict[str, np.ndarray]:
     """Layer name -> its weight with every layer compressed at ``level`` (only the layers the passes changed).
     The weights are read by running the compressed model with each layer's weight input as an extra output
     (onnxruntime's rewrites off): whatever chain stores it (DequantizeLinear, Cast+Mul, codebook decoding,
-    packed sparse values) yields exactly the values the layer computes with."""
+    packed sparse values) yields exactly the values the layer computes with. ``statistics``: a
+    ``CalibrationService`` shared by the levels (each compresses the same base model: its Grams are collected
+    once)."""
     from onnx import helper
 
     from ..data import load_feeds
@@ -60,7 +63,15 @@ def level_weights(
     from ..weight_layout import WEIGHT_INPUT
 
     passes = build_passes({x.name: level for x in layers}, layers, seed=seed)
-    model, _ = optimize(base, passes, calibration=calibration, seed=seed, on_pass_error="raise", fixed_point=False)
+    model, _ = optimize(
+        base,
+        passes,
+        calibration=calibration,
+        seed=seed,
+        on_pass_error="raise",
+        fixed_point=False,
+        statistics=statistics,
+    )
     by_name = {n.name: n for n in model.graph.node}
     wanted: dict[str, str] = {}
     for x in layers:
@@ -120,11 +131,14 @@ def probe_layers(
         progress=progress,
         stage="auto: probes",
     )
+    from ..calibration_service import CalibrationService
+
     weights, original = {}, _base_weights(base, layers)  # read once, compared with every level
+    service = CalibrationService(load_feeds(calibration).bind(model).check_first(), Path(base).parent, keep_states=2)
     for i, level in enumerate(levels):
         if progress:
             progress(f"auto: compress every layer at {level.name}", i, len(levels))
-        weights[level.name] = level_weights(base, layers, level, calibration, seed, original)
+        weights[level.name] = level_weights(base, layers, level, calibration, seed, original, service)
     table: dict[str, dict[str, float]] = {x.name: {} for x in layers}
     engine.expected = sum(len(w) for w in weights.values())
     for level in levels:
