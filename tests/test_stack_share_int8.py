@@ -1,7 +1,7 @@
 """Weight sharing stacked under int8 (``share_weights`` then ``quantize_int8_static``): the quantizer makes each
-codebook int8 and keeps the b-bit codes, so a shared layer runs as an integer kernel (onnxruntime fuses it into
-QLinearConv) from a file holding b bits per weight; the weights it computes with are at most 2^b int8 values
-times one scale, and the trained sample model keeps its accuracy."""
+codebook int8 per output channel and keeps the b-bit codes, so a shared layer runs as an integer kernel
+(onnxruntime fuses it into QLinearConv) from a file holding b bits per weight; each output channel computes with
+at most 2^b int8 values times its own scale, and the trained sample model keeps its accuracy."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ MODEL, CALIB, EVAL = str(CNN / "model.onnx"), str(CNN / "calib"), str(CNN / "eva
 def stacked():
     m, report = optimize(MODEL, ["share_weights", "quantize_int8_static"], calibration=CALIB, seed=0)
     return m, report
+
+
+def _initializer_bytes(path) -> int:
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer)
 
 
 def _producer(m):
@@ -57,14 +61,15 @@ def test_shared_layers_read_an_int8_codebook_through_dequantize_linear(stacked):
         chain = prod.get(dq.input[0])
         if chain is None:
             continue  # a layer share_weights left (too small / first / last): a plain int8 weight
-        # [Transpose] <- Reshape <- Gather(int8 codebook, codes)
+        # [Transpose] <- Reshape <- GatherElements(int8 codebook per output channel, Reshape(codes))
         while chain.op_type in ("Reshape", "Transpose"):
             chain = prod[chain.input[0]]
-        assert chain.op_type == "Gather"
-        codebook = inits[chain.input[0]]
-        assert codebook.dtype == np.int8 and codebook.ndim == 1 and codebook.size <= 16
+        assert chain.op_type == "GatherElements"
+        codebook, out_channels = inits[chain.input[0]], inits[n.input[1]].shape[0] if n.input[1] in inits else None
+        assert codebook.dtype == np.int8 and codebook.ndim == 2 and codebook.shape[1] <= 16
         assert chain.input[1] in prod  # the codes are decoded from packed words, not stored dense
-        assert inits[dq.input[1]].ndim == 0  # one scale per tensor
+        scale = inits[dq.input[1]]
+        assert scale.shape == (codebook.shape[0],) and out_channels is None  # one scale per output channel
         stacked_layers += 1
     assert stacked_layers >= 4
 
@@ -87,11 +92,12 @@ def test_the_computed_weights_are_at_most_2_to_the_b_int8_values_times_a_scale(s
     feed = {i.name: x[i.name] for i in sess.get_inputs()}
     values = sess.run([w for w, _ in wanted], feed)
     for (name, scale), w in zip(wanted, values):
-        levels = np.unique(w)
-        assert levels.size <= 16, name
-        q = levels / scale
-        np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # exactly int8 codes x the scale
-        assert np.abs(np.round(q)).max() <= 127
+        assert np.unique(w).size <= 16 * w.shape[0], name
+        for row, s in zip(w, scale):  # Conv: output channels on axis 0
+            assert np.unique(row).size <= 16, name
+            q = row / s
+            np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # exactly int8 codes x the channel's scale
+            assert np.abs(np.round(q)).max() <= 127
 
 
 def test_onnxruntime_runs_the_shared_layers_as_integer_kernels(stacked):
@@ -108,9 +114,10 @@ def test_cli_stacks_keeps_accuracy_and_beats_int8_alone_on_size(tmp_path):
     )
     assert rc == 0  # the parity gate (accuracy against the labels, within its floor) passed
     assert main(["optimize", MODEL, "-o", str(int8), "--quantize", "int8", "--calib", CALIB, "-q", "--no-latency"]) == 0
-    assert out.stat().st_size < 0.9 * int8.stat().st_size
+    # weight bytes (the graph's own bytes dominate this tiny file; real models: bench/RESULTS.md)
+    assert _initializer_bytes(out) < 0.8 * _initializer_bytes(int8)
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
-    assert ops["Gather"] >= 4 and ops["DequantizeLinear"] > 0
+    assert ops["GatherElements"] >= 4 and ops["DequantizeLinear"] > 0
 
 
 def test_per_channel_codebooks_are_written_dense_and_quantized_as_plain_weights(tmp_path):

@@ -109,11 +109,11 @@ def render(data: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated model names (default: all)")
+    global VARIANTS, HEADING
     ap.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--stacked", action="store_true", help="the variants stacked under int8, in their own section")
     args = ap.parse_args()
-    global VARIANTS, HEADING
     if args.stacked:
         VARIANTS, HEADING = STACKED, STACKED_HEADING
     results = OUT / ("results_stacked.json" if args.stacked else "results.json")

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
+from ._codebook_int8 import stack_codebook
 from ._gptq import WeightQuantizer
 from ._math import WEIGHT_QMAX, quantize_bias
 from ._plan import NodePlan, QuantizePlanner
@@ -208,38 +209,24 @@ class Rewriter:
         self.weight_cache[key] = (dq, sc.values)
         return dq, sc.values
 
-    def codebook_weight(self, p: NodePlan, planner: QuantizePlanner) -> np.ndarray:
-        """A shared weight stacked under int8: its codebook becomes int8 at one scale per tensor (K values: the
-        rounding moves each centroid by at most scale/2, far below their spacing) and the decoding chain carries
-        int8 codes into a DequantizeLinear, so the layer runs as an int8 kernel and the file keeps b-bit codes.
-        Returns the weight scale (a scalar)."""
-        i = p.codebook
-        w = p.node.inputs[i]
-        gather, codebook = planner.codebook_of(w)
-        values = peek_values(codebook).astype(np.float32)
-        qmax = self.weight_qmax
-        amax = float(np.abs(values).max(initial=0.0))
-        scale = np.float32(amax / qmax if amax > 0 else 1.0)
-        q = np.clip(np.round(values / scale), -qmax, qmax).astype(np.int8)
-        gather.inputs[0] = gs.Constant(self.fresh(f"{codebook.name}_int8"), q)
-        t = gather.outputs[0]
-        while True:  # Gather -> Reshape [-> Transpose]: each output now int8
-            t.dtype = np.int8
-            if t is w:
-                break
-            t = t.outputs[0].outputs[0]
-        dq = gs.Variable(self.fresh(f"{w.name}_dequantized"), dtype=np.float32, shape=w.shape)
-        sc = gs.Constant(self.fresh(f"{codebook.name}_scale"), np.array(scale, dtype=np.float32))
-        zc = gs.Constant(self.fresh(f"{codebook.name}_zero_point"), np.array(0, dtype=np.int8))
-        p.graph.nodes.append(
-            gs.Node("DequantizeLinear", self.fresh(f"{w.name}_DequantizeLinear"), inputs=[w, sc, zc], outputs=[dq])
+    def codebook_weight(self, p: NodePlan, planner: QuantizePlanner) -> np.ndarray | None:
+        """A shared weight stacked under int8 (``_codebook_int8``): int8 codebooks per output channel behind
+        DequantizeLinear, the b-bit codes kept. Returns the per-channel weight scales (None: left float)."""
+        gather, codebook = planner.codebook_of(p.node.inputs[p.codebook])
+        got = stack_codebook(
+            p.graph, p.node, p.codebook, gather, codebook, self.weight_qmax, self.ctx.opset, self.fresh
         )
-        p.node.inputs[i] = dq
+        if got is None:
+            self.result.skip(
+                p.node, "its shared weights' decoding is not one this pass can stack; it stays float", p.graph
+            )
+            return None
+        _, scale = got
         self.replaced[id(codebook)] = (codebook, None, None)
         self.result.count("weights_quantized")
         self.result.count("codebook_weights_quantized")
-        self.result.count("weight_bytes_int8", q.nbytes + 5)
-        return np.asarray(scale)
+        self.result.count("weight_bytes_int8", int(codebook.values.size * scale.size + 5 * scale.size))
+        return scale
 
     def cast_mul_weight(
         self, graph: gs.Graph, base: str, qc: gs.Constant, sc: gs.Constant, axis: int | None, out: gs.Variable
