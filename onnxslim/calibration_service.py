@@ -124,6 +124,15 @@ class CalibrationService:
         self.runs = 0
         self._answers: list[tuple[str, StatisticsRequest, Statistics]] = []
 
+    @classmethod
+    def for_model(cls, loaded, calibration: Any, *, keep_states: int = 1, progress=None) -> CalibrationService:
+        """A service over ``calibration`` bound to a loaded model's inputs (``graph.load_model``), as the pipeline
+        makes one; external data is read next to the model."""
+        from .data import load_feeds
+
+        feeds = load_feeds(calibration).bind(loaded.proto).check_first()
+        return cls(feeds, loaded.base_dir, progress, keep_states=keep_states)
+
     def statistics(self, model: onnx.ModelProto, request: StatisticsRequest) -> Statistics:
         if self.data is None:
             raise UsageError("this pass needs calibration data; give --calib DIR (or calibration=...)")

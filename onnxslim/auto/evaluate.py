@@ -116,15 +116,12 @@ def _statistics_for(task: dict):
     what its first pass asks of the base (share_weights' Grams, the int8 ranges and GPTQ Grams of an int8-only
     candidate) is collected once, not once per candidate."""
     from ..calibration_service import CalibrationService
-    from ..data import load_feeds
     from ..graph import load_model
 
     key = (task["base"], str(task["calibration"]))
     if key not in _SERVICES:
         _SERVICES.clear()
-        base = load_model(task["base"])
-        feeds = load_feeds(task["calibration"]).bind(base.proto).check_first()
-        _SERVICES[key] = CalibrationService(feeds, base.base_dir, keep_states=2)
+        _SERVICES[key] = CalibrationService.for_model(load_model(task["base"]), task["calibration"], keep_states=2)
     return _SERVICES[key]
 
 

@@ -121,7 +121,8 @@ def probe_layers(
     from ..data import load_feeds
     from ..graph import load_model
 
-    model = load_model(base).proto
+    loaded = load_model(base)
+    model = loaded.proto
     engine = SensitivityEngine(
         model,
         load_feeds(calibration).bind(model),
@@ -134,7 +135,7 @@ def probe_layers(
     from ..calibration_service import CalibrationService
 
     weights, original = {}, _base_weights(base, layers)  # read once, compared with every level
-    service = CalibrationService(load_feeds(calibration).bind(model).check_first(), Path(base).parent, keep_states=2)
+    service = CalibrationService.for_model(loaded, calibration, keep_states=2)
     for i, level in enumerate(levels):
         if progress:
             progress(f"auto: compress every layer at {level.name}", i, len(levels))

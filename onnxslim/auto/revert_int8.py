@@ -69,8 +69,6 @@ def reverted(
 
 def _drop_dead(g: onnx.GraphProto) -> None:
     needed = {o.name for o in g.output}
-    for sub in (a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-        needed.update(_outer_reads(sub))
     keep = []
     for n in reversed(list(g.node)):
         if n.op_type in _QDQ and not any(o in needed for o in n.output):
