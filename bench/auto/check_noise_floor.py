@@ -19,7 +19,7 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench" / "auto"), str(ROOT / "bench" / "real_models")]
 from decisions import agreement  # noqa: E402
-from run_nncf_qwac import REAL, _feeds  # noqa: E402
+from run_nncf_qwac import REAL, _feeds, eval_split  # noqa: E402
 
 PERTURBATIONS = {
     "fp16 weights": lambda a: a.astype(np.float16).astype(np.float32),
@@ -36,7 +36,7 @@ def main() -> None:
     entries = {e["name"]: e for e in json.loads((REAL / "manifest.json").read_text())["models"]}
     for name in sys.argv[1:]:
         d = REAL / name
-        feeds = _feeds(d / "eval_more" if (d / "eval_more").is_dir() else d / "eval")
+        feeds = _feeds(eval_split(d))
         model = onnx.load(d / "model.onnx")
         reference = _outputs(model, feeds)
         for label, change in PERTURBATIONS.items():

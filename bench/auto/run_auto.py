@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench")]
 import int8_report  # noqa: E402
+from run_nncf_qwac import eval_split  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "auto"
 REAL = ROOT / "bench" / "out" / "real_models"
@@ -37,7 +38,7 @@ def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
     metric.write_text(text.replace("Path(__file__).resolve().parents[2]", repr(str(ROOT)).join(["Path(", ")"]), 1))
     dst, report = OUT / f"{name}.onnx", OUT / f"{name}.report.json"
     cmd = [onnxslim, "optimize", str(d / "model.onnx"), "-o", str(dst), "--auto", "--budget", "0.01"]
-    ev = d / "eval_more" if (d / "eval_more").is_dir() else d / "eval"  # prepare_more_eval.py's larger split
+    ev = eval_split(d)
     cmd += ["--calib", str(d / "calib"), "--check-data", str(ev), "--metric", f"{metric}:agreement"]
     cmd += ["--report", str(report), "-q", *extra]
     t0 = time.perf_counter()

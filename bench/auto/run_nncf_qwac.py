@@ -37,6 +37,26 @@ def _feeds(folder: Path) -> list[dict]:
     return out
 
 
+def eval_split(d: Path) -> Path:
+    """The held-out split ``--auto`` and its peers are judged on: prepare_more_eval.py's larger one when the
+    model has it."""
+    return d / "eval_more" if (d / "eval_more").is_dir() else d / "eval"
+
+
+def judged(entry: dict, src: Path, dst: Path, ev: list[dict], value: float, seconds: float) -> dict:
+    """The row every peer reports: size and 1-thread latency ratios to fp32, agreement and the 1-point verdict,
+    wall time, peak RSS of this process."""
+    return {
+        "model": entry["name"],
+        "size_ratio": dst.stat().st_size / src.stat().st_size,
+        "latency_ratio": _latency(src.read_bytes(), dst.read_bytes(), ev[0]),
+        "agreement": value,
+        "meets_budget": 1.0 - value <= 0.01 + 1e-12,
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def _run_all(sess, feeds):
     return [sess.run(None, f) for f in feeds]
 
@@ -73,7 +93,7 @@ def one(entry: dict) -> dict:
     src = d / "model.onnx"
     model = onnx.load(src)
     calib = _feeds(d / "calib")
-    ev = _feeds(d / "eval_more" if (d / "eval_more").is_dir() else d / "eval")  # the split run_auto.py judges on
+    ev = _feeds(eval_split(d))
     original = _session(model.SerializeToString())
 
     def validate(candidate: onnx.ModelProto, data) -> float:
@@ -96,16 +116,9 @@ def one(entry: dict) -> dict:
     seconds = time.perf_counter() - t0
     dst = OUT / f"{entry['name']}.nncf_qwac.onnx"
     onnx.save(q, dst)
-    value = validate(q, ev)
     return {
-        "model": entry["name"],
+        **judged(entry, src, dst, ev, validate(q, ev), seconds),
         "nncf": nncf.__version__,
-        "size_ratio": dst.stat().st_size / src.stat().st_size,
-        "latency_ratio": _latency(src.read_bytes(), dst.read_bytes(), ev[0]),
-        "agreement": value,
-        "meets_budget": 1.0 - value <= 0.01 + 1e-12,
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in q.graph.node),
     }
 

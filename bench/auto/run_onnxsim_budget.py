@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench" / "auto"), str(ROOT / "bench" / "real_models")]
-from run_nncf_qwac import OUT, REAL, _feeds, _latency, _run_all, _session  # noqa: E402
+from run_nncf_qwac import OUT, REAL, _feeds, _run_all, _session, eval_split, judged  # noqa: E402
 
 
 def one(entry: dict, budget: float) -> dict:
@@ -34,7 +33,7 @@ def one(entry: dict, budget: float) -> dict:
     d = REAL / entry["name"]
     src = d / "model.onnx"
     calib = _feeds(d / "calib")
-    ev = _feeds(d / "eval_more" if (d / "eval_more").is_dir() else d / "eval")
+    ev = _feeds(eval_split(d))
     ref = _run_all(_session(src.read_bytes()), ev)
     t0 = time.perf_counter()
     res = onnxsim.apply_optimization_pipeline(str(src), accuracy_budget=budget, calibration_data=calib)
@@ -42,18 +41,11 @@ def one(entry: dict, budget: float) -> dict:
     dst = OUT / f"{entry['name']}.onnxsim_budget_{budget}.onnx"
     onnx.save(res.optimized_model, dst)
     got = _run_all(_session(dst.read_bytes()), ev)
-    value = float(agreement(entry, ref, got))
     return {
-        "model": entry["name"],
+        **judged(entry, src, dst, ev, float(agreement(entry, ref, got)), seconds),
         "onnxsim_budget": budget,
         "stages": list(res.stages_applied),
         "onnxsim_meets_own_budget": bool(res.meets_budget),
-        "size_ratio": dst.stat().st_size / src.stat().st_size,
-        "latency_ratio": _latency(src.read_bytes(), dst.read_bytes(), ev[0]),
-        "agreement": value,
-        "meets_budget": 1.0 - value <= 0.01 + 1e-12,
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
