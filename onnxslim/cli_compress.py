@@ -2,7 +2,8 @@
 ``--prune-channels F``, ``--share BITS`` (and their ``--*-option KEY=VALUE``), turned into passes appended to the
 pipeline.
 
-Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` passes), then ``prune_channels``,
+Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` passes), then ``smooth_activations``
+with ``--smooth`` (exact; it reads float weights), ``prune_channels``,
 ``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
 zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left float), and
 ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime
@@ -25,6 +26,7 @@ _CHANNELS = "prune_channels"
 _PACK = "pack_sparse_weights"
 _SHARE = "share_weights"
 _DISTILL = "distill_layers"
+_SMOOTH = "smooth_activations"
 _TARGETS = ["auto", "x86-vnni", "x86-avx2", "arm-dotprod", "arm", "generic"]
 
 
@@ -50,6 +52,15 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
         choices=_TARGETS,
         help="with --quantize int8: the CPU the model will run on (auto = this machine; x86-avx2 "
         "uses 7-bit weights, arm* int8 activations); same as -p quantize_int8_static:target=NAME",
+    )
+    g.add_argument(
+        "--smooth",
+        nargs="?",
+        type=float,
+        const=0.5,
+        metavar="ALPHA",
+        help="with --quantize int8: first move outlier activation scales into the next MatMul/Gemm weights "
+        "(smooth_activations, SmoothQuant; exact in float; ALPHA = migration strength, default 0.5)",
     )
     g.add_argument(
         "--prune",
@@ -114,7 +125,11 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     if getattr(args, "share_options", None) and share is None:
         raise UsageError("--share-option applies to weight sharing; add --share BITS (or drop --share-option)")
     if not quantize:
-        for flag, given in (("--target-cpu", args.target_cpu), ("--quantize-option", args.quantize_options)):
+        for flag, given in (
+            ("--target-cpu", args.target_cpu),
+            ("--quantize-option", args.quantize_options),
+            ("--smooth", getattr(args, "smooth", None) is not None),
+        ):
             if given:
                 raise UsageError(
                     f"{flag} applies to int8 quantization; add --quantize int8 --calib DIR (or drop {flag})"
@@ -143,6 +158,8 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
         wanted[_SHARE] = {"bits": share, **PassSpec.parse(_SHARE + ":" + ",".join(args.share_options or [])).options}
         if quantize and str(wanted[_SHARE].get("per_channel", "false")).lower() in ("true", "1", "yes"):
             wanted[_SHARE].setdefault("decode", "dense")  # the quantizer stacks one codebook per tensor only
+    if quantize and getattr(args, "smooth", None) is not None:
+        wanted[_SMOOTH] = {"alpha": args.smooth}
     if quantize:
         q = PassSpec.parse(_QUANTIZE + ":" + ",".join(args.quantize_options or [])).options
         if args.target_cpu:
@@ -165,7 +182,7 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
         wanted[_DISTILL] = {}
     if magnitude:
         wanted[_PACK] = {}
-    for name in (_CHANNELS, _PRUNE, _SHARE, _QUANTIZE, _DISTILL, _PACK):
+    for name in (_SMOOTH, _CHANNELS, _PRUNE, _SHARE, _QUANTIZE, _DISTILL, _PACK):
         if name not in wanted:
             continue
         given = next((p for p in passes if p.name == name), None)

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT / "bench" / "out" / "real_models"
 OUT = ROOT / "bench" / "out" / "auto"
 sys.path.insert(0, str(ROOT / "bench" / "real_models"))
+from decisions import eval_split  # noqa: E402, F401  (re-exported for the other auto scripts)
 
 
 def _feeds(folder: Path) -> list[dict]:
@@ -35,12 +36,6 @@ def _feeds(folder: Path) -> list[dict]:
         with np.load(f) as z:
             out.append({k: z[k] for k in z.files if not k.startswith("__")})
     return out
-
-
-def eval_split(d: Path) -> Path:
-    """The held-out split ``--auto`` and its peers are judged on: prepare_more_eval.py's larger one when the
-    model has it."""
-    return d / "eval_more" if (d / "eval_more").is_dir() else d / "eval"
 
 
 def judged(entry: dict, src: Path, dst: Path, ev: list[dict], value: float, seconds: float) -> dict:

@@ -15,6 +15,8 @@ decisions with the reference's over all evaluation samples (``ref``/``cand``: on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 __all__ = ["agreement"]
@@ -92,3 +94,8 @@ def agreement(entry: dict, ref: list[list[np.ndarray]], cand: list[list[np.ndarr
         t = entry.get("threshold", 0.5)
         return float(np.mean([np.array_equal(r[0] > t, c[0] > t) for r, c in zip(ref, cand)]))
     raise ValueError(f"unknown decision kind {kind!r}")
+
+
+def eval_split(d: Path) -> Path:
+    """The held-out split a model is judged on: prepare_more_eval.py's larger one when the model has it."""
+    return d / "eval_more" if (d / "eval_more").is_dir() else d / "eval"

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "real_models"))
 import int8_report  # noqa: E402
-from decisions import agreement  # noqa: E402
+from decisions import agreement, eval_split  # noqa: E402
 from run_int8 import _load_npz_dir, _quant_cmd  # noqa: E402
 from run_int8 import _session as _ort_session  # noqa: E402
 
@@ -98,7 +98,7 @@ def run(names: list[str] | None, variant: str = "", extra: list[str] | None = No
             **_quantize(src, dst, d / "calib", extra or []),
         }
         if row["rc"] == 0:
-            feeds = _feeds(d / "eval")
+            feeds = _feeds(eval_split(d))
             ref_s, q_s = _session(src, 1), _session(dst, 1)
             ref = [ref_s.run(None, f) for f in feeds]
             cand = [q_s.run(None, f) for f in feeds]
@@ -138,22 +138,22 @@ def render(data: dict) -> str:
         f"{data['onnxruntime']}; {m['date']}. Pretrained models shipped in PyPI wheels, with inputs recorded "
         "from the packages' own pipelines (`bench/real_models/prepare.py`); each quantized with `onnxslim "
         "optimize M -o OUT --quantize int8 --calib CALIB` (defaults; `target=auto` on this machine). Agreement "
-        "is with the fp32 model's own decisions on the held-out feeds (`bench/real_models/decisions.py`); "
+        "is with the fp32 model's own decisions on the held-out feeds (`eval_more` where the model has it, else `eval`; `bench/real_models/decisions.py`); "
         "latency ratio = int8 / fp32 median, onnxruntime default optimizations.",
         "",
-        "| model | task (package) | agreement | output cosine | size ratio | latency 1t | latency 2t | "
+        "| model | task (package) | feeds | agreement | output cosine | size ratio | latency 1t | latency 2t | "
         "quant time | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         if r["rc"]:
             lines.append(
-                f"| {r['model']} | {r['task']} ({r['package']}) | exit {r['rc']}: {r.get('error', '')} | | | | | | |"
+                f"| {r['model']} | {r['task']} ({r['package']}) | | exit {r['rc']}: {r.get('error', '')} | | | | | | |"
             )
             continue
         rss = f"{r['quant_peak_rss_mb']} MB" if r.get("quant_peak_rss_mb") else "-"
         lines.append(
-            f"| {r['model']} | {r['task']} ({r['package']}) | {r['agreement']:.4f} | {r['cosine']:.6f} | "
+            f"| {r['model']} | {r['task']} ({r['package']}) | {r.get('n_eval', '')} | {r['agreement']:.4f} | {r['cosine']:.6f} | "
             f"{r['size_ratio']:.3f} | {r['latency_ratio_1t']:.3f} | {r['latency_ratio_2t']:.3f} | "
             f"{r['quant_s']:.1f} s | {rss} |"
         )

@@ -12,10 +12,14 @@ model's contract). Where neither holds, an int16 request becomes ``weight_only``
 The 16-bit range is the 8-bit pair's range widened by half an 8-bit step on each side (covers the calibrated
 range whatever the 8-bit rounding of the zero point), over 65535 steps.
 
-auto_precision: every candidate layer (a planned node) is quantized alone on a copy of the graph and the float
-model's outputs are compared with the candidate's on up to ``sensitivity_samples`` calibration feeds by the core's
-sensitivity engine (``onnxslim.sensitivity``: cosine over all samples, worst output). Layers are ranked by that
-damage; starting from the requested rungs, the worst layer moves up one rung at a time (each move re-measured on
+auto_precision: every candidate layer (a planned node) is put back to float alone in the model quantized at the
+requested rungs (``sensitivity_probe=revert``, the default; ``alone``: quantized alone in the float model) on a
+copy of the graph, and the float model's outputs are compared with the candidate's on up to
+``sensitivity_samples`` calibration feeds by the core's sensitivity engine (``onnxslim.sensitivity``: cosine over
+all samples, worst output). Layers are ranked by the score that revert wins (alone: by the score it loses); a
+layer quantized alone among float neighbours can look harmless while among quantized ones it is not (NudeNet's
+YOLOv8n: three layers int8 alone agreed less than all 57 int8), so the revert probe ranks by what the search then
+really changes; starting from the requested rungs, the worst layer moves up one rung at a time (each move re-measured on
 the whole model) until the output cosine reaches ``precision_floor_cosine``. Cost: two ORT sessions per probe (at
 most ``max_sensitivity_layers`` probes; beyond it, the layers nearest the outputs are probed) plus two per rung
 tried.
@@ -302,7 +306,12 @@ class _Search:
         c = self.ctx.for_graph(g)
         scratch = PassResult()
         planner = QuantizePlanner(
-            self.planner.opts, self.planner.types, self.planner.per_channel, scratch, self.planner.shapes
+            self.planner.opts,
+            self.planner.types,
+            self.planner.per_channel,
+            scratch,
+            self.planner.shapes,
+            depthwise_int8=self.planner.depthwise_int8,
         )
         keys, _ = _keys(g)
         plans = _adjust(planner.plan(g), rungs, keys, planner, g)
@@ -361,17 +370,27 @@ class _Search:
             )
         everything_float = {lay.key: "float" for lay in layers}
         by_key = {lay.key: lay for lay in probed}
+        revert = self.opts.sensitivity_probe == "revert"
+        # revert: the gain of putting each layer back to float in the requested model (its damage among its
+        # quantized neighbours, Q/DQ boundaries included); alone: the loss of quantizing it in a float model.
         damages = self.engine.probe(
             (lay.key for lay in probed if not self.out_of_time()),  # lazily: the budget can stop the probes
-            lambda k: self.build({**everything_float, k: start.get(k, by_key[k].floor)}),
+            (lambda k: self.build({**rungs, k: "float"}))
+            if revert
+            else (lambda k: self.build({**everything_float, k: start.get(k, by_key[k].floor)})),
             on_result=lambda k, d: res.count("layers_probed"),
         )
-        for lay in probed:
-            lay.damage = damages[lay.key].loss if lay.key in damages else 0.0  # not probed in time: ranked last
+        for lay in probed:  # a layer not probed in time is ranked last
+            d = damages.get(lay.key)
+            lay.damage = 0.0 if d is None else ((1.0 - base) - d.loss if revert else d.loss)
         ranked = sorted(probed, key=lambda lay: -lay.damage)
         res.notes.append(
             "auto_precision: most sensitive layers: "
-            + ", ".join(f"{lay.name or lay.op} ({self.what} alone {1 - lay.damage:.6f})" for lay in ranked[:5])
+            + ", ".join(
+                f"{lay.name or lay.op} ({self.what} {'with it float' if revert else 'alone'} "
+                f"{base + lay.damage if revert else 1 - lay.damage:.6f})"
+                for lay in ranked[:5]
+            )
         )
         current = base
         for lay in ranked:  # greedy: a move is kept only if it helps; stop once the floor holds

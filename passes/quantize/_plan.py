@@ -64,11 +64,25 @@ class NodePlan:
         return [self.node.inputs[i].name for i in self.activations]
 
 
+def _is_depthwise(node: gs.Node, weight: gs.Constant | None) -> bool:
+    """A Conv with one input channel per group and more than one group (MobileNet's 3x3 / 5x5 layers)."""
+    if node.op != "Conv" or weight is None or len(weight.shape) < 3:
+        return False
+    return int(node.attrs.get("group", 1)) > 1 and int(weight.shape[1]) == 1
+
+
 class QuantizePlanner:
     def __init__(
-        self, opts, types: dict[str, int], per_channel: bool, result: PassResult, shapes: dict[str, list] | None = None
+        self,
+        opts,
+        types: dict[str, int],
+        per_channel: bool,
+        result: PassResult,
+        shapes: dict[str, list] | None = None,
+        depthwise_int8: bool = True,
     ):
         self.opts, self.types, self.per_channel, self.result = opts, types, per_channel, result
+        self.depthwise_int8 = depthwise_int8  # False: depthwise Convs get int8 weights only (slow int8 kernels)
         self.shapes = shapes or {}  # inferred shapes by tensor name (dims are int or None)
         self.min_macs = int(getattr(opts, "min_macs_for_activation_quantization", 0) or 0)
         # Weight-only layers stored as Cast + Mul take a per-channel scale at any opset (Mul broadcasts).
@@ -77,6 +91,7 @@ class QuantizePlanner:
         self.excluded_nodes = set(opts.exclude_nodes)
         self.seen_ops: Counter = Counter()
         self.owner: dict[int, gs.Graph] = {}
+        self.quantized_inputs: set[tuple[int, str]] | None = None  # set by plan()
 
     # ------------------------------------------------------------------------------------------ queries
     def is_float(self, t: gs.Tensor) -> bool:
@@ -124,7 +139,12 @@ class QuantizePlanner:
                 if p is not None and (p.activations or p.weights):
                     plans.append(p)
         plans.extend(self.plan_pass_through(root, plans))
+        self.note_quantized_inputs(plans)
         return plans
+
+    def note_quantized_inputs(self, plans: list[NodePlan]) -> None:
+        """Remember which tensors the plans quantize (``layer_output_names`` asks whether a Q follows)."""
+        self.quantized_inputs = {(id(p.graph), n) for p in plans for n in p.activation_names()}
 
     def plan_node(self, g: gs.Graph, node: gs.Node) -> NodePlan | None:
         op = node.op
@@ -177,7 +197,9 @@ class QuantizePlanner:
         if weighted and bias is not None and bias >= 0 and len(node.inputs) > bias and node.inputs[bias].name:
             b = self.float_weight(node.inputs[bias])
             beta = float(node.attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
-            if b is not None and len(b.shape) == 1 and beta == 1.0:
+            # A Gemm's [1, N] bias broadcasts like [N]: it is written 1-D (int32) so onnxruntime fuses QGemm.
+            row = op == "Gemm" and len(b.shape) == 2 and b.shape[0] == 1 if b is not None else False
+            if b is not None and (len(b.shape) == 1 or row) and beta == 1.0:
                 p.bias = bias
         if weight is None and self.gathered_weight(w):
             gather = w.inputs[0]  # one slice of a stacked table (a Loop body's per-iteration weight)
@@ -188,11 +210,14 @@ class QuantizePlanner:
             p.macs = self.macs_per_sample(node, weight)
         elif p.codebook is not None and self.shape_of(w) is not None:
             p.macs = self.macs_per_sample(node, w)
-        if p.macs is not None and p.macs < self.min_macs:
-            # Cost rule: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
-            # saves; int8 weights + float activation still shrink the file.
+        small = p.macs is not None and p.macs < self.min_macs
+        depthwise = not self.depthwise_int8 and _is_depthwise(node, weight)
+        if small or depthwise:
+            # Cost rules: on a layer this small the Q/DQ of its activation costs more than the int8 kernel
+            # saves; a depthwise Conv's int8 kernel is slower than float on the target. int8 weights + float
+            # activation still shrink the file.
             p.activations, p.bias = [], None
-            self.result.count("layers_weight_only_small")
+            self.result.count("layers_weight_only_small" if small else "layers_weight_only_depthwise")
             if weight is not None:
                 p.weights = [(1, self.weight_axis(node, weight, weight_only=True))]
         return p
@@ -212,9 +237,21 @@ class QuantizePlanner:
         o = p.node.outputs[0]
         if not o.name or any(o is t for t in p.graph.outputs) or not self.is_float(o):
             return []
-        if o.outputs and all(r.op in TRANSPARENT and not r.domain for r in o.outputs):
-            return []  # Relu/Clip/Reshape...: the Q after them serves (onnxruntime drops a Relu before a Q)
+        if o.outputs and all(self._q_follows(p.graph, r) for r in o.outputs):
+            return []  # Relu/Clip/Reshape... then a quantized reader: its Q serves (onnxruntime drops a Relu before a Q)
         return [o.name]
+
+    def _q_follows(self, g: gs.Graph, reader: gs.Node, depth: int = 0) -> bool:
+        """True when ``reader`` is a transparent op whose output only quantized nodes read (through more
+        transparent ops): a Q will follow it. A Squeeze before a float Add is no such reader (Magika's Conv)."""
+        if reader.op not in TRANSPARENT or reader.domain or len(reader.outputs) != 1 or depth > 8:
+            return False
+        t = reader.outputs[0]
+        if not t.outputs or any(t is o for o in g.outputs):
+            return False
+        if self.quantized_inputs is None:  # no plan made yet: any transparent reader serves
+            return True
+        return (id(g), t.name) in self.quantized_inputs or all(self._q_follows(g, r, depth + 1) for r in t.outputs)
 
     def shape_of(self, t: gs.Tensor) -> list | None:
         shape = getattr(t, "shape", None)

@@ -118,6 +118,7 @@ class Rewriter:
     def quantize_layer_outputs(self, plans: list[NodePlan], planner: QuantizePlanner) -> None:
         """Every reader of a quantized layer's output reads it through one Q/DQ pair (made here, or the one a
         quantized reader already made), so onnxruntime sees DQ -> layer -> Q and fuses it into an integer kernel."""
+        planner.note_quantized_inputs(plans)  # the final plans (the ladder may have moved some to float)
         for p in plans:
             if not any(id(p.node.inputs[i]) in self.made for i in p.activations if i < len(p.node.inputs)):
                 continue  # its activations stayed float (no calibration statistics): nothing to fuse
@@ -250,6 +251,8 @@ class Rewriter:
 
     def quantize_bias(self, p: NodePlan, b_t: gs.Constant, x_scale: np.float32, w_scale: np.ndarray) -> bool:
         b = peek_values(b_t).astype(np.float32)
+        if p.node.op == "Gemm" and b.ndim == 2 and b.shape[0] == 1:
+            b = b.reshape(-1)  # [1, N] broadcasts over the rows as [N] does
         if b.ndim != 1 or (w_scale.ndim == 1 and b.shape[0] != w_scale.shape[0]):
             self.result.skip(
                 p.node,
