@@ -105,8 +105,9 @@ def test_conv_bias_correction_cancels_biased_rounding_error(group):
         return {"x": r.uniform(0.0, 2.0, (1, 4, 6, 6)).astype(np.float32)}
 
     calib = [make_x(rng) for _ in range(16)]
-    out_nc, _ = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false"], calibration=calib)
-    out_bc, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=true"], calibration=calib)
+    full = f"{FULL},target=x86-vnni,depthwise_conv=int8"  # group 4 here is depthwise: int8 asked for
+    out_nc, _ = optimize(m, [f"{full},bias_correction=false"], calibration=calib)
+    out_bc, rep = optimize(m, [f"{full},bias_correction=true"], calibration=calib)
     check_model(out_bc, full=True)
     assert rep.passes[0].stats["biases_corrected"] == 1 and rep.passes[0].stats["biases_quantized"] == 1
     e_nc, e_bc = _errors(m, out_nc, out_bc, make_x)

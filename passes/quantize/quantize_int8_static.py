@@ -36,7 +36,8 @@ cnn_digits, gru_digits and transformer_text measured the same either way (within
 Conv outputs: onnxruntime has no integer convolution with a float output, so DQ -> Conv becomes QLinearConv only
 when a QuantizeLinear follows; a Conv whose output goes to float ops (SiLU/Sigmoid/HardSwish heads) would otherwise
 run as "dequantize the weight, then a float Conv", slower than fp32. ``quantize_layer_outputs`` (default on) puts
-one Q/DQ pair on such an output for all its readers (Relu/Clip/Reshape readers excepted: the Q after them serves).
+one Q/DQ pair on such an output for all its readers (Relu/Clip/Reshape readers excepted when a quantized node reads
+them next: the Q after them serves; a Squeeze before a float Add, as in Magika, is no such reader).
 Measured on real models (bench/real_models, AVX2 without VNNI, int8/fp32 latency @1t -> with it): NudeNet
 YOLOv8n 1.48 -> 1.16 (@2t 1.38 -> 0.94; QLinearConv 6 -> 63 of 64 convs), RapidOCR DBNet 1.33 -> 1.05, its
 orientation classifier 2.09 -> 1.63, its recognizer 1.17 -> 0.95; decision agreement moved 0.947 -> 0.947,
@@ -44,6 +45,11 @@ orientation classifier 2.09 -> 1.63, its recognizer 1.17 -> 0.95; decision agree
 Sigmoid is a pass-through op, and Add/Mul outputs get Q/DQ for readers that are not quantized themselves (Split,
 Concat), so SiLU (x * sigmoid(x)) runs as QLinearSigmoid + QLinearMul: on NudeNet's YOLOv8n 57 of 58 Sigmoid and
 57 of 61 Mul fused (45 without the output rule), at the same decision agreement (0.947).
+A Gemm bias written [1, N] (jax2tf, tf2onnx) is stored 1-D int32 like any other: with a float bias onnxruntime
+left the Gemm float on dequantized weights (Magika: QGemm and QLinearConv with these two rules, int8/fp32 latency
+about 1.4x -> 0.35-0.9x, measured under load). Depthwise Convs get int8 weights only on x86 targets
+(``depthwise_conv=auto``): onnxruntime's int8 depthwise kernels, with the Q/DQ and NHWC transposes around them,
+ran slower than its float NCHWc ones (RapidOCR's MobileNetV3 classifier 1.50x -> 1.05x fp32, same agreement).
 Weights-only layers (LSTM/GRU/RNN, Gather tables, the small layers above, ``weight_only`` rungs) store their int8
 weights as ``Mul(Cast(int8), scale)`` (``weight_only_encoding=cast_mul``): the scale broadcasts per channel at
 any opset, and onnxruntime folds the two nodes into a float initializer when the session loads, so such a layer
