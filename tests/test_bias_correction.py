@@ -183,3 +183,22 @@ def test_cnn_digits_bias_correction_lowers_output_error():
         errs[bc] = float(np.mean([np.abs(sess.run(None, f)[0] - r).mean() for f, r in zip(feeds, ref)]))
     # Measured on all 450 eval samples: mean |logit error| 0.0421 -> 0.0274 (x86-vnni).
     assert errs[True] < 0.85 * errs[False], errs
+
+
+def test_layers_rounded_by_gptq_can_be_left_to_gptq():
+    rng = np.random.default_rng(9)
+    m = _model(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"])],
+        [_vi("x", [4, 8])],
+        [_vi("y", [4, 6])],
+        [
+            numpy_helper.from_array((rng.standard_normal((8, 6)) * 0.3).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B"),
+        ],
+    )
+    calib = [{"x": rng.uniform(0.0, 2.0, (4, 8)).astype(np.float32)} for _ in range(8)]
+    gptq = f"{QUANT}:min_macs_for_activation_quantization=0,weight_rounding=gptq,target=x86-vnni"
+    _, on = optimize(m, [gptq], calibration=calib)
+    _, off = optimize(m, [f"{gptq},bias_correction_after_gptq=false"], calibration=calib)
+    assert on.passes[0].stats["weights_gptq_rounded"] == 1 and on.passes[0].stats["biases_corrected"] == 1
+    assert "biases_corrected" not in off.passes[0].stats and off.passes[0].stats["biases_left_to_gptq"] == 1

@@ -103,10 +103,13 @@ def correct_biases(
     planner: QuantizePlanner,
     weights: WeightQuantizer,
     result: PassResult,
+    after_gptq: bool = True,
 ) -> None:
     """Shift the float biases of quantized Conv/Gemm/MatMul nodes by ``-(W_q - W) E[x]`` (before the rewriter
     turns them into int32), ``E[x]`` from ``stats`` (collected with ``means=bias_correction_means(plans)``).
-    Layers without a bias are left alone (no sample model has one, so adding a bias was never measured)."""
+    Layers without a bias are left alone (no sample model has one, so adding a bias was never measured). With
+    ``after_gptq=False`` the layers GPTQ rounds are left alone too (GPTQ already minimizes their output error on
+    the same data); on the real models that helped one and hurt another, so the default corrects them."""
     todo = _corrected(plans)
     axes = bias_correction_means(plans)
     shifts: list[float] = []
@@ -121,6 +124,9 @@ def correct_biases(
             continue
         axis = next(a for i, a in p.weights if i == 1)
         w = peek_values(planner.constant_of(node.inputs[1])[0]).astype(np.float32)
+        if not after_gptq and weights.rounds_with_gptq(w, axis):
+            result.count("biases_left_to_gptq")
+            continue
         q, scale = weights.quantize(w, axis)
         shape = [1] * w.ndim
         if axis is not None:

@@ -67,6 +67,11 @@ class WeightQuantizer:
         flattened order is ``hessian``'s) and ``hessian`` the mean ``x x^T`` of that input."""
         self.inputs.setdefault((_digest(w), axis), []).append((hessian, tuple(in_axes)))
 
+    def rounds_with_gptq(self, w: np.ndarray, axis: int | None) -> bool:
+        """True when ``quantize`` rounds this weight by GPTQ (registered with one layout), not to nearest."""
+        found = self.inputs.get((_digest(np.asarray(w, dtype=np.float32)), axis))
+        return bool(found) and len({a for _, a in found}) == 1
+
     def quantize(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         w = np.asarray(w, dtype=np.float32)
         key = (_digest(w), axis)

@@ -222,6 +222,15 @@ class QuantizeInt8Static(Pass):
             },
         )
 
+        bias_correction_after_gptq: bool = field(
+            default=True,
+            metadata={
+                "help": "bias correction also for the layers GPTQ rounds (false: only for the layers rounded to "
+                "nearest; measured on the real pretrained models, mixed: YOLOv8n F1 0.892 -> 0.921, SVTR lines "
+                "0.619 -> 0.587)"
+            },
+        )
+
         # --- precision ladder per node and auto_precision search (_quantize_ladder)
         int16_activation_nodes: list[str] = field(
             default_factory=list,
@@ -356,7 +365,7 @@ class QuantizeInt8Static(Pass):
                 const = planner.constant_of(node.inputs[i])[0]
                 weights.register(peek_values(const), axis, in_axes, st.gram / st.gram_rows)
         if means:
-            correct_biases(ctx, stats, plans, planner, weights, result)
+            correct_biases(ctx, stats, plans, planner, weights, result, after_gptq=opts.bias_correction_after_gptq)
         qparams = self._activation_qparams(stats, names, result, signed=hw.activations == "int8")
         rewriter = Rewriter(ctx, result, qparams, opts, types)
         rewriter.weight_qmax = weight_qmax
