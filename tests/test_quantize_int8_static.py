@@ -103,7 +103,11 @@ def test_conv_matches_numpy_fake_quant_reference():
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
     )
     calib = _calib((1, 3, 6, 6))
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest,range_method=minmax"], calibration=calib)
+    out, rep = optimize(
+        m,
+        [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest,range_method=minmax"],
+        calibration=calib,
+    )
     check_model(out, full=True)
     rec = rep.passes[0]
     assert rec.modified and rec.stats["weights_quantized"] == 1 and rec.stats["activations_quantized"] == 1
@@ -152,7 +156,11 @@ def test_matmul_and_gemm_match_numpy_fake_quant_reference(op):
         inits = [numpy_helper.from_array(wt, "W")]
     m = _model([node], [_vi("x", [3, 5])], [_vi("y", None)], inits)
     calib = _calib((3, 5), seed=3)
-    out, rep = optimize(m, [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest,range_method=minmax"], calibration=calib)
+    out, rep = optimize(
+        m,
+        [f"{FULL},target=x86-vnni,bias_correction=false,weight_rounding=nearest,range_method=minmax"],
+        calibration=calib,
+    )
     check_model(out, full=True)
     axes = [a.i for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axes[0] == axis

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.errors import UsageError
@@ -162,7 +162,9 @@ def test_a_shared_gamma_is_copied_not_edited():
 
 
 def test_pass_contract():
-    check_pass_contract(SmoothActivations(), _ln_model(), _feeds(3, seed=11), calibration=_feeds(), expect_modified=True)
+    check_pass_contract(
+        SmoothActivations(), _ln_model(), _feeds(3, seed=11), calibration=_feeds(), expect_modified=True
+    )
 
 
 def test_cli_smooth_runs_before_int8_and_without_int8_is_refused(capsys, tmp_path):

@@ -142,7 +142,8 @@ def render(data: dict) -> str:
         f"{data['onnxruntime']}; {m['date']}. Pretrained models shipped in PyPI wheels, with inputs recorded "
         "from the packages' own pipelines (`bench/real_models/prepare.py`); each quantized with `onnxslim "
         "optimize M -o OUT --quantize int8 --calib CALIB` (defaults; `target=auto` on this machine). Agreement "
-        "is with the fp32 model's own decisions on the held-out feeds (`eval_more` where the model has it, else `eval`; `bench/real_models/decisions.py`); "
+        "is with the fp32 model's own decisions on the held-out feeds (`eval_more` where the model has it, else "
+        "`eval`; `bench/real_models/decisions.py`); "
         "latency ratio = int8 / fp32 median, onnxruntime default optimizations.",
         "",
         "| model | task (package) | feeds | agreement | output cosine | size ratio | latency 1t | latency 2t | "
@@ -157,7 +158,8 @@ def render(data: dict) -> str:
             continue
         rss = f"{r['quant_peak_rss_mb']} MB" if r.get("quant_peak_rss_mb") else "-"
         lines.append(
-            f"| {r['model']} | {r['task']} ({r['package']}) | {r.get('n_eval', '')} | {r['agreement']:.4f} | {r['cosine']:.6f} | "
+            f"| {r['model']} | {r['task']} ({r['package']}) | {r.get('n_eval', '')} | {r['agreement']:.4f} | "
+            f"{r['cosine']:.6f} | "
             f"{r['size_ratio']:.3f} | {r['latency_ratio_1t']:.3f} | {r['latency_ratio_2t']:.3f} | "
             f"{r['quant_s']:.1f} s | {rss} |"
         )

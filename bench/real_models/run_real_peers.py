@@ -6,7 +6,8 @@ subprocess (wall time, peak RSS), with all of the model's ``calib`` feeds:
 - ``ours``            ``onnxslim optimize M -o OUT --quantize int8 --calib CALIB`` (``run_real._quantize``, as
                       ``run_real.py`` runs it);
 - ``ort-minmax``, ``ort-percentile``, ``nncf``   ``bench/run_int8.py``'s peer worker in ``bench/.venv-quant-peers``;
-- ``aimet``           ``bench/int8_peer3.py`` in ``bench/.venv-aimet`` (aimet-onnx QuantSim defaults, QDQ export).
+- ``aimet``           ``bench/quantize_with_aimet.py`` in ``bench/.venv-aimet`` (aimet-onnx QuantSim defaults,
+                      QDQ export).
 
 Then, in this (our) venv's onnxruntime: task agreement with the fp32 model's decisions on the held-out split
 (``decisions.agreement`` on ``decisions.eval_split``), output cosine, size ratio, latency ratio int8 / fp32 at 1 and
@@ -14,7 +15,7 @@ Then, in this (our) venv's onnxruntime: task agreement with the fp32 model's dec
 ``bench/out/real_models/results_int8_peers.json`` and the ``## int8 on real pretrained models, side by side``
 section of bench/RESULTS.md.
 
-    bash bench/setup_quant_peers.sh && bash bench/setup_int8_peer3.sh     # once: the peer venvs
+    bash bench/setup_quant_peers.sh && bash bench/setup_aimet.sh     # once: the peer venvs
     .venv/bin/python bench/real_models/run_real_peers.py [--models a,b] [--tools ours,aimet] [--report-only]
 """
 
@@ -31,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "real_models"))
-import int8_peer3  # noqa: E402
 import int8_report  # noqa: E402
+import quantize_with_aimet  # noqa: E402
 import run_int8  # noqa: E402
 import run_real  # noqa: E402
 from decisions import agreement, eval_split  # noqa: E402
@@ -40,7 +41,7 @@ from decisions import agreement, eval_split  # noqa: E402
 OUT = run_real.OUT
 JSON_OUT = OUT / "results_int8_peers.json"
 HEADING = "## int8 on real pretrained models, side by side"
-TOOLS = ("ours", *run_int8.PEERS, int8_peer3.PEER3)
+TOOLS = ("ours", *run_int8.PEERS, quantize_with_aimet.PEER3)
 RECIPES = {
     "ours": "`onnxslim optimize M -o OUT --quantize int8 --calib CALIB` (defaults)",
     "ort-minmax": "`quant_pre_process` + `quantize_static` (QDQ, per-channel, U8 activations, S8 weights, MinMax)",
@@ -56,7 +57,7 @@ RECIPES = {
 def _quantize(tool: str, src: Path, dst: Path, calib: Path, timeout: float) -> dict:
     if tool == "ours":
         return run_real._quantize(src, dst, calib, [])
-    res = run_int8._run_timed(int8_peer3.quant_cmd(tool, src, dst, calib), timeout)
+    res = run_int8._run_timed(quantize_with_aimet.quant_cmd(tool, src, dst, calib), timeout)
     row = {"rc": res["rc"], "quant_s": round(res["wall_s"], 1), "quant_peak_rss_mb": res["peak_rss_mb"]}
     if res["info"]:
         row["info"] = {k: v for k, v in res["info"].items() if k != "seconds_inside"}
@@ -120,7 +121,7 @@ def run(names: list[str] | None, tools: list[str], timeout: float) -> dict:
             rows.append(row)
     return {
         "machine": {**int8_report.machine(), "flags": run_real._cpu_flags()},
-        "versions": {**run_int8._versions(), "aimet": int8_peer3.versions()},
+        "versions": {**run_int8._versions(), "aimet": quantize_with_aimet.versions()},
         "run_s": round(time.time() - t_start),
         "load_1m_start": round(load_start[0], 2),
         "load_1m_end": round(os.getloadavg()[0], 2),

@@ -238,7 +238,7 @@ class QuantizePlanner:
         if not o.name or any(o is t for t in p.graph.outputs) or not self.is_float(o):
             return []
         if o.outputs and all(self._q_follows(p.graph, r) for r in o.outputs):
-            return []  # Relu/Clip/Reshape... then a quantized reader: its Q serves (onnxruntime drops a Relu before a Q)
+            return []  # Relu/Clip/Reshape... then a quantized reader: its Q serves (ORT drops a Relu before a Q)
         return [o.name]
 
     def _q_follows(self, g: gs.Graph, reader: gs.Node, depth: int = 0) -> bool:

@@ -117,7 +117,9 @@ class SmoothActivations(Pass):
         for site in sites:
             st = stats.get(site.x.name)
             if st is None or st.channel_max is None or st.channel_max.shape[0] != site.channels:
-                result.skip(site.layers[0], f"no per-channel range of '{site.x.name}' in the calibration run", site.graph)
+                result.skip(
+                    site.layers[0], f"no per-channel range of '{site.x.name}' in the calibration run", site.graph
+                )
                 continue
             act = np.maximum(np.abs(st.channel_min), np.abs(st.channel_max))
             s = self._scales(site, act)

@@ -4,8 +4,8 @@
 #   onnxruntime / onnx pinned to the versions of /work/main/.venv (the evaluation runs there anyway)
 #   torch: aimet-onnx requires it; the CPU wheel from PyPI (or the local find-links wheel).
 # Never install these into /work/main/.venv.  Writes the resolved versions to
-# bench/out/int8_peer3_versions.txt and the pip log to bench/out/setup_int8_peer3.log.
-# Other pins: PEER_AIMET=2.41.0 bash bench/setup_int8_peer3.sh
+# bench/out/aimet_versions.txt and the pip log to bench/out/setup_aimet.log.
+# Other pins: PEER_AIMET=2.41.0 bash bench/setup_aimet.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -13,7 +13,7 @@ VENV="$HERE/.venv-aimet"
 PY="${PYTHON:-python3}"
 AIMET_VER="${PEER_AIMET:-2.42.0}"
 mkdir -p "$HERE/out"
-LOG="$HERE/out/setup_int8_peer3.log"
+LOG="$HERE/out/setup_aimet.log"
 : >"$LOG"
 
 ORT_VER="$("$ROOT/.venv/bin/python" -c 'import onnxruntime; print(onnxruntime.__version__)')"
@@ -41,13 +41,13 @@ else
 fi
 # Keep that torch: aimet-onnx -> onnx2torch -> torchvision would otherwise pull the newest (CUDA) torch with it.
 TORCH_VER="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
-PINS="$HERE/out/.int8_peer3_pins.txt"
+PINS="$HERE/out/.aimet_pins.txt"
 printf 'torch==%s\nonnxruntime==%s\nonnx==%s\n' "$TORCH_VER" "$ORT_VER" "$ONNX_VER" >"$PINS"
 "$VENV/bin/pip" install -q -c "$PINS" "aimet-onnx==$AIMET_VER" "onnxruntime==$ORT_VER" "onnx==$ONNX_VER" >>"$LOG" 2>&1
 "$VENV/bin/python" -I -c 'import aimet_onnx, onnxruntime; print("aimet_onnx imports; onnxruntime", onnxruntime.__version__)' \
   2>&1 | tail -1 | tee -a "$LOG"
 
-"$VENV/bin/python" -I - <<'PY' | tee "$HERE/out/int8_peer3_versions.txt"
+"$VENV/bin/python" -I - <<'PY' | tee "$HERE/out/aimet_versions.txt"
 import importlib.metadata as md
 for d in ("aimet-onnx", "onnxruntime", "onnx", "numpy", "torch", "onnxscript", "onnx-ir"):
     try:

@@ -1,6 +1,6 @@
 """The third int8 peer: Qualcomm AIMET (``aimet-onnx``) post-training static quantization, exported as ONNX QDQ.
 
-Runs inside ``bench/.venv-aimet`` (made by ``bench/setup_int8_peer3.sh``) with ``python -I``, in the style of
+Runs inside ``bench/.venv-aimet`` (made by ``bench/setup_aimet.sh``) with ``python -I``, in the style of
 ``run_int8._peer_worker``; ``quant_cmd`` gives the command line for it and falls back to ``run_int8._quant_cmd`` for
 the other tools.  Recipe (aimet-onnx's defaults, its quantization workflow: QuantSim, calibrate, export QDQ):
 
@@ -19,7 +19,7 @@ False, keeps them as float tensors with QuantizeLinear + DequantizeLinear, which
 time: same numbers, a file as large as the fp32 one).  Activations are exported as uint8 (``to_onnx_qdq``'s
 default ``force_activation_as="unsigned"``).
 
-    bench/.venv-aimet/bin/python -I bench/int8_peer3.py _quant aimet SRC DST CALIB_DIR
+    bench/.venv-aimet/bin/python -I bench/quantize_with_aimet.py _quant aimet SRC DST CALIB_DIR
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 PEER3_PY = BENCH / ".venv-aimet" / "bin" / "python"
 PEER3 = "aimet"
-VERSIONS_FILE = BENCH / "out" / "int8_peer3_versions.txt"
+VERSIONS_FILE = BENCH / "out" / "aimet_versions.txt"
 
 sys.path.insert(0, str(BENCH))
 from run_int8 import _load_npz_dir, _quant_cmd  # noqa: E402  (stdlib-only at import time)
