@@ -243,12 +243,13 @@ class QuantizePlanner:
 
     def _q_follows(self, g: gs.Graph, reader: gs.Node, depth: int = 0) -> bool:
         """True when ``reader`` is a transparent op whose output only quantized nodes read (through more
-        transparent ops): a Q will follow it. A Squeeze before a float Add is no such reader (Magika's Conv)."""
+        transparent ops; a graph output there counts too, it stays float as before), so the layer needs no Q of
+        its own. A Squeeze before a float Add is no such reader (Magika's Conv)."""
         if reader.op not in TRANSPARENT or reader.domain or len(reader.outputs) != 1 or depth > 8:
             return False
         t = reader.outputs[0]
         if not t.outputs or any(t is o for o in g.outputs):
-            return False
+            return True  # a graph output behind it stays float (keep_float_outputs' intent): no Q on the way
         if self.quantized_inputs is None:  # no plan made yet: any transparent reader serves
             return True
         return (id(g), t.name) in self.quantized_inputs or all(self._q_follows(g, r, depth + 1) for r in t.outputs)
