@@ -63,7 +63,27 @@ def _quantize(tool: str, src: Path, dst: Path, calib: Path, timeout: float) -> d
         row["info"] = {k: v for k, v in res["info"].items() if k != "seconds_inside"}
     if res["rc"]:
         row["error"] = res["error"]
+        if res["rc"] in (137, -9) and "TimeoutExpired" not in (res["error"] or ""):
+            row["error"] = _oom_note(res["peak_rss_mb"]) or f"killed by SIGKILL at peak RSS {res['peak_rss_mb']} MB"
     return row
+
+
+def _oom_note(rss_mb: float | None) -> str | None:
+    """The kernel log's out-of-memory kill of a process of about this peak RSS, if the log says so."""
+    import re
+    import subprocess
+
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for m in re.finditer(r"Out of memory: Killed process \d+ \((\S+)\).*?anon-rss:(\d+)kB", log):
+        if rss_mb and abs(int(m.group(2)) / 1024 - rss_mb) <= 0.02 * rss_mb:
+            mem = int8_report.machine()["ram"]
+            return (
+                f"killed by the kernel's out-of-memory killer at {int(m.group(2)) / 2**20:.1f} GiB RSS ({mem} machine)"
+            )
+    return None
 
 
 def _evaluate(entry: dict, src: Path, dst: Path, feeds: list[dict], ref: list) -> dict:
@@ -134,9 +154,14 @@ def _ok(r: dict) -> bool:
     return r["rc"] == 0 and "agreement" in r
 
 
+def _peers_ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["tool"] != "ours" and _ok(r) and (r.get("q_nodes") or r.get("int8_weights"))]
+
+
 def best_peer(rows: list[dict]) -> dict | None:
-    """The peer with the highest agreement; ties go to the lower 1-thread latency ratio."""
-    peers = [r for r in rows if r["tool"] != "ours" and _ok(r)]
+    """The peer with the highest agreement among outputs that quantized something; ties go to the lower 1-thread
+    latency ratio."""
+    peers = _peers_ok(rows)
     return min(peers, key=lambda r: (-r["agreement"], r["latency_ratio_1t"])) if peers else None
 
 
@@ -222,7 +247,12 @@ def render(data: dict) -> str:
             lines.append(
                 f"| {name} | {r['tool']} | {' | '.join(cells)} | {r['quant_s']:.1f} s | {rss} | {_status(r)} |"
             )
-    lines += ["", "Best peer per model (highest agreement; a tie goes to the lower 1-thread latency ratio):", ""]
+    lines += [
+        "",
+        "Best peer per model (highest agreement among the outputs that quantized something, i.e. have Q/DQ "
+        "nodes or int8 weights; a tie goes to the lower 1-thread latency ratio):",
+        "",
+    ]
     lines += [
         "| model | task (package) | feeds | ours | best peer | its agreement | ours minus best peer |",
         "|---|---|---|---|---|---|---|",
@@ -234,7 +264,7 @@ def render(data: dict) -> str:
         cells = [name, f"{rs[0]['task']} ({rs[0]['package']})", str(rs[0]["n_eval"])]
         cells.append(f"{o['agreement']:.4f}" if o else ("failed" if any(r["tool"] == "ours" for r in rs) else "-"))
         if b:
-            ties = [r["tool"] for r in rs if r["tool"] != "ours" and _ok(r) and r["agreement"] == b["agreement"]]
+            ties = [r["tool"] for r in rs if r in _peers_ok(rs) and r["agreement"] == b["agreement"]]
             tied = f" (tied: {', '.join(t for t in ties if t != b['tool'])})" if len(ties) > 1 else ""
             cells += [b["tool"] + tied, f"{b['agreement']:.4f}", f"{o['agreement'] - b['agreement']:+.4f}" if o else ""]
         else:
