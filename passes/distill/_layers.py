@@ -13,7 +13,9 @@ folded in) and its bias as the effective ``b`` (Gemm's ``beta`` folded in). Kind
 A float weight with at most 256 distinct values per tensor or per row is refit through its values too (each
 value its own "centroid": the same least squares as refitting the entries one by one, zeros kept), so a dense
 codebook the rule above does not recognize still keeps its few values.
-- ``int8``: quantize_int8_static's ``DequantizeLinear(int8)`` or ``Mul(Cast(int8), scale)``: only the bias moves.
+- ``int8``: quantize_int8_static's ``DequantizeLinear(int8)`` or ``Mul(Cast(int8), scale)`` (symmetric, one
+  scale per output or per tensor): the int8 values move on their own grid (``Int8Weight``), the scales stay, so
+  the int32 bias keeps its scale too; another form of int8 weight gets its bias refit only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from onnxslim.graph_edit import GraphEditor, constant_source, is_shared, node_ma
 from onnxslim.pass_base import PassResult
 from onnxslim.weight_layout import conv_patches
 
-__all__ = ["Layer", "BiasSlot", "Codebook", "find_layers", "to_rows", "from_rows", "dense_codebook", "codes_for"]
+__all__ = [
+    "Layer",
+    "BiasSlot",
+    "Codebook",
+    "Int8Weight",
+    "find_layers",
+    "to_rows",
+    "from_rows",
+    "dense_codebook",
+    "codes_for",
+]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 _MAX_CENTROIDS = 256
@@ -78,6 +90,25 @@ class Codebook:
 
 
 @dataclass(eq=False)
+class Int8Weight:
+    """An int8 weight as the layer sees it: ``holder`` (DequantizeLinear or Cast) reads the stored values ``q``
+    at input 0; ``row_scale`` [M] is each effective row's scale (Gemm's alpha folded in), ``qmax`` the grid's
+    bound (127, or 63 for reduce_range); ``zeros_fixed``: the zeros are pruned weights, not small ones."""
+
+    holder: gs.Node
+    q: np.ndarray
+    row_scale: np.ndarray
+    qmax: int
+    zeros_fixed: bool
+
+    def write(self, editor: GraphEditor, node: gs.Node, rows: np.ndarray, base: str) -> None:
+        """Store the effective rows ``rows`` [M, K] (on the grid: ``row_scale`` times integers)."""
+        q = np.clip(np.rint(rows / self.row_scale[:, None]), -self.qmax, self.qmax)
+        new = from_rows(node, q, self.q.shape, alpha=False).astype(self.q.dtype)
+        editor.set_constant_input(self.holder, 0, new, f"{base}_weight_quantized")
+
+
+@dataclass(eq=False)
 class Layer:
     node: gs.Node
     kind: str  # float | codebook | int8
@@ -89,6 +120,7 @@ class Layer:
     weights_ok: bool = False  # weights (or centroids) may be refit; else bias only
     patches: ConvPatches | None = None
     wave: int = 0
+    int8: Int8Weight | None = None  # int8 layers whose values may move on their grid
 
     @property
     def name(self) -> str:
@@ -135,7 +167,14 @@ def _layer(graph: gs.Graph, node: gs.Node) -> Layer | str:
     if slot is not None and slot.create:
         dtype = weight.dtype if weight is not None else constant_source(book.gather.inputs[0]).constant.dtype
         slot.dtype = np.dtype(dtype)
-    return Layer(node, kind, out, x.name, slot, weight, book)
+    layer = Layer(node, kind, out, x.name, slot, weight, book)
+    if kind == "int8":
+        layer.int8 = _int8_weight(node, wt)
+        if layer.int8 is not None:  # the dequantized weight: rows, patches and moments as for a float one
+            layer.weight = from_rows(
+                node, to_rows(node, layer.int8.q, alpha=False) * layer.int8.row_scale[:, None], layer.int8.q.shape
+            )
+    return layer
 
 
 def _read_elsewhere(wt: gs.Tensor) -> bool:
@@ -177,6 +216,38 @@ def _weight_kind(node: gs.Node, wt: gs.Tensor) -> tuple[str | None, np.ndarray |
             if cast is not None and cast.op == "Cast" and _int_constant(cast.inputs[0]) and constant_source(b):
                 return "int8", None, None
     return None, None, None
+
+
+def _int8_weight(node: gs.Node, wt: gs.Tensor) -> Int8Weight | None:
+    """The int8 weight behind ``wt`` when its values can move on their grid: symmetric (zero point 0), one scale
+    per output row or per tensor, the values read by this layer alone; None otherwise (bias only)."""
+    holder = producer(wt)
+    if holder.op == "DequantizeLinear":
+        q, s, zp = _dq_parts(holder)
+        if np.any(zp != 0):
+            return None
+        shape = [1] * q.ndim
+        if s.size > 1:
+            shape[int(holder.attrs.get("axis", 1)) % q.ndim] = -1
+        scale = np.broadcast_to(s.reshape(shape), q.shape)
+    else:  # Mul(Cast(q), scale), either order (as _weight_kind found it)
+        pairs = [(producer(a), b) for a, b in (holder.inputs, holder.inputs[::-1])]
+        holder, other = next((c, b) for c, b in pairs if c is not None and c.op == "Cast")
+        q = np.asarray(peek_values(constant_source(holder.inputs[0]).constant))
+        s = np.asarray(peek_values(constant_source(other).constant), np.float64)
+        try:
+            scale = np.broadcast_to(s, q.shape)
+        except ValueError:
+            return None
+    if q.ndim < 2 or q.dtype != np.int8 or is_shared(holder.inputs[0]):
+        return None
+    rows = to_rows(node, scale)
+    if not np.all(rows == rows[:, :1]) or not np.all(rows[:, 0] > 0):
+        return None
+    qmax = int(np.abs(q.astype(np.int32)).max(initial=0))
+    if qmax == 0:
+        return None
+    return Int8Weight(holder, q, rows[:, 0].copy(), qmax, float(np.mean(q == 0)) > 0.25)
 
 
 def _int_constant(t: gs.Tensor) -> bool:

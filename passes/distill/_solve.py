@@ -12,6 +12,9 @@ The layer's parameters are ``theta = [W^T; b]`` (``[K + 1, M]``), its error agai
   ``A_kl = tr(M_k^T a M_l)``, ``g_k = tr(M_k^T g)``, built by summing ``a``'s rows and columns per code. One shared
   codebook: the per-output biases are eliminated first (Schur complement). Exact zero centroids (pruned, then
   shared) stay zero; unused centroids stay as they are.
+- ``fit_int8`` (int8 weights, scales kept): the float least squares above, then its weights rounded onto the
+  int8 grid by GPTQ with the student's own input Gram ``a_xx`` (minimizing ``||(W_q - W*) x_s||``, which is the
+  teacher-matched error up to a constant), then the bias solved again for the rounded weights.
 - bias only: ``b += mean(y_t - y_s)`` per channel, from the measured differences (int8 layers, grouped Convs).
 
 ``choose`` fits each candidate on one fold of samples and measures it on the other (both ways), and keeps the
@@ -24,9 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxslim.obs import gptq_round
+
 from ._moments import Moments
 
-__all__ = ["Choice", "choose", "fit_free", "fit_codebook", "quad_error"]
+__all__ = ["Choice", "choose", "fit_free", "fit_codebook", "fit_int8", "quad_error"]
 
 _GAIN = 1e-3  # a refit must lower the held-out error by this fraction to be kept (noise is no gain)
 
@@ -70,6 +75,19 @@ def fit_free(m: Moments, theta0: np.ndarray, free: np.ndarray, damping: float) -
         r = g[np.ix_(s, cols)] - a[np.ix_(s, f)] @ theta0[np.ix_(f, cols)] + lam * theta0[np.ix_(s, cols)]
         theta[np.ix_(s, cols)] = _solve(q, r, theta0[np.ix_(s, cols)])
     return theta
+
+
+def fit_int8(
+    m: Moments, theta0: np.ndarray, free: np.ndarray, row_scale: np.ndarray, qmax: int, damping: float, has_bias: bool
+) -> np.ndarray:
+    """theta with its weights on the int8 grid ``row_scale`` x integers in [-qmax, qmax] (see the docstring)."""
+    k = m.a.shape[0] - 1
+    theta = fit_free(m, theta0, free, damping)
+    q = gptq_round(theta[:k].T, row_scale, m.a[:k, :k], qmax, damping)
+    out = theta.copy()
+    out[:k] = (q * row_scale[:, None]).T
+    out[k] = (m.g[k] - out[:k].T @ m.a[:k, k]) / max(float(m.a[k, k]), 1.0) if has_bias else 0.0
+    return out
 
 
 def _solve(q: np.ndarray, r: np.ndarray, fallback: np.ndarray) -> np.ndarray:

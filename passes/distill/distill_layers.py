@@ -12,8 +12,10 @@ passing them on. With ``a = sum [x_s, 1]^T [x_s, 1]`` and ``g = sum [x_s, 1]^T y
   zero) and the bias, ``damping`` relative to the mean diagonal of ``a``, towards the current weights;
 - codebook weights (share_weights, packed or dense): the codes stay, the centroids and the bias are refit
   (``W = sum_k c_k [codes == k]``, the K x K normal equations in the centroids);
-- int8 weights (quantize_int8_static): the bias only, ``b += mean(y_t - y_s)`` per channel (an int32 bias is
-  requantized on its own scale). So are grouped Convs and layers past ``max_gram_mb``.
+- int8 weights (quantize_int8_static): the least squares above, rounded back onto the layer's own int8 grid by
+  GPTQ with the student's input Gram, then the bias (an int32 bias is requantized on its own scale): the weights
+  absorb the activation-rounding error of the layers before them. ``int8_refit=bias``: the bias only,
+  ``b += mean(y_t - y_s)`` per channel, as grouped Convs and layers past ``max_gram_mb`` always get.
 
 Every refit is judged on held-out data: calibration samples alternate between two folds, each candidate (weights,
 bias only) is fitted on one and measured on the other, and the best is kept only when it lowers the layer's error
@@ -53,7 +55,7 @@ from onnxslim.pass_base import Pass, PassContext, PassResult
 
 from ._layers import Layer, codes_for, conv_geometry, find_layers, from_rows, to_rows
 from ._moments import Moments, Runner, accumulate, moments_features
-from ._solve import Choice, choose, fit_codebook, fit_free
+from ._solve import Choice, choose, fit_codebook, fit_free, fit_int8
 
 __all__ = ["DistillLayers"]
 
@@ -84,6 +86,14 @@ class DistillLayers(Pass):
             metadata={
                 "help": "auto: per layer weights+bias or bias only, whichever is lower on held-out samples; bias: "
                 "biases only; weights: weights+bias wherever they can be refit"
+            },
+        )
+        int8_refit: Literal["weights", "bias"] = field(
+            default="weights",
+            metadata={
+                "help": "int8 layers: weights = their int8 values refit on their own grid (least squares, then "
+                "GPTQ rounding on the student's inputs) or their bias, whichever is lower on held-out samples; "
+                "bias = the bias only"
             },
         )
         op_types: list[str] = field(default_factory=lambda: list(_OPS), metadata={"help": "layer ops refit"})
@@ -184,8 +194,8 @@ class DistillLayers(Pass):
         """Sets ``layer.weights_ok``; the reason when only the bias may be refit."""
         if self.options.refit == "bias":
             return "refit=bias"
-        if layer.kind == "int8":
-            return "int8 weights"
+        if layer.kind == "int8" and (self.options.int8_refit == "bias" or layer.int8 is None):
+            return "int8 weights" if layer.int8 is not None else "int8 weights in a form that cannot move on a grid"
         if layer.node.op == "Conv":
             layer.patches = conv_geometry(layer)
             if layer.patches is None or len(layer.patches.kernel) not in (1, 2):
@@ -246,7 +256,12 @@ class DistillLayers(Pass):
         w = to_rows(node, layer.weight)
         b = layer.bias.read(w.shape[0]) if layer.bias is not None else np.zeros(w.shape[0])
         theta0 = np.vstack([w.T, b[None, :]])
-        if layer.book is None:
+        if layer.int8 is not None:
+            q8 = layer.int8
+            nz = w.T != 0 if q8.zeros_fixed else np.ones_like(w.T, dtype=bool)
+            free = np.vstack([nz, np.full((1, w.shape[0]), layer.bias is not None)])
+            fit = lambda m: (fit_int8(m, theta0, free, q8.row_scale, q8.qmax, damping, layer.bias is not None), None)
+        elif layer.book is None:
             free = np.vstack([w.T != 0, np.full((1, w.shape[0]), layer.bias is not None)])
             fit = lambda m: (fit_free(m, theta0, free, damping), None)
         else:
@@ -277,7 +292,9 @@ class DistillLayers(Pass):
         else:
             k = choice.theta.shape[0] - 1
             shape = tuple(layer.weight.shape)
-            if layer.book is None:
+            if layer.int8 is not None:
+                layer.int8.write(editor, node, choice.theta[:k].T, base)
+            elif layer.book is None:
                 new = from_rows(node, choice.theta[:k].T, shape)
                 editor.set_constant_input(node, 1, new.astype(layer.weight.dtype), f"{base}_weight")
             else:

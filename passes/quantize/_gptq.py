@@ -34,7 +34,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.obs import inverse_factor, neutral_dead_columns
+from onnxslim.obs import gptq_round
 
 from ._math import quantize_weight
 from ._ops import gram_request
@@ -42,8 +42,6 @@ from ._ops import gram_request
 __all__ = ["WeightQuantizer", "gptq_requests", "gptq_round"]
 
 log = logging.getLogger(__name__)
-
-_BLOCK = 128  # columns per lazy-update block (the usual GPTQ blocking; same result, fewer big updates)
 
 
 def _digest(w: np.ndarray) -> str:
@@ -104,39 +102,6 @@ class WeightQuantizer:
         rows_s = full_scale.transpose(order).reshape(-1, cols)[:, 0].astype(np.float64)
         q = gptq_round(rows_w, rows_s, hessian, self.qmax, self.damping, self.act_order)
         return q.reshape(moved.shape).transpose(np.argsort(order)).astype(np.int8)
-
-
-def gptq_round(
-    w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmax: int, damping: float = 0.01, act_order: bool = True
-) -> np.ndarray:
-    """Integer values (float64 array) for ``w`` [rows, cols] with per-row ``scale``, minimizing
-    ``tr((W - W_q) H (W - W_q)^T)``: columns rounded in turn, errors pushed onto later columns via the
-    Cholesky factor of ``H^-1`` (blocked lazy updates)."""
-    w = w.copy()
-    h = neutral_dead_columns(hessian)  # a column nobody feeds: rounded to nearest, takes and gives no error
-    n = w.shape[1]
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    w, h = w[:, perm], h[np.ix_(perm, perm)]
-    pruned = w == 0  # a pruned weight stays zero (its error, once others moved it, is pushed on like any other)
-    hinv = inverse_factor(h, damping)
-    if hinv is None:
-        log.debug("GPTQ: H is not positive definite after damping; rounding to nearest")
-        return np.clip(np.round(w[:, np.argsort(perm)] / scale[:, None]), -qmax, qmax)
-    q = np.zeros_like(w)
-    for b0 in range(0, n, _BLOCK):
-        b1 = min(b0 + _BLOCK, n)
-        wb = w[:, b0:b1].copy()
-        err = np.zeros_like(wb)
-        hb = hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = wb[:, j]
-            qc = np.where(pruned[:, b0 + j], 0.0, np.clip(np.round(col / scale), -qmax, qmax))
-            q[:, b0 + j] = qc
-            e = (col - qc * scale) / hb[j, j]
-            wb[:, j:] -= np.outer(e, hb[j, j:])
-            err[:, j] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q[:, np.argsort(perm)]
 
 
 def gptq_requests(plans, planner) -> list[tuple[gs.Node, int, int | None, tuple[int, ...], str, object]]:
