@@ -93,7 +93,7 @@ def run_auto(args: argparse.Namespace, settings, progress) -> tuple[int, object]
         objective=args.objective,
         levels=args.auto_levels or DEFAULT_LEVELS,
         min_weights=args.auto_min_weights,
-        distill=args.distill,
+        distill=bool(args.distill),
         executor=args.auto_executor,
         workers=args.workers,
         cache_dir=args.auto_cache,

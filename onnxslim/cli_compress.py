@@ -5,7 +5,8 @@ pipeline.
 Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` passes), then ``smooth_activations``
 with ``--smooth`` (exact; it reads float weights), ``prune_channels``,
 ``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
-zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left float), and
+zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left; on by default after
+pruning with ``--calib``, ``--no-distill`` off), and
 ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime
 rebuilds them at load). With ``--quantize``, shared weights stack: the quantizer makes each codebook int8 and
 keeps the b-bit codes, so the layer runs as an int8 kernel from a b-bit file; per-channel codebooks
@@ -99,9 +100,12 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--distill",
-        action="store_true",
-        help="after compression, refit the layers' remaining float parameters (biases, codebooks, surviving "
-        "weights) block by block to the original model's outputs on --calib (distill_layers)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after compression, refit the layers' remaining parameters (biases, codebooks, surviving weights, "
+        "int8 values on their grid) block by block to the original model's outputs on --calib (distill_layers); "
+        "on by default after --prune / --prune-nm with --calib (the pruned weights' recovery), "
+        "off otherwise; --no-distill turns it off",
     )
     g.add_argument(
         "--prune-option",
@@ -176,9 +180,12 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
             raise UsageError(f"--prune-option {key}: {active} has no option '{key}'; `onnxslim passes` lists them")
         for n in owners:
             wanted[n][key] = value.strip()
-    if getattr(args, "distill", False):
-        if not settings.calibration:
-            raise UsageError("--distill refits layers to the original's outputs on data; give --calib DIR")
+    distill = getattr(args, "distill", None)
+    if distill and not settings.calibration:
+        raise UsageError("--distill refits layers to the original's outputs on data; give --calib DIR")
+    if distill is None:  # pruning's recovery: measured YOLOv8n 50% F1 0.43 -> 0.81 (README, Pruning)
+        distill = bool(settings.calibration) and magnitude  # channels have their own recovery (no gain measured)
+    if distill:
         wanted[_DISTILL] = {}
     if magnitude:
         wanted[_PACK] = {}

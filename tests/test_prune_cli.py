@@ -37,13 +37,30 @@ def test_prune_with_calibration_passes_its_gate_and_shrinks_the_file(capsys, tmp
     )  # fmt: skip
     assert code == 0, text + err
     passes = _passes(tmp_path / "r.json")
-    assert list(passes)[-2:] == ["prune_by_magnitude", "pack_sparse_weights"]
+    # with --calib the pruned weights are recovered by distillation by default, before packing
+    assert list(passes)[-3:] == ["prune_by_magnitude", "distill_layers", "pack_sparse_weights"]
+    assert passes["distill_layers"]["stats"]["weights_refit"] >= 1
     assert passes["prune_by_magnitude"]["stats"]["layers_pruned"] >= 3
     assert {d["method"] for d in passes["prune_by_magnitude"]["layers"]} == {"sparsegpt"}
     assert "prune_by_magnitude: per layer" in text
     lossless = tmp_path / "l.onnx"
     assert run_cli(capsys, "optimize", CNN, "-o", lossless)[0] == 0
     assert out.stat().st_size < 0.7 * lossless.stat().st_size
+
+
+def test_no_distill_leaves_the_recovery_out_and_channels_get_none_by_default(capsys, tmp_path):
+    for flags, want in (
+        (["--prune", "0.5", "--no-distill"], ["prune_by_magnitude", "pack_sparse_weights"]),
+        (["--prune-channels", "0.25"], ["prune_channels"]),
+        (["--prune-channels", "0.25", "--distill"], ["prune_channels", "distill_layers"]),
+    ):
+        report = tmp_path / "r.json"
+        code, _, err = run_cli(capsys, "optimize", CNN, "-o", tmp_path / "p.onnx", *flags, "--calib", CALIB,
+                               "--no-latency", "--report", report)  # fmt: skip
+        assert code == 0, err
+        assert (
+            list(_passes(report))[-len(want) :] == want and "distill_layers" not in list(_passes(report))[: -len(want)]
+        )
 
 
 def test_prune_options_go_to_the_pass_that_has_them(capsys, tmp_path):
