@@ -38,6 +38,7 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto, base_dir: Path | None, names: list[str], what: str):
         exposed, self.routes = expose_tensors(model, list(dict.fromkeys(names)))
+        _keep_only(exposed, {r.output for r in self.routes.values()})
         self.what = what
         files = _external_files(exposed, base_dir)
         self.session = make_session(exposed, "cpu", optimize=False, external_files=files).session
@@ -49,6 +50,29 @@ class Runner:
         except Exception as e:
             raise BadInputError(f"the {self.what} failed on a calibration sample: {str(e).splitlines()[0]}") from e
         return dict(zip(names, values))
+
+
+def _keep_only(model: onnx.ModelProto, outputs: set[str]) -> None:
+    """Cut the main graph down to what ``outputs`` need: onnxruntime runs every node whatever is fetched, and a
+    wave's tensors early in the model need only the layers before them."""
+    g = model.graph
+    needed, keep = set(outputs), []
+    for n in reversed(g.node):
+        if not any(o in needed for o in n.output):
+            continue
+        keep.append(n)
+        needed.update(n.input)
+        for a in n.attribute:  # a body may read outer tensors: keep whatever any of its nodes names
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                needed.update(i for sg in iter_graphs(sub) for x in sg.node for i in x.input)
+    kept_outputs = [o for o in g.output if o.name in outputs]
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    del g.output[:]
+    g.output.extend(kept_outputs)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
 
 
 def _external_files(model: onnx.ModelProto, base_dir: Path | None) -> dict[str, np.memmap] | None:

@@ -24,8 +24,9 @@ than weights, as in a classifier head fed one sample at a time), the bias-only r
 
 Sequencing, in waves: a layer's input depends on the layers before it, so layers are refit in topological
 waves (every layer whose input depends on no layer not yet refit), one streaming run of the student per wave (its
-exported graph with the wave's tensors as extra outputs) beside the teacher's. Per sample only the wave's tensors
-are held, reduced at once into fixed-size moments; a chain of n layers costs n runs over ``samples`` samples.
+exported graph cut down to what the wave's tensors need) beside the teacher's (cut the same way). Per sample only
+the wave's tensors are held, reduced at once into fixed-size moments; a chain of n layers costs n runs of the
+model's prefix up to each wave over ``samples`` samples.
 Deterministic: float64 math, no randomness. Run it after the compression passes and before pack_sparse_weights.
 The inputs of the ``samples`` calibration samples are held (every wave runs on the same ones); a Conv or Gemm with
 float weights and no bias gets one, a MatMul without a bias Add and an int8 layer without a bias are left alone.
@@ -135,7 +136,7 @@ class DistillLayers(Pass):
         if not layers:
             result.notes.append("nothing to distill: no layer matched the teacher (see the skips)")
             return result
-        teacher_run = Runner(teacher, teacher_dir, [x.output.name for x in layers], "teacher model")
+        teacher_run = lambda wave: Runner(teacher, teacher_dir, [x.output.name for x in wave], "teacher model")
         waves = _waves(ctx.graph, layers)
         for i, wave in enumerate(waves):
             self._wave(ctx, wave, teacher_run, feeds, result)
@@ -210,7 +211,7 @@ class DistillLayers(Pass):
         return None
 
     # ------------------------------------------------------------------------------------------ one wave
-    def _wave(self, ctx: PassContext, wave: list[Layer], teacher: Runner, feeds: list[dict], result: PassResult):
+    def _wave(self, ctx: PassContext, wave: list[Layer], teacher_run, feeds: list[dict], result: PassResult):
         budget = self.options.max_gram_mb * 2**20
         folds: dict[int, tuple[Moments, Moments]] = {}
         for layer in wave:
@@ -229,6 +230,7 @@ class DistillLayers(Pass):
         wave = [x for x in wave if id(x) in folds]
         reads = lambda layers: [n for x in layers for n in ([x.x] if x.weights_ok else []) + [x.output.name]]
         student = Runner(export_standalone(ctx.graph, ctx.opset), ctx.base_dir, reads(wave), "student model")
+        teacher = teacher_run(wave)  # both cut to the wave's tensors: the layers after them are not run
         bad: dict[int, str] = {}
         for i, feed in enumerate(feeds):
             live = [x for x in wave if id(x) not in bad]
