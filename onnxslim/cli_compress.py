@@ -6,7 +6,7 @@ Order, whatever the order of the flags: the lossless pipeline (or the ``-p`` pas
 with ``--smooth`` (exact; it reads float weights), ``prune_channels``,
 ``prune_by_magnitude``, ``share_weights`` (pruned zeros keep a zero centroid), ``quantize_int8_static`` (pruned
 zeros stay zero), ``distill_layers`` with ``--distill`` (refits what compression left; on by default after
-pruning with ``--calib``, ``--no-distill`` off), and
+pruning by weight and int8 with ``--calib``, ``--no-distill`` off), and
 ``pack_sparse_weights`` last, which stores mostly-zero weights as bitmask + values (the file shrinks; onnxruntime
 rebuilds them at load). With ``--quantize``, shared weights stack: the quantizer makes each codebook int8 and
 keeps the b-bit codes, so the layer runs as an int8 kernel from a b-bit file; per-channel codebooks
@@ -104,7 +104,7 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="after compression, refit the layers' remaining parameters (biases, codebooks, surviving weights, "
         "int8 values on their grid) block by block to the original model's outputs on --calib (distill_layers); "
-        "on by default after --prune / --prune-nm with --calib (the pruned weights' recovery), "
+        "on by default after --prune / --prune-nm and --quantize int8 with --calib, "
         "off otherwise; --no-distill turns it off",
     )
     g.add_argument(
@@ -183,8 +183,9 @@ def apply_compression_arguments(args: argparse.Namespace, settings) -> None:
     distill = getattr(args, "distill", None)
     if distill and not settings.calibration:
         raise UsageError("--distill refits layers to the original's outputs on data; give --calib DIR")
-    if distill is None:  # pruning's recovery: measured YOLOv8n 50% F1 0.43 -> 0.81 (README, Pruning)
-        distill = bool(settings.calibration) and magnitude  # channels have their own recovery (no gain measured)
+    if distill is None:  # measured gains on the real models (README: Pruning, Quantization); channels and
+        # codebooks refit themselves already (distillation on top: no gain measured)
+        distill = bool(settings.calibration) and (magnitude or quantize)
     if distill:
         wanted[_DISTILL] = {}
     if magnitude:

@@ -19,6 +19,7 @@ from _graphs import stored_weight
 from conftest import MODELS, SAMPLES, accuracy, eval_feeds
 
 QUANT = "quantize_int8_static"
+DISTILL = "distill_layers"
 # The tiny test layers are below the default min_macs_for_activation_quantization (they would get weights only).
 FULL = f"{QUANT}:min_macs_for_activation_quantization=0"
 
@@ -399,9 +400,12 @@ def test_cli_quantize_respects_given_passes():
         args = build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", *argv])
         return [p.name for p in Optimize.settings(args).passes]
 
-    assert names("--quantize", "int8", "--calib", "d") == [*DEFAULT_PASSES, QUANT]
-    assert names("-p", "fold_constants", "--quantize", "int8", "--calib", "d") == ["fold_constants", QUANT]
-    assert names("-p", "quantize_int8_static:activations=int8", "--quantize", "int8", "--calib", "d") == [QUANT]
+    # with --calib, int8 is followed by its recovery (distill_layers) unless --no-distill
+    assert names("--quantize", "int8", "--calib", "d") == [*DEFAULT_PASSES, QUANT, DISTILL]
+    assert names("--quantize", "int8", "--calib", "d", "--no-distill") == [*DEFAULT_PASSES, QUANT]
+    assert names("-p", "fold_constants", "--quantize", "int8", "--calib", "d") == ["fold_constants", QUANT, DISTILL]
+    given = ("-p", "quantize_int8_static:activations=int8", "--quantize", "int8", "--calib", "d")
+    assert names(*given) == [QUANT, DISTILL]
     # --quantize-option configures the pass and keeps the default lossless pipeline in front of it
     args = build_parser().parse_args(
         [
@@ -422,8 +426,8 @@ def test_cli_quantize_respects_given_passes():
         ]
     )
     specs = Optimize.settings(args).passes
-    assert [p.name for p in specs] == [*DEFAULT_PASSES, QUANT]
-    assert specs[-1].options == {"weight_rounding": "nearest", "bias_correction": "false", "target": "arm"}
+    assert [p.name for p in specs] == [*DEFAULT_PASSES, QUANT, DISTILL]
+    assert specs[-2].options == {"weight_rounding": "nearest", "bias_correction": "false", "target": "arm"}
     with pytest.raises(UsageError, match="--quantize-option applies to int8"):
         Optimize.settings(
             build_parser().parse_args(
