@@ -273,3 +273,25 @@ def test_sensitivity_allocation_reads_external_weights_from_another_working_fold
     )
     assert report.passes[0].stats["weights_zeroed"] > 0
     assert any("sensitivity" in n or "allocation" in n for n in report.passes[0].notes)
+
+
+def test_depthwise_conv_is_kept_by_default_and_pruned_by_wanda_when_asked():
+    rng = np.random.default_rng(0)
+    c = 8
+    wd = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "WD"], ["y"], group=c, pads=[1, 1, 1, 1], name="dw")]
+    m = model(nodes, [("x", [1, c, 6, 6])], [("y", [1, c, 6, 6])], [numpy_helper.from_array(wd, "WD")])
+    out, record = _run(m, sparsity=0.5, **LOOSE)
+    np.testing.assert_array_equal(_weights(out)["WD"], wd)
+    assert "keep_depthwise" in {s["node"]: s["reason"] for s in record.skipped}["dw"]
+
+    scale = np.linspace(0.1, 3.0, c, dtype=np.float32).reshape(1, c, 1, 1)  # channel norms differ
+    feeds = _feeds((1, c, 6, 6), scale=scale)
+    out, record = _run(m, calibration=feeds, sparsity=0.5, keep_depthwise=False, allocation="uniform", **LOOSE)
+    got = _weights(out)["WD"]
+    # each output reads one input channel, so Wanda's |w| * ||x|| ranks weights as |w| within each output
+    for k in range(c):
+        flat = np.abs(wd[k].reshape(-1))
+        zeroed = got[k].reshape(-1) == 0
+        assert zeroed.sum() >= 4 and flat[zeroed].max() <= flat[~zeroed].min()
+    assert record.stats["layers_pruned"] == 1 and np.count_nonzero(got == 0) >= 0.5 * wd.size

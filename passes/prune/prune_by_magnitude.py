@@ -122,8 +122,9 @@ class PruneByMagnitude(Pass):
         keep_depthwise: bool = field(
             default=True,
             metadata={
-                "help": "keep depthwise/grouped Conv weights dense: few weights, each output reads one channel "
-                "(RapidOCR's MobileNetV3 at 50%: agreement 0.925 pruning them, 0.975 keeping them)"
+                "help": "keep depthwise/grouped Conv weights dense: few weights, each output reads one channel; "
+                "false prunes them by Wanda (measured at 50% with --calib: MobileNetV3 file 0.669x -> 0.616x at the "
+                "same agreement, SVTR lines 0.757 -> 0.709)"
             },
         )
         min_weights: int = field(default=2048, metadata={"help": "layers with fewer weight elements stay dense"})
