@@ -295,3 +295,15 @@ def test_depthwise_conv_is_kept_by_default_and_pruned_by_wanda_when_asked():
         zeroed = got[k].reshape(-1) == 0
         assert zeroed.sum() >= 4 and flat[zeroed].max() <= flat[~zeroed].min()
     assert record.stats["layers_pruned"] == 1 and np.count_nonzero(got == 0) >= 0.5 * wd.size
+
+
+def test_sensitivity_allocation_probes_every_layer_unless_limited():
+    m, calib = onnx.load(SAMPLES / "cnn_digits" / "model.onnx"), SAMPLES / "cnn_digits" / "calib"
+    counts = {}
+    for limit in (0, 2):
+        _, record = _run(m, calibration=calib, sparsity=0.5, allocation="sensitivity", sensitivity_layers=limit)
+        note = next(n for n in record.notes if n.startswith("sensitivity allocation"))
+        counts[limit] = tuple(int(v) for v in re.findall(r"(\d+) of (\d+) layers", note)[0])
+    probed, total = counts[0]
+    assert probed == total > 2 and counts[2] == (2, total)
+    assert PruneByMagnitude.Options().sensitivity_layers == 0  # all, by default

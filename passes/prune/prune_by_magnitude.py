@@ -145,10 +145,11 @@ class PruneByMagnitude(Pass):
             default=8, metadata={"help": "allocation=sensitivity: calibration samples the outputs are compared on"}
         )
         sensitivity_layers: int = field(
-            default=16,
+            default=0,
             metadata={
                 "help": "allocation=sensitivity: probe the largest this many layers (4 probes each; the others "
-                "take the target); 0 = all (RapidOCR DBNet, 34 layers: 441 s of probes on 2 cores)"
+                "take the target); 0 = all, the default: at 50%, probing all instead of the 16 largest took "
+                "YOLOv8n's F1 0.81 -> 0.90 and DBNet's mask IoU 0.931 -> 0.983 (total 134 -> 160 s, 350 -> 499 s)"
             },
         )
         damping: float = field(default=0.01, metadata={"help": "SparseGPT: added to diag(H), relative to its mean"})
