@@ -25,6 +25,7 @@ COMPRESS = {
     # k-means codebooks as they come (share_weights' own data-aware refit off), dense and packed
     "share": ("share_weights", {**PLAIN_SHARE, "decode": "dense"}),
     "share_packed": ("share_weights", PLAIN_SHARE),
+    "share_scaled": ("share_weights", {**PLAIN_SHARE, "channel_scales": True}),
     "share_rows": ("share_weights", {**PLAIN_SHARE, "decode": "dense", "per_channel": True}),
     # nearest rounding, no bias correction: the mean error a bias refit can take out is left in
     "int8": ("quantize_int8_static", {"bias_correction": False, "weight_rounding": "nearest"}),
@@ -109,7 +110,8 @@ def _compress_and_distill(m, how, calib, **options):
 # refit; cnn: the int8 values refit on their grid).
 @pytest.mark.parametrize("graph", ["mlp", "cnn"])
 @pytest.mark.parametrize(
-    "how, bound", [("prune", 0.5), ("share", 0.9), ("share_packed", 0.9), ("share_rows", 0.9), ("int8", 0.98)]
+    "how, bound",
+    [("prune", 0.5), ("share", 0.9), ("share_packed", 0.9), ("share_scaled", 0.9), ("share_rows", 0.9), ("int8", 0.98)],
 )
 def test_distillation_lowers_the_held_out_error_and_keeps_the_compression(graph, how, bound):
     m = _mlp() if graph == "mlp" else _cnn()
@@ -133,11 +135,12 @@ def test_distillation_lowers_the_held_out_error_and_keeps_the_compression(graph,
         for w in ("W1", "W2"):
             rows = new[w].T if (graph, w) == ("mlp", "W1") else new[w].reshape(new[w].shape[0], -1)
             assert max(len(np.unique(r)) for r in rows) <= 2**3
-    elif how == "share_packed":
+    elif how in ("share_packed", "share_scaled"):
         books = [k for k in new if k.endswith("_codebook")]
         assert books and all(new[k].size == 2**3 for k in books)
         assert any(not np.array_equal(old[k], new[k]) for k in books)  # centroids moved, codes stayed
-        assert all(np.array_equal(old[k], new[k]) for k in new if "codes" in k)
+        assert all(np.array_equal(old[k], new[k]) for k in new if "codes" in k or k.endswith("_scales"))
+        assert (how == "share_scaled") == any(k.endswith("_scales") for k in new)
     else:  # int8 values may move, on their own grid: same scales, int8 values within the layer's bound
         ints = [k for k in new if new[k].dtype == np.int8]
         assert ints and all(np.abs(new[k].astype(int)).max() <= 127 for k in ints)
@@ -296,15 +299,16 @@ def test_masked_refit_is_least_squares_on_the_surviving_inputs():
         assert np.all(got[np.nonzero(mask[o])[0], o] == 0)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_centroid_refit_is_least_squares_in_the_centroids(rows):
+@pytest.mark.parametrize("rows, scaled", [(1, False), (5, False), (1, True)])
+def test_centroid_refit_is_least_squares_in_the_centroids(rows, scaled):
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((300, 10))
     codes = rng.integers(0, 4, size=(5, 10))
     book = np.sort(rng.standard_normal((rows, 4)), axis=1)
     y = x @ rng.standard_normal((5, 10)).T + rng.standard_normal(5)
     theta0 = np.zeros((11, 5))
-    theta, new = fit_codebook(_moments(x, y), theta0, codes, book, has_bias=True, damping=1e-9)
+    scales = np.array([0.1, 1.0, 3.0, 0.5, 2.0]) if scaled else None  # output o's weights are scales[o] * c
+    theta, new = fit_codebook(_moments(x, y), theta0, codes, book, has_bias=True, damping=1e-9, scales=scales)
     # numpy reference: each centroid (of each row's codebook) and each bias is one regression coefficient
     cols, ids = [], []
     for r in range(rows):
@@ -312,7 +316,7 @@ def test_centroid_refit_is_least_squares_in_the_centroids(rows):
             feature = np.zeros((300, 5))
             for o in range(5):
                 if rows == 1 or o == r:
-                    feature[:, o] = x[:, codes[o] == k].sum(1)
+                    feature[:, o] = x[:, codes[o] == k].sum(1) * (scales[o] if scaled else 1.0)
             cols.append(feature.reshape(-1))
             ids.append((r, k))
     for o in range(5):
@@ -328,4 +332,4 @@ def test_centroid_refit_is_least_squares_in_the_centroids(rows):
             np.testing.assert_allclose(new[r, k], coef[j], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(theta[10], coef[len(ids) :], rtol=1e-5, atol=1e-7)
     w = new[0][codes] if rows == 1 else np.take_along_axis(new, codes, 1)
-    np.testing.assert_array_equal(theta[:10], w.T)
+    np.testing.assert_array_equal(theta[:10], (w * scales[:, None]).T if scaled else w.T)

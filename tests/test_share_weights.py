@@ -75,22 +75,29 @@ def test_codes_pack_and_unpack_exactly(bits):
     np.testing.assert_array_equal(unpack_codes(words, bits, 1001), codes)
 
 
+_GRANULARITY = {"tensor": {}, "channel": {"per_channel": True}, "scaled": {"channel_scales": True}}
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_at_most_2_to_the_b_values_and_deterministic(bits, per_channel):
+@pytest.mark.parametrize("granularity", sorted(_GRANULARITY))
+def test_at_most_2_to_the_b_values_and_deterministic(bits, granularity):
     w1, w2 = _weights()
     m = _mlp(w1, w2)
-    out, record = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
-    again, _ = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
+    opts = _GRANULARITY[granularity] | {"bits": bits, "decode": "dense"} | LOOSE
+    out, record = _run(m, **opts)
+    again, _ = _run(m, **opts)
     got = _inits(out)
     for name, axis in (("W1", 1), ("W2", 0)):  # MatMul [in, out], Gemm transB [out, in]
         w = got[name]
-        if per_channel:
-            assert all(len(np.unique(np.take(w, c, axis=axis))) <= 2**bits for c in range(w.shape[axis]))
-        else:
+        if granularity == "tensor":
             assert len(np.unique(w)) <= 2**bits
+        else:
+            assert all(len(np.unique(np.take(w, c, axis=axis))) <= 2**bits for c in range(w.shape[axis]))
+        if granularity == "scaled" and bits < 8:  # one codebook: each channel's values over its largest
+            units = np.unique(np.round(w / np.abs(w).max(axis=1 - axis, keepdims=True), 5))
+            assert len(np.unique(w)) > 2**bits and len(units) <= 2 ** (bits + 1)  # +-1 ends, rounding
         np.testing.assert_array_equal(w, _inits(again)[name])
-    if per_channel and bits == 8:  # 48 or 64 weights a row: already at most 256 values each
+    if granularity != "tensor" and bits == 8:  # 48 or 64 weights a row: already at most 256 values each
         assert not record.modified and all("already holds" in s["reason"] for s in record.skipped)
     else:
         assert record.stats["layers_shared"] == 2 and record.modified
@@ -98,13 +105,17 @@ def test_at_most_2_to_the_b_values_and_deterministic(bits, per_channel):
 
 @pytest.mark.parametrize("opset", [11, 13, 17, 21])
 @pytest.mark.parametrize(
-    "bits, per_channel", [(2, False), (3, True), (4, False), (5, True), (6, False), (7, False), (8, False)]
+    "bits, granularity",
+    [(2, "tensor"), (3, "channel"), (4, "tensor"), (4, "scaled"), (5, "channel"), (3, "scaled"), (7, "tensor")]
+    + [(8, "tensor")],
 )
-def test_packed_form_decodes_exactly_folds_and_shrinks(tmp_path, opset, bits, per_channel):
+def test_packed_form_decodes_exactly_folds_and_shrinks(tmp_path, opset, bits, granularity):
     w1, w2 = _weights()
     m = _mlp(w1, w2, opset)
-    dense, _ = _run(m, bits=bits, per_channel=per_channel, decode="dense", **LOOSE)
-    packed, record = _run(m, bits=bits, per_channel=per_channel, **LOOSE)
+    opts = _GRANULARITY[granularity] | {"bits": bits} | LOOSE
+    per_channel = granularity == "channel"
+    dense, _ = _run(m, decode="dense", **opts)
+    packed, record = _run(m, **opts)
     ops = {n.op_type for n in packed.graph.node}
     assert ("Cast" in ops) and (bits == 8 or "BitShift" in ops) and "Constant" not in ops
     assert not {"W1", "W2"} & set(_inits(packed))  # the dense weights are gone from the file
@@ -124,7 +135,12 @@ def test_packed_form_decodes_exactly_folds_and_shrinks(tmp_path, opset, bits, pe
             else np.take_along_axis(codebook, codes.reshape(codebook.shape[0], -1), 1)
         )
         order = (1, 0) if name == "W1" else (0, 1)
-        rebuilt = view.reshape([shape[a] for a in order]).transpose(np.argsort(order))
+        moved = [shape[a] for a in order]
+        if granularity == "scaled":  # row r (output feature) is scales[r] * codebook[codes_r]
+            scales = inits[f"{name}_scales"]
+            assert scales.shape == (moved[0], 1) and np.all(scales > 0)
+            view = view.reshape(moved[0], -1) * scales
+        rebuilt = view.reshape(moved).transpose(np.argsort(order))
         np.testing.assert_array_equal(rebuilt, _inits(dense)[name])
     # onnxruntime: folded at load (the optimized model holds only the layers) and bit-identical outputs
     opt = tmp_path / "opt.onnx"
@@ -137,11 +153,11 @@ def test_packed_form_decodes_exactly_folds_and_shrinks(tmp_path, opset, bits, pe
     # size: b/32 of the dense bytes plus the codebook
     for layer in record.layers:
         rows = 48 if layer["op"] == "MatMul" else 16  # output features
-        book = (2**bits) * 4 * (rows if per_channel else 1)
+        book = (2**bits) * 4 * (rows if per_channel else 1) + (4 * rows if granularity == "scaled" else 0)
         assert layer["stored_bytes"] == packed_nbytes(layer["params"], bits) + book
         assert layer["stored_bytes"] <= layer["dense_bytes"] * bits / 32 * 1.07 + book
     assert record.stats["bytes_saved"] == sum(x["dense_bytes"] - x["stored_bytes"] for x in record.layers)
-    if bits == 4 and not per_channel:
+    if bits == 4 and granularity == "tensor":
         assert packed.ByteSize() < 0.25 * m.ByteSize()  # 1/8 + codebooks, plus ~0.7 KB of chain nodes a weight
 
 

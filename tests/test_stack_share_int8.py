@@ -131,3 +131,31 @@ def test_per_channel_codebooks_are_written_dense_and_quantized_as_plain_weights(
     ops = collections.Counter(n.op_type for n in m.graph.node)
     assert ops["GatherElements"] == 0 and ops["Gather"] == 0
     assert _ort_ops(m)["QLinearConv"] == ops["Conv"]
+
+
+def test_channel_scaled_codebooks_stack_as_int8_tables_and_keep_accuracy():
+    """One codebook times one scale per channel: under int8 each channel's table is its scale times the codebook,
+    on its own int8 scale (the Mul folds away), the codes stay b-bit, and the layers run as integer kernels."""
+    passes = [("share_weights", {"channel_scales": True}), "quantize_int8_static"]
+    shared, _ = optimize(MODEL, passes[:1], calibration=CALIB, seed=0)
+    m, report = optimize(MODEL, passes, calibration=CALIB, seed=0)
+    (q,) = [p for p in report.passes if p.name == "quantize_int8_static"]
+    layers = sum(n.op_type == "Mul" and n.input[1].endswith("_scales") for n in shared.graph.node)
+    assert layers >= 4 and q.stats["codebook_weights_quantized"] == layers
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert not any(n.op_type == "Mul" and n.input[1].endswith("_scales") for n in m.graph.node)
+    assert ops["GatherElements"] == layers
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    books = [inits[n.input[0]] for n in m.graph.node if n.op_type == "GatherElements"]
+    assert all(b.dtype == np.int8 and b.ndim == 2 and b.shape[1] <= 16 for b in books)
+    assert _ort_ops(m)["QLinearConv"] == ops["Conv"]
+    # the int8 model keeps the float shared model's decisions on the held-out digits
+    feeds = []
+    for f in sorted(CNN.joinpath("eval").glob("*.npz")):
+        with np.load(f) as z:
+            feeds.append({k: z[k] for k in z.files if not k.startswith("__")})
+    run = lambda model, f: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, f
+    )[0]
+    agree = np.concatenate([run(shared, f).argmax(-1) == run(m, f).argmax(-1) for f in feeds])
+    assert agree.mean() >= 0.98, agree.mean()

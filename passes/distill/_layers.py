@@ -6,7 +6,8 @@ adds a per-output constant: its bias). Its weight is seen as the effective ``[M,
 folded in) and its bias as the effective ``b`` (Gemm's ``beta`` folded in). Kinds:
 
 - ``float``: a float constant (dense or pruned: its exact zeros stay zero);
-- ``codebook``: share_weights' form, packed (codes + codebook, rebuilt by a Gather / GatherElements chain) or
+- ``codebook``: share_weights' form, packed (codes + codebook, rebuilt by a Gather / GatherElements chain, maybe
+  times channel scales: ``Mul(Reshape(Gather(..)), scales[M, 1])``, the scales kept) or
   dense (a float constant whose non-zero values repeat: at most 3/4 as many distinct ones as entries, and at
   most 256 per tensor or per output row): the codes stay, the centroids move.
 
@@ -87,6 +88,7 @@ class Codebook:
     values: np.ndarray | None = None
     codes: np.ndarray | None = None
     gather: gs.Node | None = None
+    scales: np.ndarray | None = None  # [M] channel scales: row m is scales[m] * values[0][codes[m]]
 
 
 @dataclass(eq=False)
@@ -199,14 +201,20 @@ def _weight_kind(node: gs.Node, wt: gs.Tensor) -> tuple[str | None, np.ndarray |
         if node is not None and node.op in ("Transpose", "Reshape"):
             t = node.inputs[0]
             node = producer(t)
+    scales = None
+    if node is not None and node.op == "Mul" and len(node.inputs) == 2 and constant_source(node.inputs[1]):
+        scales = np.asarray(peek_values(constant_source(node.inputs[1]).constant)).reshape(-1)
+        node = producer(node.inputs[0])  # channel scales times Reshape(Gather(codebook, codes))
+        node = producer(node.inputs[0]) if node is not None and node.op == "Reshape" else None
     if node is not None and node.op in ("Gather", "GatherElements") and len(node.inputs) == 2:
         cb = constant_source(node.inputs[0])
         if (
             cb is not None
             and np.dtype(cb.constant.dtype) in _FLOATS
             and len(cb.constant.shape) == (1 if node.op == "Gather" else 2)
+            and (scales is None or node.op == "Gather")
         ):
-            return "codebook", None, Codebook(gather=node)
+            return "codebook", None, Codebook(gather=node, scales=scales)
     node = producer(wt)
     if node is not None and node.op == "DequantizeLinear" and _int_constant(node.inputs[0]):
         return "int8", None, None

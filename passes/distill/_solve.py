@@ -11,7 +11,8 @@ The layer's parameters are ``theta = [W^T; b]`` (``[K + 1, M]``), its error agai
 - ``fit_codebook``: ``W = sum_k c_k [codes == k]`` with the codes fixed; the normal equations in the centroids are
   ``A_kl = tr(M_k^T a M_l)``, ``g_k = tr(M_k^T g)``, built by summing ``a``'s rows and columns per code. One shared
   codebook: the per-output biases are eliminated first (Schur complement). Exact zero centroids (pruned, then
-  shared) stay zero; unused centroids stay as they are.
+  shared) stay zero; unused centroids stay as they are. With channel scales (``W_m = s_m C[codes_m]``) output m's
+  terms are scaled by ``s_m`` (``s_m^2`` in ``A``); the scales stay.
 - ``fit_int8`` (int8 weights, scales kept): the float least squares above, then its weights rounded onto the
   int8 grid by GPTQ with the student's own input Gram ``a_xx`` (minimizing ``||(W_q - W*) x_s||``, which is the
   teacher-matched error up to a constant), then the bias solved again for the rounded weights.
@@ -107,9 +108,16 @@ def _per_code(a_rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def fit_codebook(
-    m: Moments, theta0: np.ndarray, codes: np.ndarray, book: np.ndarray, has_bias: bool, damping: float
+    m: Moments,
+    theta0: np.ndarray,
+    codes: np.ndarray,
+    book: np.ndarray,
+    has_bias: bool,
+    damping: float,
+    scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(theta, new effective centroids [R, Kc]) for fixed ``codes`` [M, K] into ``book`` [R, Kc]."""
+    """(theta, new effective centroids [R, Kc]) for fixed ``codes`` [M, K] into ``book`` [R, Kc]; ``scales`` [M]
+    (one codebook): row m is ``scales[m] * book[0][codes[m]]``."""
     a, g = m.a, m.g
     k, outs = codes.shape[1], codes.shape[0]
     rows = float(a[k, k])
@@ -124,9 +132,10 @@ def fit_codebook(
         r = np.zeros(len(used))
         np.add.at(r, np.searchsorted(used, codes[o]), g[:k, o])
         if shared:
-            qcc[np.ix_(used, used)] += q
-            qcb[used, o] = eh[:, k]
-            rc[used] += r
+            sc = 1.0 if scales is None else float(scales[o])
+            qcc[np.ix_(used, used)] += sc * sc * q
+            qcb[used, o] = sc * eh[:, k]
+            rc[used] += sc * r
             continue
         free = book[o, used] != 0  # an exact zero centroid stays zero (pruned entries)
         idx = used[free]
@@ -156,6 +165,8 @@ def fit_codebook(
         if has_bias:
             bias = (g[k] + lam_b * theta0[k] - qcb.T @ new[0]) / (rows + lam_b)
     w = np.take_along_axis(new, codes, axis=1) if not shared else new[0][codes]
+    if shared and scales is not None:
+        w = w * np.asarray(scales, np.float64)[:, None]
     return np.vstack([w.T, bias[None, :]]), new
 
 

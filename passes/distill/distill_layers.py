@@ -176,6 +176,10 @@ class DistillLayers(Pass):
                 book = book.reshape(1, -1) if book.ndim == 1 else book
                 rows = to_rows(layer.node, layer.weight, alpha=False)
                 layer.book.values = book
+                scales = layer.book.scales
+                if scales is not None:  # the per-row values exactly as the chain computes them (float32)
+                    ok = book.shape[0] == 1 and scales.size == len(rows)
+                    book = (scales[:, None] * book.astype(scales.dtype)).astype(np.float64) if ok else book[:0]
                 layer.book.codes = codes_for(rows, book) if book.shape[0] in (1, len(rows)) else None
         kept = []
         for layer in layers:
@@ -268,8 +272,8 @@ class DistillLayers(Pass):
             fit = lambda m: (fit_free(m, theta0, free, damping), None)
         else:
             alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            book, codes = layer.book.values * alpha, layer.book.codes
-            fit = lambda m: fit_codebook(m, theta0, codes, book, layer.bias is not None, damping)
+            book, codes, scales = layer.book.values * alpha, layer.book.codes, layer.book.scales
+            fit = lambda m: fit_codebook(m, theta0, codes, book, layer.bias is not None, damping, scales)
         candidates = ["weights"] if opts.refit == "weights" else ["weights", "bias"]
         return choose(folds, theta0, candidates, fit, layer.bias is not None)
 

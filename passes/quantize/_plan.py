@@ -276,10 +276,11 @@ class QuantizePlanner:
             return size * int(np.prod(rows, dtype=np.int64))
         return size
 
-    def codebook_of(self, t: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
-        """(the Gather, its float codebook) when ``t`` is share_weights' decoding of one codebook per tensor:
-        ``[Transpose](Reshape(Gather(codebook[K], codes)))``, each step read by the next alone (the chain is
-        retyped to int8 when the codebook is quantized)."""
+    def codebook_of(self, t: gs.Tensor) -> tuple[gs.Node, gs.Constant, gs.Node | None] | None:
+        """(the Gather, its float codebook, the Mul by channel scales or None) when ``t`` is share_weights'
+        decoding of one codebook per tensor: ``[Transpose](Reshape(Gather(codebook[K], codes)))``, or with
+        channel scales ``[Transpose](Reshape(Mul(Reshape(Gather(..)), scales[rows, 1])))``, each step read by the
+        next alone (the chain is retyped to int8 when the codebook is quantized)."""
         node = t.inputs[0] if len(t.inputs) == 1 else None
         if node is not None and node.op == "Transpose" and len(t.outputs) == 1:
             t = node.inputs[0]
@@ -287,6 +288,19 @@ class QuantizePlanner:
         if node is None or node.op != "Reshape" or node.domain or len(t.outputs) != 1:
             return None
         t = node.inputs[0]
+        mul = t.inputs[0] if len(t.inputs) == 1 else None
+        if mul is not None and mul.op == "Mul" and not mul.domain:
+            scales, grid = mul.inputs[1], mul.inputs[0]
+            reshape = grid.inputs[0] if len(grid.inputs) == 1 else None
+            if len(t.outputs) != 1 or not isinstance(scales, gs.Constant) or len(scales.outputs) != 1:
+                return None
+            if len(scales.shape) != 2 or scales.shape[1] != 1 or np.dtype(scales.dtype) != np.float32:
+                return None
+            if reshape is None or reshape.op != "Reshape" or reshape.domain or len(grid.outputs) != 1:
+                return None
+            t = reshape.inputs[0]
+        else:
+            mul = None
         gather = t.inputs[0] if len(t.inputs) == 1 else None
         if gather is None or gather.op != "Gather" or gather.domain or len(t.outputs) != 1:
             return None
@@ -297,7 +311,7 @@ class QuantizePlanner:
             return None
         if np.dtype(codebook.dtype) != np.float32 or not 2 <= codebook.shape[0] <= 256:
             return None
-        return gather, codebook
+        return gather, codebook, mul
 
     def gathered_weight(self, t: gs.Tensor) -> bool:
         src = t.inputs[0] if len(t.inputs) == 1 else None

@@ -213,9 +213,9 @@ class Rewriter:
     def codebook_weight(self, p: NodePlan, planner: QuantizePlanner) -> np.ndarray | None:
         """A shared weight stacked under int8 (``_codebook_int8``): int8 codebooks per output channel behind
         DequantizeLinear, the b-bit codes kept. Returns the per-channel weight scales (None: left float)."""
-        gather, codebook = planner.codebook_of(p.node.inputs[p.codebook])
+        gather, codebook, mul = planner.codebook_of(p.node.inputs[p.codebook])
         got = stack_codebook(
-            p.graph, p.node, p.codebook, gather, codebook, self.weight_qmax, self.ctx.opset, self.fresh
+            p.graph, p.node, p.codebook, gather, codebook, mul, self.weight_qmax, self.ctx.opset, self.fresh
         )
         if got is None:
             self.result.skip(

@@ -12,6 +12,9 @@ row (per channel) or ``R = 1`` (one per tensor); codes are ``[rows, cols]`` indi
   the layer's output error ``tr(dW H dW^T)`` is what the assignment minimizes, not the weight error.
 - ``refit_codebook``: with the codes fixed, the centroids that minimize ``tr((W - C[codes]) H (W - C[codes])^T)``
   (least squares; the framework-free stand-in for Deep Compression's gradient fine-tuning of the centroids).
+- Channel scales (``W_r = s_r C[codes_r]``: one codebook for the tensor, one scale per output row): ``row_scales``
+  starts each row at ``max |W_r|`` (the codebook then clusters ``W_r / s_r``, whose range is the same for every
+  row); ``refit_codebook(scales=...)`` and ``refit_scales`` alternate the two least squares for fixed codes.
 
 Everything is deterministic; ``rng`` only picks the subsample a very large tensor's codebook is fitted on.
 """
@@ -24,7 +27,17 @@ import numpy as np
 
 from onnxslim.obs import inverse_factor, neutral_dead_columns
 
-__all__ = ["kmeans", "nearest_codes", "compensated_codes", "refit_codebook", "output_error", "decode"]
+__all__ = [
+    "kmeans",
+    "nearest_codes",
+    "compensated_codes",
+    "refit_codebook",
+    "refit_scales",
+    "row_scales",
+    "sort_codebook",
+    "output_error",
+    "decode",
+]
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +164,16 @@ def compensated_codes(
 
 
 def refit_codebook(
-    w: np.ndarray, hessian: np.ndarray, codes: np.ndarray, codebook: np.ndarray, keep_zero: bool = False
+    w: np.ndarray,
+    hessian: np.ndarray,
+    codes: np.ndarray,
+    codebook: np.ndarray,
+    keep_zero: bool = False,
+    scales: np.ndarray | None = None,
 ) -> np.ndarray:
     """The codebook minimizing ``tr((W - C[codes]) H (W - C[codes])^T)`` for fixed ``codes``; a zero centroid
-    (``keep_zero``) and centroids no entry uses stay as they are."""
+    (``keep_zero``) and centroids no entry uses stay as they are. ``scales`` (one codebook only): row r is
+    ``scales[r] * C[codes_r]``."""
     w = np.asarray(w, dtype=np.float64)
     h = np.asarray(hessian, dtype=np.float64)
     k = codebook.shape[1]
@@ -168,14 +187,46 @@ def refit_codebook(
         eh = np.add.reduceat(h[order], starts, axis=0)  # [p, cols]: sum of H's rows per centroid
         m = np.add.reduceat(eh[:, order], starts, axis=1)  # [p, p]
         if shared:
-            m_acc[np.ix_(used, used)] += m
-            b_acc[used] += eh @ w[r]
+            s = 1.0 if scales is None else float(scales[r])
+            m_acc[np.ix_(used, used)] += s * s * m
+            b_acc[used] += s * (eh @ w[r])
         else:
             new[r, used] = _solve(m, eh @ w[r], codebook[r, used], keep_zero)
     if shared:
         used = np.nonzero(np.diag(m_acc) > 0)[0]
         new[0, used] = _solve(m_acc[np.ix_(used, used)], b_acc[used], codebook[0, used], keep_zero)
     return new
+
+
+def sort_codebook(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A one-row codebook sorted ascending (as ``nearest_codes`` needs it after a refit), its codes remapped."""
+    order = np.argsort(codebook[0], kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return codebook[:, order], inverse[codes]
+
+
+def row_scales(w: np.ndarray) -> np.ndarray:
+    """Each row's ``max |w_r|`` (1 for an all-zero row): the start of the channel scales."""
+    s = np.max(np.abs(w), axis=1) if w.size else np.ones(w.shape[0])
+    return np.where(s > 0, s, 1.0)
+
+
+def refit_scales(
+    w: np.ndarray, q: np.ndarray, scales: np.ndarray, hessian: np.ndarray | None = None, weights=None
+) -> np.ndarray:
+    """Per row, the scale minimizing ``(w_r - s q_r) H (w_r - s q_r)^T`` for the decoded unit row ``q_r``
+    (``H = None``: the squared error, weighted per entry by ``weights``); a row whose fit is not positive keeps
+    its scale (the per-row codebook ``s_r C`` must stay sorted)."""
+    w, q = np.asarray(w, np.float64), np.asarray(q, np.float64)
+    if hessian is not None:
+        qh = q @ hessian
+    else:
+        qh = q if weights is None else q * np.broadcast_to(weights, q.shape)
+    num = np.einsum("ij,ij->i", qh, w)
+    den = np.einsum("ij,ij->i", qh, q)
+    ok = (den > 0) & (num > 0)
+    return np.where(ok, num / np.where(ok, den, 1.0), scales)
 
 
 def _solve(m: np.ndarray, b: np.ndarray, old: np.ndarray, keep_zero: bool) -> np.ndarray:

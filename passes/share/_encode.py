@@ -6,6 +6,7 @@ The weight, viewed as ``[rows, cols]`` after moving its output axes first (``ord
           | Gather(Concat([0], unpack(words_nz)), mask_index)  # sparse: codes of non-zeros behind a 1-bit mask
     view  = Gather(codebook[K], codes)                       # one codebook
           | GatherElements(codebook[rows, K], Reshape(codes, [rows, cols]), axis=1)   # one per output row
+          | Mul(Reshape(Gather(codebook[K], codes), [rows, cols]), scales[rows, 1])    # one codebook, row scales
     w     = Transpose(Reshape(view, moved_shape), inverse(order))   # Transpose only when order is not identity
 
 Every input is a constant: onnxruntime folds the chain into the dense weight once, at session load.
@@ -39,8 +40,10 @@ def insert_decoder(
     shape: tuple[int, ...],
     before: gs.Node | None,
     sparse: bool = False,
+    scales: np.ndarray | None = None,
 ) -> gs.Variable:
     """Insert the decoding chain in front of ``before``; returns its output (the dense weight, ``shape``).
+    ``scales`` [rows] (one codebook): row r of the view is ``scales[r] * codebook[codes_r]``.
     ``sparse``: code 0 is every codebook's exact zero, and only the non-zero codes are stored, behind a 1-bit
     mask (``Gather(Concat([0], codes_nz), mask_index)``): pruned zeros cost one bit instead of b."""
     rows, cols = codes.shape
@@ -72,6 +75,13 @@ def insert_decoder(
     if codebook.shape[0] == 1:
         view = v("view", dtype, [n])
         nodes.append(gs.Node("Gather", inputs=[c("codebook", codebook[0]), idx], outputs=[view], attrs={"axis": 0}))
+        if scales is not None:
+            grid, scaled = v("unit", dtype, [rows, cols]), v("view", dtype, [rows, cols])
+            nodes.append(
+                gs.Node("Reshape", inputs=[view, c("grid_shape", np.array([rows, cols], np.int64))], outputs=[grid])
+            )
+            nodes.append(gs.Node("Mul", inputs=[grid, c("scales", scales.reshape(rows, 1))], outputs=[scaled]))
+            view = scaled
     else:
         grid, view = v("codes_grid", np.int64, [rows, cols]), v("view", dtype, [rows, cols])
         nodes.append(

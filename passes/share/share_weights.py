@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -44,12 +44,33 @@ from onnxslim.sensitivity import check_criterion, resolve_criterion
 from onnxslim.weight_layout import WEIGHT_INPUT, WeightLayout, edge_layers, float_weights, weight_layout
 
 from ._allocate_bits import allocate_bits
-from ._codebook import compensated_codes, decode, kmeans, output_error, refit_codebook, zero_index
+from ._codebook import (
+    compensated_codes,
+    decode,
+    kmeans,
+    output_error,
+    refit_codebook,
+    refit_scales,
+    row_scales,
+    sort_codebook,
+    zero_index,
+)
 from ._encode import insert_decoder, stored_nbytes
 
 __all__ = ["ShareWeights"]
 
 log = logging.getLogger(__name__)
+
+
+_SCALE_ROUNDS = 3  # channel scales: rounds of (codes, codebook, scales) refits at most, while the error falls
+
+
+class _Shared(NamedTuple):
+    codes: np.ndarray  # [rows, cols]
+    codebook: np.ndarray  # [R, K] float64
+    scales: np.ndarray | None  # [rows] float64 (channel_scales): row r is scales[r] * codebook[0][codes[r]]
+    order: tuple[int, ...]  # the weight's axes, output axes first: the [rows, cols] view
+    facts: dict
 
 
 @dataclass
@@ -77,6 +98,13 @@ class ShareWeights(Pass):
     class Options:
         bits: int = field(default=4, metadata={"help": "index bits b: 2^b shared values per codebook (2..8)"})
         per_channel: bool = field(default=False, metadata={"help": "one codebook per output channel"})
+        channel_scales: bool = field(
+            default=False,
+            metadata={
+                "help": "one codebook per tensor times one scale per output channel (w = s_c * C[code]): "
+                "channels of very different ranges at 4 bytes a channel"
+            },
+        )
         assignment: Literal["auto", "compensated", "nearest"] = field(
             default="auto",
             metadata={
@@ -130,6 +158,8 @@ class ShareWeights(Pass):
         def validate(self) -> str | None:
             if not 2 <= self.bits <= 8:
                 return f"bits must be in 2..8; got {self.bits} (e.g. --share 4)"
+            if self.per_channel and self.channel_scales:
+                return "per_channel and channel_scales exclude each other; choose one"
             try:
                 _parse_bits(self.layer_bits)
             except ValueError as e:
@@ -170,8 +200,9 @@ class ShareWeights(Pass):
             if isinstance(done, str):
                 result.skip(layer.node, done, layer.graph)
                 continue
-            codes, codebook, order, facts = done
-            shared = _dense(codebook.astype(w.dtype), codes, order, w.shape)
+            codes, order, facts = done.codes, done.order, done.facts
+            scales = None if done.scales is None else done.scales.astype(w.dtype)
+            shared = _dense(done, w.dtype, w.shape)
             dense_bytes = int(w.nbytes)
             where = self._placement(layer, graph_of) if packed else None
             if where is None:
@@ -183,17 +214,18 @@ class ShareWeights(Pass):
             else:
                 graph, readers, tensor = where
                 editor = editors.setdefault(id(graph), ctx.edit(graph))
-                cb = codebook.astype(w.dtype)
+                cb = done.codebook.astype(w.dtype)
+                extra = 0 if scales is None else int(scales.nbytes)
                 nnz = int(np.count_nonzero(codes))
-                stored = stored_nbytes(codes.size, layer.bits, cb)
+                stored = stored_nbytes(codes.size, layer.bits, cb) + extra
                 sparse = bool(facts["kept_zero"] and np.all(cb[:, 0] == 0) and 0 < nnz < codes.size)
-                if sparse and stored_nbytes(codes.size, layer.bits, cb, nnz) < stored:
-                    stored = stored_nbytes(codes.size, layer.bits, cb, nnz)
+                if sparse and stored_nbytes(codes.size, layer.bits, cb, nnz) + extra < stored:
+                    stored = stored_nbytes(codes.size, layer.bits, cb, nnz) + extra
                     facts = facts | {"sparse_codes": True}
                 else:
                     sparse = False
-                self._encode(editor, layer, tensor, readers, codes, cb, order, w.shape, sparse)
-                zipped = len(zlib.compress(_payload(codes, layer.bits, cb, sparse), 6))
+                self._encode(editor, layer, tensor, readers, codes, cb, scales, order, w.shape, sparse)
+                zipped = len(zlib.compress(_payload(codes, layer.bits, cb, scales, sparse), 6))
             result.layers.append(
                 facts | {"dense_bytes": dense_bytes, "stored_bytes": int(stored), "zip_bytes": int(zipped)}
             )
@@ -291,8 +323,7 @@ class ShareWeights(Pass):
                 layer.bits = target
             if isinstance(done, str):  # already holds few values: as it is
                 return w
-            codes, codebook, order, _ = done
-            return _dense(codebook.astype(w.dtype), codes, order, w.shape)
+            return _dense(done, w.dtype, w.shape)
 
         metric = resolve_criterion(opts.sensitivity_metric)
         chosen = allocate_bits(
@@ -310,8 +341,8 @@ class ShareWeights(Pass):
             layer.bits = chosen.get(id(layer), layer.bits)
 
     # ------------------------------------------------------------------------------------------ one layer
-    def _share(self, layer: _Layer, w: np.ndarray, stats, rng):
-        """(codes [rows, cols], codebook [R, K] float64, axis order, facts), or why the layer is left alone."""
+    def _share(self, layer: _Layer, w: np.ndarray, stats, rng) -> _Shared | str:
+        """The layer's codes, codebook and scales, or why the layer is left alone."""
         opts, node, lo = self.options, layer.node, layer.layout
         k = 1 << layer.bits
         if lo is None:  # an embedding table [V, D...]: rows are the embedding features
@@ -321,9 +352,12 @@ class ShareWeights(Pass):
         moved = np.transpose(w, order)
         rows = int(np.prod(moved.shape[: w.ndim - 1])) if lo is None else int(np.prod(moved.shape[: len(lo.out_axes)]))
         w2 = moved.reshape(rows, -1).astype(np.float64)
-        flat = w2 if opts.per_channel else w2.reshape(1, -1)
+        scaled = opts.channel_scales and rows > 1
+        scales = row_scales(w2) if scaled else None
+        unit = w2 / scales[:, None] if scaled else w2
+        flat = w2 if opts.per_channel or scaled else w2.reshape(1, -1)
         if max(len(np.unique(r)) for r in flat) <= k:
-            return f"already holds at most {k} values per codebook (shared)"
+            return f"already holds at most {k} values per {'channel' if scaled else 'codebook'} (shared)"
         st = stats.get(lo.activation) if lo is not None and hasattr(stats, "get") else None
         h = None
         if layer.gram and st is not None and st.gram is not None and st.gram_rows:
@@ -332,32 +366,46 @@ class ShareWeights(Pass):
                 h = None
         importance = _importance(node, lo, w, st, h, w2.shape)
         keep_zero = float(np.mean(w2 == 0)) >= opts.zero_fraction
-        imp = None if importance is None else np.broadcast_to(importance, w2.shape).reshape(flat.shape)
-        cb, codes = kmeans(flat, k, imp, keep_zero, opts.iterations, rng)
+        imp = None if importance is None else np.broadcast_to(importance, w2.shape)
+        if scaled:  # an error of e in the unit row is s_r * e in the weight
+            imp = (np.ones(w2.shape) if imp is None else imp) * (scales**2)[:, None]
+        fit = unit if opts.per_channel and not scaled else unit.reshape(1, -1)
+        cb, codes = kmeans(fit, k, None if imp is None else imp.reshape(fit.shape), keep_zero, opts.iterations, rng)
         codes = codes.reshape(w2.shape)
+        if scaled:
+            scales = refit_scales(w2, decode(cb, codes), scales, weights=importance)
         facts = {"layer": node.name, "op": node.op, "params": int(w.size), "bits": layer.bits}
-        method = "kmeans" + ("_weighted" if importance is not None else "")
+        method = "kmeans" + ("_weighted" if importance is not None else "") + ("+scales" if scaled else "")
         if h is not None:
-            plain = output_error(w2, decode(cb, codes), h)
+            plain = output_error(w2, _rows(cb, codes, scales), h)
             assignment = opts.assignment if opts.assignment != "auto" else "compensated"
-            new_cb, new_codes = cb, codes
-            if assignment == "compensated":
-                new_codes = compensated_codes(w2, h, cb, (w2 == 0) if keep_zero else None, opts.damping)
-            if opts.refit:
-                new_cb = refit_codebook(w2, h, new_codes, cb, keep_zero)
-            err = output_error(w2, decode(new_cb, new_codes), h)
+            best = (plain, cb, codes, scales)
+            for _ in range(_SCALE_ROUNDS if scaled and (opts.refit or assignment == "compensated") else 1):
+                new_cb, new_codes, new_s = best[1], best[2], best[3]
+                if assignment == "compensated":
+                    per_row = cb if not scaled else new_s[:, None] * new_cb
+                    new_codes = compensated_codes(w2, h, per_row, (w2 == 0) if keep_zero else None, opts.damping)
+                if opts.refit:
+                    new_cb = refit_codebook(w2, h, new_codes, new_cb, keep_zero, new_s)
+                    if scaled:
+                        new_cb, new_codes = sort_codebook(new_cb, new_codes)
+                        new_s = refit_scales(w2, decode(new_cb, new_codes), new_s, hessian=h)
+                err = output_error(w2, _rows(new_cb, new_codes, new_s), h)
+                if err >= best[0]:
+                    break
+                best = (err, new_cb, new_codes, new_s)
             facts["kmeans_output_error"] = round(plain, 6)
-            if err < plain:
-                cb, codes = new_cb, new_codes
+            if best[0] < plain:
+                _, cb, codes, scales = best
                 method = "+".join(
-                    ["kmeans"]
+                    ["kmeans+scales" if scaled else "kmeans"]
                     + (["compensated"] if assignment == "compensated" else [])
                     + (["refit"] if opts.refit else [])
                 )
-            facts["output_error"] = round(min(err, plain), 6)
+            facts["output_error"] = round(best[0], 6)
         if keep_zero:
             cb, codes = _zero_first(cb, codes)
-        return codes, cb, order, facts | {"method": method, "kept_zero": keep_zero}
+        return _Shared(codes, cb, scales, order, facts | {"method": method, "kept_zero": keep_zero})
 
     # ------------------------------------------------------------------------------------------ storage
     def _placement(self, layer: _Layer, graph_of: dict[int, gs.Graph]):
@@ -376,12 +424,12 @@ class ShareWeights(Pass):
             return None
         return graph, readers, tensor
 
-    def _encode(self, editor, layer, tensor, readers, codes, codebook, order, shape, sparse: bool) -> None:
+    def _encode(self, editor, layer, tensor, readers, codes, codebook, scales, order, shape, sparse: bool) -> None:
         position = {id(n): i for i, n in enumerate(editor.graph.nodes)}
         src = layer.source
         first = src.node if src.node is not None else min(readers, key=lambda r: position[id(r)])
         out = insert_decoder(
-            editor, tensor.name or "w", codes, codebook, layer.bits, order, tuple(shape), first, sparse=sparse
+            editor, tensor.name or "w", codes, codebook, layer.bits, order, tuple(shape), first, sparse, scales
         )
         for r in readers:
             replace_input(r, tensor, out)
@@ -403,18 +451,25 @@ def _parse_bits(entries: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def _dense(codebook: np.ndarray, codes: np.ndarray, order: tuple[int, ...], shape) -> np.ndarray:
+def _rows(codebook: np.ndarray, codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """The decoded ``[rows, cols]`` view (in the codebook's dtype: float32 as the decoding chain computes it)."""
+    view = decode(codebook, codes)
+    return view if scales is None else view * scales.astype(codebook.dtype)[:, None]
+
+
+def _dense(shared: _Shared, dtype, shape) -> np.ndarray:
     """The shared weight exactly as the decoding chain rebuilds it."""
-    moved = [int(shape[a]) for a in order]
-    return decode(codebook, codes).reshape(moved).transpose(np.argsort(order))
+    scales = None if shared.scales is None else shared.scales.astype(dtype)
+    view = _rows(shared.codebook.astype(dtype), shared.codes, scales)
+    return view.reshape([int(shape[a]) for a in shared.order]).transpose(np.argsort(shared.order))
 
 
-def _payload(codes: np.ndarray, bits: int, codebook: np.ndarray, sparse: bool = False) -> bytes:
+def _payload(codes: np.ndarray, bits: int, codebook: np.ndarray, scales, sparse: bool = False) -> bytes:
     flat = codes.reshape(-1)
     kept = flat[flat != 0] if sparse else flat
     packed = kept.astype(np.uint8) if bits == 8 else pack_codes(kept, bits)
     mask = pack_codes(flat != 0, 1).tobytes() if sparse else b""
-    return mask + packed.tobytes() + codebook.tobytes()
+    return mask + packed.tobytes() + codebook.tobytes() + (b"" if scales is None else scales.tobytes())
 
 
 def _zero_first(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
