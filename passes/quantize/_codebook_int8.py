@@ -10,7 +10,8 @@ first in ``moved``. Under int8 the chain becomes::
 one int8 codebook per output channel, at that channel's own scale (``max |w_row| / qmax``): a single scale per
 tensor, set by the largest centroid, merges the small centroids of quiet channels (YOLOv8n: detection agreement
 0.36 against 0.875 for sharing alone). With channel scales (``Reshape(Mul(Reshape(Gather(codebook, codes),
-[rows, cols]), scales))``) row r's codebook is ``scales[r] * codebook``: the same int8 chain, the Mul gone. The file keeps the b-bit codes; rows x K int8 values are added.
+[rows, cols]), scales))``) row r's codebook is ``scales[r] * codebook``: the same int8 chain, the Mul gone.
+The file keeps the b-bit codes; rows x K int8 values are added.
 onnxruntime folds the chain (all constants) at session load and runs the layer as an integer kernel.
 """
 
