@@ -2,7 +2,8 @@
 # Create bench/.venv-peers holding the PyPI peers we benchmark against:
 #   onnxslim (the PyPI OnnxSlim -- same import name as ours, hence its own venv)
 #   onnxsim  (onnx-simplifier)
-# plus onnxruntime/onnx/numpy.  Never install these into /work/main/.venv.
+# plus onnxruntime/onnx/numpy and onnx_ir (onnxruntime's MatMulNBits quantizer imports it).
+# Never install these into /work/main/.venv.
 # Writes the resolved versions to bench/out/peer_versions.txt.
 # Default: the latest releases. To reproduce an older run, pin them:
 #   PEER_ONNXSLIM=0.1.98 PEER_ONNXSIM=0.8.1 bash bench/setup_peers.sh
@@ -21,7 +22,7 @@ done
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >>"$LOG" 2>&1 || true
-"$VENV/bin/pip" install -q onnx onnxruntime numpy 2>&1 | tee -a "$LOG"
+"$VENV/bin/pip" install -q onnx onnxruntime numpy onnx_ir 2>&1 | tee -a "$LOG"
 "$VENV/bin/pip" install -q --upgrade "onnxslim${PEER_ONNXSLIM:+==$PEER_ONNXSLIM}" 2>&1 | tee -a "$LOG"
 # onnxsim ships manylinux wheels for some Pythons only; a source build needs
 # cmake + a C++ toolchain and may fail -- record it instead of aborting.

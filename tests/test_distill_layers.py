@@ -19,7 +19,14 @@ from conftest import SAMPLES, accuracy, eval_feeds
 
 LOOSE = {"keep_first_last": False, "min_weights": 0}
 CNN = SAMPLES / "cnn_digits"
-PLAIN_SHARE = {"bits": 3, "allocation": "uniform", "assignment": "nearest", "refit": False, **LOOSE}
+PLAIN_SHARE = {
+    "bits": 3,
+    "allocation": "uniform",
+    "assignment": "nearest",
+    "refit": False,
+    "channel_scales": False,
+    **LOOSE,
+}
 COMPRESS = {
     "prune": ("prune_by_magnitude", {"sparsity": 0.5, "reconstruct": "none", **LOOSE}),
     # k-means codebooks as they come (share_weights' own data-aware refit off), dense and packed
