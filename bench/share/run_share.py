@@ -196,8 +196,10 @@ def main() -> int:
     if not args.report_only:
         manifest = json.loads((REAL / "manifest.json").read_text())
         names = set(args.models.split(",")) if args.models else None
-        variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in PEERS]
-        variants = [*variants, *PEERS] if args.peers else variants
+        if args.variants:
+            variants = args.variants.split(",")
+        else:
+            variants = list(PEERS) if args.peers else [v for v in VARIANTS if v not in PEERS]
         for entry in manifest["models"]:
             if names and entry["name"] not in names:
                 continue
