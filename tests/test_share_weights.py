@@ -75,7 +75,11 @@ def test_codes_pack_and_unpack_exactly(bits):
     np.testing.assert_array_equal(unpack_codes(words, bits, 1001), codes)
 
 
-_GRANULARITY = {"tensor": {"channel_scales": False}, "channel": {"per_channel": True}, "scaled": {"channel_scales": True}}
+_GRANULARITY = {
+    "tensor": {"channel_scales": False},
+    "channel": {"per_channel": True},
+    "scaled": {"channel_scales": True},
+}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
