@@ -159,3 +159,28 @@ def test_channel_scaled_codebooks_stack_as_int8_tables_and_keep_accuracy():
     )[0]
     agree = np.concatenate([run(shared, f).argmax(-1) == run(m, f).argmax(-1) for f in feeds])
     assert agree.mean() >= 0.98, agree.mean()
+
+
+def test_below_opset_13_shared_layers_stay_float_and_the_model_loads():
+    """Stacking needs DequantizeLinear's per-channel axis (opset 13): at opset 11 the shared layers stay float
+    under int8, the report says why, and the model loads."""
+    from _fusion_testlib import model
+
+    r = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Conv", ["b", "W2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array((r.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("W1", (16, 8, 3, 3)), ("W2", (16, 16, 3, 3)))]  # fmt: skip
+    vi = lambda n, s: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s)
+    m = model(nodes, [vi("x", [1, 8, 10, 10])], [vi("y", [1, 16, 10, 10])], inits, opset=11)
+    calib = [{"x": r.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(4)]
+    share = ("share_weights", {"min_weights": 0, "keep_first_last": False})
+    out, report = optimize(m, [share, ("quantize_int8_static", {"allow_nothing": True})], calibration=calib, seed=0)
+    (s,) = [p for p in report.passes if p.name == "share_weights"]
+    (q,) = [p for p in report.passes if p.name == "quantize_int8_static"]
+    assert s.stats["layers_shared"] == 2 and q.stats.get("codebook_weights_quantized", 0) == 0
+    assert any("needs opset >= 13" in x["reason"] for x in q.skipped)
+    ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -145,7 +145,7 @@ def _rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def plot(path: Path = OUT / "share_tradeoff.png") -> Path | None:
+def plot(path: Path = ROOT / "bench" / "share" / "share_tradeoff.png") -> Path | None:
     """Agreement vs file size per model: the b = 2..8 curve, the other variants, stacked and peers as points."""
     import matplotlib
 

@@ -182,6 +182,14 @@ class QuantizePlanner:
         if weight is not None:
             p.weights.append((1, self.weight_axis(node, weight)))
         elif self.codebook_of(w) is not None:
+            if not self.per_channel:  # DequantizeLinear's axis (opset 13): an opset-11 file would not load
+                self.result.skip(
+                    node,
+                    "its shared weights stack under int8 with one scale per output channel, which needs opset >= 13 "
+                    "and weights_per_channel (e.g. --opset 13); it stays float",
+                    g,
+                )
+                return None
             p.codebook = 1  # shared weights: the codebook becomes int8, the codes stay (stacked compression)
         elif self.gathered_weight(w):
             pass  # Gather(constant table, index): the table is quantized (plan_gather), the node reads it float
