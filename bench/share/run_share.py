@@ -156,8 +156,12 @@ def plot(path: Path = ROOT / "bench" / "share" / "share_tradeoff.png") -> Path |
     models = sorted({r["model"] for r in rows})
     if not models:
         return None
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    cols = min(3, len(models))
+    rows_n = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(models) :]:
+        ax.set_visible(False)
+    for ax, model in zip(axes.flat, models):
         mine = [r for r in rows if r["model"] == model]
         curve = sorted((r for r in mine if re.fullmatch(r"share\d", r["variant"])), key=lambda r: r["size_ratio"])
         ax.plot([r["size_ratio"] for r in curve], [r["agreement"] for r in curve], "o-", label="shareB (B = 2..8)")
