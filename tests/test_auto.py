@@ -167,6 +167,30 @@ def test_levels_parse_and_order_by_size():
             parse_levels(bad)
 
 
+def test_level_size_estimate_counts_the_channel_scales_and_stacked_tables():
+    import onnx
+
+    from onnxslim.auto.levels import weight_layers
+
+    share4, stacked = parse_levels("share4")[0], parse_levels("share4+int8")[0]
+    n, rows = 64 * 128, 64
+    assert share4.bytes(n, rows) == n * 4 / 8 + 4 * 16 + 4 * rows  # codes, fp32 codebook, fp32 scale a row
+    assert stacked.bytes(n, rows) == n * 4 / 8 + rows * 16 + 4 * rows  # codes, a row's int8 table and scale
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="c")
+    mm = onnx.helper.make_node("MatMul", ["y", "m"], ["z"], name="m")
+    g = onnx.helper.make_graph(
+        [conv, mm],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w"),
+            onnx.numpy_helper.from_array(np.zeros((27, 5), np.float32), "m"),
+        ],
+    )
+    assert [(x.name, x.rows) for x in weight_layers(onnx.helper.make_model(g), 1)] == [("c", 8), ("m", 5)]
+
+
 def test_greedy_path_moves_the_cheapest_loss_per_byte_first_and_skips_unavailable_levels():
     losses = {"a": {"x": 0.01, "y": 0.02}, "b": {"x": 0.001, "y": math.inf}}
     gains = {"a": {"x": 10.0, "y": 20.0}, "b": {"x": 10.0, "y": 30.0}}

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from ..weight_layout import WEIGHT_INPUT
@@ -42,10 +43,12 @@ class Level:
     sparsity: float = 0.0  # prune_by_magnitude
     weight_only: bool = False  # int8 weights, float activations (quantize_int8_static's weight_only_nodes)
 
-    def bytes(self, n: int) -> float:
-        """Estimated stored bytes of an n-element fp32 weight at this level (what the search trades)."""
-        if self.bits:  # stacked under int8, the codebook is int8
-            codebook = (1.0 if self.int8 else 4.0) * 2**self.bits
+    def bytes(self, n: int, rows: int = 0) -> float:
+        """Estimated stored bytes of an n-element fp32 weight with ``rows`` output channels at this level (what
+        the search trades)."""
+        if self.bits:  # one codebook and a scale per row; stacked under int8, a row's int8 table of 2^b values
+            k = 2**self.bits
+            codebook = (rows * k if self.int8 else 4.0 * k) + 4.0 * rows
             if self.sparsity:
                 return n / 8 + n * (1 - self.sparsity) * self.bits / 8 + codebook
             return n * self.bits / 8 + codebook
@@ -101,6 +104,7 @@ class WeightLayer:
     op: str
     weight: str  # initializer name
     size: int  # weight elements
+    rows: int = 0  # output channels (share_weights keeps one scale per row)
 
 
 def weight_layers(model: onnx.ModelProto, min_weights: int) -> list[WeightLayer]:
@@ -121,8 +125,23 @@ def weight_layers(model: onnx.ModelProto, min_weights: int) -> list[WeightLayer]
             n *= d
         if n >= min_weights:
             seen.add(node.name)
-            out.append(WeightLayer(node.name, node.op_type, t.name, n))
+            out.append(WeightLayer(node.name, node.op_type, t.name, n, _rows(node, list(t.dims))))
     return out
+
+
+def _rows(node: onnx.NodeProto, dims: list[int]) -> int:
+    """Output channels of a weight as share_weights sees them (Conv: dim 0, ConvTranspose: dim 1 x group,
+    MatMul: the last dim, Gemm: by transB, Gather: the embedding features); an estimate for the size ranking."""
+    if not dims:
+        return 0
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "ConvTranspose" and len(dims) > 1:
+        return dims[1] * int(attrs.get("group", 1))
+    if node.op_type == "Gather":
+        return int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0)):
+        return dims[-1]
+    return dims[0]
 
 
 def _exact(name: str) -> str:

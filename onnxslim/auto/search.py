@@ -148,7 +148,7 @@ def auto_compress(
     # 3. candidates: the greedy path's checkpoints and each technique alone
     order = [lv.name for lv in menu]
     size_of = {x.name: x.size for x in layers}
-    gains = {x.name: {lv.name: 4.0 * x.size - lv.bytes(x.size) for lv in menu} for x in layers}
+    gains = {x.name: {lv.name: 4.0 * x.size - lv.bytes(x.size, x.rows) for lv in menu} for x in layers}
     path = greedy_path(table, gains, order)
     spent = path_losses(path, table)
     candidates: list[dict] = []

@@ -22,12 +22,15 @@ from onnxslim.bit_packing import mask_index_chain, pack_codes, packed_nbytes, un
 __all__ = ["stored_nbytes", "insert_decoder"]
 
 
-def stored_nbytes(n: int, bits: int, codebook: np.ndarray, nnz: int | None = None) -> int:
-    """Bytes of the packed codes and the codebook (the chain's small shape constants aside); ``nnz``: the sparse
-    form, a 1-bit mask of the n positions plus the codes of the nnz non-zero weights only."""
+def stored_nbytes(
+    n: int, bits: int, codebook: np.ndarray, nnz: int | None = None, scales: np.ndarray | None = None
+) -> int:
+    """Bytes of the packed codes, the codebook and the channel scales if any (the chain's small shape constants
+    aside); ``nnz``: the sparse form, a 1-bit mask of the n positions plus the codes of the nnz non-zero weights."""
+    tables = int(codebook.nbytes) + (0 if scales is None else int(scales.nbytes))
     if nnz is None:
-        return (n if bits == 8 else packed_nbytes(n, bits)) + int(codebook.nbytes)
-    return packed_nbytes(n, 1) + (nnz if bits == 8 else packed_nbytes(nnz, bits)) + int(codebook.nbytes)
+        return (n if bits == 8 else packed_nbytes(n, bits)) + tables
+    return packed_nbytes(n, 1) + (nnz if bits == 8 else packed_nbytes(nnz, bits)) + tables
 
 
 def insert_decoder(

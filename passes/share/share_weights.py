@@ -227,12 +227,12 @@ class ShareWeights(Pass):
                 graph, readers, tensor = where
                 editor = editors.setdefault(id(graph), ctx.edit(graph))
                 cb = done.codebook.astype(w.dtype)
-                extra = 0 if scales is None else int(scales.nbytes)
                 nnz = int(np.count_nonzero(codes))
-                stored = stored_nbytes(codes.size, layer.bits, cb) + extra
+                stored = stored_nbytes(codes.size, layer.bits, cb, scales=scales)
                 sparse = bool(facts["kept_zero"] and np.all(cb[:, 0] == 0) and 0 < nnz < codes.size)
-                if sparse and stored_nbytes(codes.size, layer.bits, cb, nnz) + extra < stored:
-                    stored = stored_nbytes(codes.size, layer.bits, cb, nnz) + extra
+                stored_sparse = stored_nbytes(codes.size, layer.bits, cb, nnz, scales) if sparse else stored
+                if stored_sparse < stored:
+                    stored = stored_sparse
                     facts = facts | {"sparse_codes": True}
                 else:
                     sparse = False
