@@ -184,3 +184,57 @@ def test_below_opset_13_shared_layers_stay_float_and_the_model_loads():
     assert s.stats["layers_shared"] == 2 and q.stats.get("codebook_weights_quantized", 0) == 0
     assert any("needs opset >= 13" in x["reason"] for x in q.skipped)
     ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _logits(m, feeds):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, f)[0] for f in feeds])
+
+
+def test_tables_rounded_by_the_layer_gram_lower_the_output_error_on_a_trained_model():
+    """A table entry's rounding moves every weight holding that code the same way; rounding each channel's K
+    entries by GPTQ on its ``A^T H A`` (the default with calibration data) keeps the held-out logits closer to
+    the float shared model's than rounding them to nearest does (cnn_digits: 0.0060 vs 0.0188 mean sq. error)."""
+    feeds = []
+    for f in sorted(CNN.joinpath("eval").glob("*.npz")):
+        with np.load(f) as z:
+            feeds.append({k: z[k] for k in z.files if not k.startswith("__")})
+    shared, _ = optimize(MODEL, ["share_weights"], calibration=CALIB, seed=0)
+    ref = _logits(shared, feeds)
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        passes = ["share_weights", ("quantize_int8_static", {"weight_rounding": rounding})]
+        m, report = optimize(MODEL, passes, calibration=CALIB, seed=0)
+        (q,) = [p for p in report.passes if p.name == "quantize_int8_static"]
+        assert q.stats["codebook_weights_quantized"] >= 4
+        assert q.stats.get("codebook_tables_gptq_rounded", 0) == (
+            q.stats["codebook_weights_quantized"] if rounding == "gptq" else 0
+        )
+        errors[rounding] = float(((_logits(m, feeds) - ref) ** 2).mean())
+    assert errors["gptq"] < 0.6 * errors["nearest"], errors
+
+
+def test_bias_correction_cancels_the_mean_shift_of_the_int8_tables():
+    """With inputs of non-zero mean, the tables' rounding shifts each output channel's mean by ``(W_q - W) E[x]``;
+    the stacked layer's bias absorbs it (the mean error per channel falls), as for plain int8 weights."""
+    from _fusion_testlib import model
+
+    r = np.random.default_rng(1)
+    w = (r.standard_normal((64, 32)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(32, np.float32), "B")]
+    vi = lambda n, s: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s)
+    m = model(nodes, [vi("x", [16, 64])], [vi("y", [16, 32])], inits, opset=13)
+    feeds = [{"x": (2.0 + r.standard_normal((16, 64))).astype(np.float32)} for _ in range(8)]
+    share = ("share_weights", {"bits": 3, "min_weights": 0, "keep_first_last": False})
+    shared, _ = optimize(m, [share], calibration=feeds, seed=0)
+    ref = _logits(shared, feeds)
+    shift = {}
+    for on in (False, True):
+        opts = {"bias_correction": on, "weight_rounding": "nearest", "quantize_layer_outputs": False}
+        out, report = optimize(m, [share, ("quantize_int8_static", opts)], calibration=feeds, seed=0)
+        (q,) = [p for p in report.passes if p.name == "quantize_int8_static"]
+        assert q.stats["codebook_weights_quantized"] == 1
+        assert q.stats.get("biases_corrected", 0) == int(on)
+        shift[on] = float(np.abs((_logits(out, feeds) - ref).mean(axis=0)).mean())
+    assert shift[True] < 0.5 * shift[False], shift

@@ -30,14 +30,15 @@ from ._gptq import WeightQuantizer
 from ._ops import FOLLOWING_ADD, OPS, input_axis
 from ._plan import NodePlan, QuantizePlanner
 
-__all__ = ["bias_correction_means", "correct_biases"]
+__all__ = ["bias_correction_means", "correct_biases", "weight_error_shift", "shift_bias"]
 
 log = logging.getLogger(__name__)
 
 
-def _weight_error_shift(node: gs.Node, w: np.ndarray, wq: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
-    """``(W_q - W) E[x]`` per output channel (float64), or None when the shapes do not fit."""
-    dw = wq.astype(np.float64) - w.astype(np.float64)
+def weight_error_shift(node: gs.Node, dw: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
+    """``(W_q - W) E[x]`` per output channel (float64) for the weight change ``dw`` = W_q - W, or None when the
+    shapes do not fit."""
+    dw = np.asarray(dw, np.float64)
     if node.op == "Conv":
         if dw.ndim < 3:
             return None
@@ -84,7 +85,7 @@ def _corrected(plans: list[NodePlan]) -> list[NodePlan]:
         if input_axis(p.node) is not None
         and not p.node.domain
         and 0 in p.activations
-        and any(i == 1 for i, _ in p.weights)
+        and (any(i == 1 for i, _ in p.weights) or p.codebook == 1)  # a shared weight: corrected as it is stacked
     ]
 
 
@@ -122,7 +123,9 @@ def correct_biases(
         mu = None if st is None else st.channel_mean
         if mu is None or not np.all(np.isfinite(mu)):
             continue
-        axis = next(a for i, a in p.weights if i == 1)
+        axis = next((a for i, a in p.weights if i == 1), False)
+        if axis is False:
+            continue  # a shared weight stacked under int8: the rewriter corrects it with its int8 tables
         w = peek_values(planner.constant_of(node.inputs[1])[0]).astype(np.float32)
         if not after_gptq and weights.rounds_with_gptq(w, axis):
             result.count("biases_left_to_gptq")
@@ -132,24 +135,31 @@ def correct_biases(
         if axis is not None:
             shape[axis] = -1
         wq = q.astype(np.float32) * np.asarray(scale, np.float32).reshape(shape)
-        delta = _weight_error_shift(node, w, wq, mu.astype(np.float64))
-        if delta is None:
-            continue
-        slot = _bias_slot(p, planner)
-        if slot is None:
-            continue
-        owner, idx = slot
-        const, const_node, _ = planner.constant_of(owner.inputs[idx])
-        b = peek_values(const).astype(np.float64)
-        if b.shape != delta.shape:
-            continue
-        new_values = (b - delta).astype(np.float32)
-        readers = const_node.outputs[0].outputs if const_node is not None else const.outputs
-        if len(readers) == 1:
-            const.values = new_values  # this node's own bias: change it in place
-        else:  # shared with other layers, whose errors differ: a private copy
-            owner.inputs[idx] = gs.Constant(ctx.names.fresh(f"{const.name}_corrected"), new_values)
-        result.count("biases_corrected")
-        shifts.append(float(np.abs(delta).max(initial=0.0)))
+        delta = weight_error_shift(node, wq.astype(np.float64) - w, mu.astype(np.float64))
+        if delta is not None and shift_bias(ctx, p, planner, delta, result):
+            shifts.append(float(np.abs(delta).max(initial=0.0)))
     if shifts:
         log.debug("bias correction: %d layers, largest shift %.3g", len(shifts), max(shifts))
+
+
+def shift_bias(
+    ctx: PassContext, p: NodePlan, planner: QuantizePlanner, delta: np.ndarray, result, in_place: bool = True
+) -> bool:
+    """Subtract ``delta`` (per output channel) from the plan's float bias; False when it has no usable one.
+    ``in_place=False``: always a new constant (a trial copy of the graph shares its constants)."""
+    slot = _bias_slot(p, planner)
+    if slot is None:
+        return False
+    owner, idx = slot
+    const, const_node, _ = planner.constant_of(owner.inputs[idx])
+    b = peek_values(const).astype(np.float64)
+    if b.shape != delta.shape:
+        return False
+    new_values = (b - delta).astype(np.float32)
+    readers = const_node.outputs[0].outputs if const_node is not None else const.outputs
+    if in_place and len(readers) == 1:
+        const.values = new_values  # this node's own bias: change it in place
+    else:  # shared with other layers, whose errors differ: a private copy
+        owner.inputs[idx] = gs.Constant(ctx.names.fresh(f"{const.name}_corrected"), new_values)
+    result.count("biases_corrected")
+    return True

@@ -13,16 +13,72 @@ tensor, set by the largest centroid, merges the small centroids of quiet channel
 [rows, cols]), scales))``) row r's codebook is ``scales[r] * codebook``: the same int8 chain, the Mul gone.
 The file keeps the b-bit codes; rows x K int8 values are added.
 onnxruntime folds the chain (all constants) at session load and runs the layer as an integer kernel.
+
+Rounding a table entry moves every weight of the row holding that code the same way, so the errors do not
+average out as they do for independently rounded weights (YOLOv8n's score output: 11.4 dB SNR with the float
+shared weights under int8 activations, 8.5 dB with nearest-rounded tables). With the layer input's Gram ``H``
+(the one GPTQ uses) a row's K entries are rounded by GPTQ on the row's K x K Gram ``A^T H A`` (``A`` the
+one-hot of its codes): the output error, not the table error, is minimized; and ``error`` (the dense weight
+change) lets the pass correct the bias for the mean shift (``(W_q - W) E[x]``, ``_bias_correction``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph_edit import const_value
+from onnxslim.obs import gptq_round
 
-__all__ = ["stack_codebook"]
+from ._ops import gram_request
+
+__all__ = ["Stacked", "stack_codebook", "round_tables", "codebook_gram_requests"]
+
+_ROW_BLOCK = 64  # rows whose one-hot codes are expanded at once (cols x K floats each)
+
+
+class Stacked(NamedTuple):
+    weight: gs.Variable  # the dequantized weight the node now reads
+    scale: np.ndarray  # per output channel
+    error: np.ndarray  # W_q - W (float32, the node's weight layout): what the int8 tables changed
+
+
+def codebook_gram_requests(plans, planner) -> list[tuple[str, object]]:
+    """(activation, its Gram request for ``collect_statistics(grams=)``) of every planned shared weight whose
+    layer GPTQ's view covers: its tables are rounded by that Gram."""
+    out = []
+    for p in plans:
+        if p.codebook is None:
+            continue
+        shape = planner.shape_of(p.node.inputs[p.codebook])
+        got = gram_request(p.node, p.codebook, list(shape)) if shape is not None else None
+        if got is not None:
+            _, x, request = got
+            out.append((x, request))
+    return out
+
+
+def round_tables(
+    book: np.ndarray, scale: np.ndarray, codes: np.ndarray, qmax: int, hessian: np.ndarray | None, damping: float
+) -> np.ndarray:
+    """int8 values [rows, K] of the per-row codebooks ``book`` at ``scale``: to nearest, or with ``hessian``
+    [cols, cols] (the input features of the [rows, cols] ``codes`` view) by GPTQ on each row's ``A^T H A``."""
+    if hessian is None or hessian.shape != (codes.shape[1],) * 2:
+        return np.clip(np.round(book / scale[:, None]), -qmax, qmax)
+    rows, k = book.shape
+    out = np.empty((rows, k), np.float64)
+    h = np.asarray(hessian, np.float64)
+    eye = np.eye(k)
+    for r0 in range(0, rows, _ROW_BLOCK):
+        r1 = min(r0 + _ROW_BLOCK, rows)
+        onehot = eye[codes[r0:r1]]  # [R, cols, K]
+        hk = np.einsum("ij,rjk->rik", h, onehot, optimize=True)  # H A per row
+        grams = np.einsum("rjk,rjl->rkl", onehot, hk, optimize=True)  # A^T H A per row [R, K, K]
+        for r in range(r0, r1):
+            out[r] = gptq_round(book[r : r + 1].astype(np.float64), scale[r : r + 1], grams[r - r0], qmax, damping)[0]
+    return out
 
 
 def _evaluate(t: gs.Variable, opset: int) -> np.ndarray:
@@ -59,10 +115,12 @@ def stack_codebook(
     qmax: int,
     opset: int,
     fresh,
-) -> tuple[gs.Variable, np.ndarray] | None:
+    hessian: np.ndarray | None = None,
+    damping: float = 0.01,
+) -> Stacked | None:
     """Rewrite input ``i`` of ``node`` (a shared weight decoded by ``gather``, times channel scales by ``mul``)
-    as above; returns (the dequantized weight, its per-channel scales), or None when the chain is not the
-    expected shape (it is left float)."""
+    as above, rounding the tables by ``hessian`` when given; None when the chain is not the expected shape
+    (it is left float)."""
     w = node.inputs[i]
     reshape = (mul if mul is not None else gather).outputs[0].outputs[0]
     transpose = w.inputs[0] if w.inputs[0] is not reshape else None
@@ -89,7 +147,8 @@ def stack_codebook(
         book = channel[:, None] * cb[None, :]  # float32, as the float chain computes it
     amax = np.abs(np.take_along_axis(book, grid_codes, axis=1)).max(axis=1)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    table = np.clip(np.round(book / scale[:, None]), -qmax, qmax).astype(np.int8)
+    table = round_tables(book, scale, grid_codes, qmax, hessian, damping).astype(np.int8)
+    view_error = np.take_along_axis(table * scale[:, None] - book, grid_codes, axis=1).reshape(moved)
 
     def var(base: str, dtype, shape) -> gs.Variable:
         return gs.Variable(fresh(base), dtype=dtype, shape=shape)
@@ -114,6 +173,7 @@ def stack_codebook(
         w.dtype = np.int8
         perm = [int(a) for a in transpose.attrs["perm"]]
         axis = perm.index(0)
+        view_error = view_error.transpose(perm)
     else:
         axis = 0
     dead = [gather] if mul is None else [gather, mul.inputs[0].inputs[0], mul]  # the float lookup (and scaling)
@@ -128,4 +188,4 @@ def stack_codebook(
                 outputs=[dq])
     )  # fmt: skip
     node.inputs[i] = dq
-    return dq, scale
+    return Stacked(dq, scale, view_error.astype(np.float32))

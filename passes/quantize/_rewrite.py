@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph_edit import peek_values, replace_input
 from onnxslim.pass_base import PassContext, PassResult, iter_graphs
 
+from ._bias_correction import shift_bias, weight_error_shift
 from ._codebook_int8 import stack_codebook
 from ._gptq import WeightQuantizer
 from ._math import WEIGHT_QMAX, quantize_bias
@@ -27,6 +28,10 @@ class Rewriter:
 
     weight_qmax: int = WEIGHT_QMAX  # 63 with reduce_range (set by the pass)
     weights: WeightQuantizer | None = None  # rounding shared with bias correction (set by the pass)
+    # Shared weights stacked under int8 (set by the pass from its calibration run): the Gram of a layer's input
+    # (activation name -> H, for the tables' rounding) and its channel means (for their bias correction).
+    codebook_grams: dict | None = None
+    codebook_means: dict | None = None
 
     def __init__(self, ctx: PassContext, result: PassResult, qparams, opts, types: dict[str, int]):
         self.ctx, self.result, self.qparams, self.opts, self.types = ctx, result, qparams, opts, types
@@ -214,15 +219,26 @@ class Rewriter:
         """A shared weight stacked under int8 (``_codebook_int8``): int8 codebooks per output channel behind
         DequantizeLinear, the b-bit codes kept. Returns the per-channel weight scales (None: left float)."""
         gather, codebook, mul = planner.codebook_of(p.node.inputs[p.codebook])
+        x = self.made.get(id(p.node.inputs[0]), p.node.inputs[0].name)  # the float activation (now behind Q/DQ)
+        hessian = (self.codebook_grams or {}).get(x)
+        damping = float(getattr(self.opts, "gptq_damping", 0.01))
         got = stack_codebook(
-            p.graph, p.node, p.codebook, gather, codebook, mul, self.weight_qmax, self.ctx.opset, self.fresh
-        )
+            p.graph, p.node, p.codebook, gather, codebook, mul, self.weight_qmax, self.ctx.opset, self.fresh,
+            hessian, damping,
+        )  # fmt: skip
         if got is None:
             self.result.skip(
                 p.node, "its shared weights' decoding is not one this pass can stack; it stays float", p.graph
             )
             return None
-        _, scale = got
+        scale = got.scale
+        mu = (self.codebook_means or {}).get(x)
+        if mu is not None:
+            delta = weight_error_shift(p.node, got.error, np.asarray(mu, np.float64))
+            if delta is not None:
+                shift_bias(self.ctx, p, planner, delta, self.result, in_place=False)
+        if hessian is not None:
+            self.result.count("codebook_tables_gptq_rounded")
         self.replaced[id(codebook)] = (codebook, None, None)
         self.result.count("weights_quantized")
         self.result.count("codebook_weights_quantized")

@@ -80,6 +80,7 @@ from onnxslim.pass_base import Pass, PassContext, PassResult
 from onnxslim.sensitivity import check_criterion
 
 from ._bias_correction import bias_correction_means, correct_biases
+from ._codebook_int8 import codebook_gram_requests
 from ._gptq import WeightQuantizer, gptq_requests
 from ._hardware import REDUCED_WEIGHT_QMAX, resolve_hardware
 from ._ladder import apply_precision_ladder
@@ -357,7 +358,8 @@ class QuantizeInt8Static(Pass):
         use_data = ctx.calibration is not None
         means = bias_correction_means(plans) if opts.bias_correction and use_data else {}
         gptq = gptq_requests(plans, planner) if opts.weight_rounding == "gptq" and use_data else []
-        grams = self._gram_budget(gptq, shapes, result)
+        books = codebook_gram_requests(plans, planner) if opts.weight_rounding == "gptq" and use_data else []
+        grams = self._gram_budget(gptq + books, shapes, result)
         stats = self._collect(ctx, model, names, means, grams)
         for node, i, axis, in_axes, x, _ in gptq:
             st = stats.get(x) if x in grams else None
@@ -370,6 +372,17 @@ class QuantizeInt8Static(Pass):
         rewriter = Rewriter(ctx, result, qparams, opts, types)
         rewriter.weight_qmax = weight_qmax
         rewriter.weights = weights
+        rewriter.codebook_grams = {
+            x: st.gram / st.gram_rows
+            for x, _ in books
+            if x in grams and (st := stats.get(x)) is not None and st.gram is not None and st.gram_rows
+        }
+        rewriter.codebook_means = {
+            x: st.channel_mean
+            for p in plans
+            if p.codebook is not None and (x := p.node.inputs[0].name) in means
+            and (st := stats.get(x)) is not None and st.channel_mean is not None
+        }  # fmt: skip
         apply_precision_ladder(ctx, model, plans, planner, opts, result, rewriter)  # rungs, then rewriter.apply
         if weights.gptq_weights:
             result.count("weights_gptq_rounded", weights.gptq_weights)
