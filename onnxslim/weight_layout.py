@@ -24,6 +24,7 @@ __all__ = [
     "weight_layout",
     "conv_patches",
     "WEIGHT_INPUT",
+    "RNN_WEIGHT_INPUTS",
     "WeightSite",
     "float_weights",
     "edge_layers",
@@ -127,6 +128,8 @@ def weight_layout(node: gs.Node, i: int, shape: list[int]) -> WeightLayout | Non
 # ------------------------------------------------------------------------------------------ which weights
 # The weight input of each layer op that compression passes rewrite (pruning, weight sharing).
 WEIGHT_INPUT: dict[str, int] = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+# Recurrent layers' input (W) and recurrence (R) weights, for the passes that take them (weight sharing).
+RNN_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
 
@@ -141,20 +144,26 @@ class WeightSite:
     readers: int
 
 
-def float_weights(root: gs.Graph, accept: Callable[[gs.Node], bool] | None = None) -> list[WeightSite]:
-    """Every layer of ``WEIGHT_INPUT`` (main graph and If/Loop/Scan bodies) whose weight is a float constant
-    (initializer, ``Constant`` node, outer-scope constant), in graph order; ``accept`` filters the nodes."""
+def float_weights(
+    root: gs.Graph,
+    accept: Callable[[gs.Node], bool] | None = None,
+    inputs: dict[str, tuple[int, ...]] | None = None,
+) -> list[WeightSite]:
+    """Every layer of ``WEIGHT_INPUT`` (or of ``inputs``: op -> weight input indices; main graph and If/Loop/Scan
+    bodies) whose weight is a float constant (initializer, ``Constant`` node, outer-scope constant), in graph
+    order; ``accept`` filters the nodes."""
+    table = inputs if inputs is not None else {op: (i,) for op, i in WEIGHT_INPUT.items()}
     found = []
     for g in iter_graphs(root):
         for node in g.nodes:
-            i = WEIGHT_INPUT.get(node.op)
-            if i is None or node.domain not in (None, "", "ai.onnx") or len(node.inputs) <= i:
+            if node.op not in table or node.domain not in (None, "", "ai.onnx"):
                 continue
             if accept is not None and not accept(node):
                 continue
-            src = constant_source(node.inputs[i])
-            if src is not None and np.dtype(src.constant.dtype) in _FLOATS:
-                found.append((g, node, i, src))
+            for i in table[node.op]:
+                src = constant_source(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name else None
+                if src is not None and np.dtype(src.constant.dtype) in _FLOATS:
+                    found.append((g, node, i, src))
     readers: dict[int, int] = {}
     for *_, src in found:
         readers[id(src.constant)] = readers.get(id(src.constant), 0) + 1

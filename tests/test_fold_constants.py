@@ -52,6 +52,38 @@ def test_growth_is_skipped_by_default_and_done_when_allowed():
     assert _ops(grown) == ["Add"]
 
 
+def test_a_weight_cut_into_unequal_slices_folds_whole():
+    """An exporter's gate reordering (LSTM weights: Slice the gates, Concat them back): the slices together free
+    the weight they read, so each is credited its share by size, not an equal one (which refused the big slice)."""
+    w = np.arange(4 * 64 * 8, dtype=np.float32).reshape(4 * 64, 8) / 100
+    m = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Slice", ["W", "s0", "e0", "ax"], ["a"]),
+                onnx.helper.make_node("Slice", ["W", "e0", "e1", "ax"], ["b"]),
+                onnx.helper.make_node("Concat", ["b", "a"], ["w2"], axis=0),
+                onnx.helper.make_node("Transpose", ["w2"], ["w2t"]),
+                onnx.helper.make_node("MatMul", ["x", "w2t"], ["y"]),
+            ],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 256])],
+            [
+                onnx.numpy_helper.from_array(w, "W"),
+                *(
+                    onnx.numpy_helper.from_array(np.array([v], np.int64), n)
+                    for n, v in (("s0", 0), ("e0", 64), ("e1", 256), ("ax", 0))
+                ),
+            ],  # fmt: skip
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    feeds = [{"x": np.ones((2, 8), np.float32)}]
+    out = check_pass_contract(FoldConstants(), m, feeds, expect_modified=True)
+    assert _ops(out) == ["MatMul"]
+    assert out.ByteSize() <= m.ByteSize()
+
+
 @pytest.mark.parametrize("op", ["RandomNormalLike", "RandomUniformLike"])
 def test_nondeterministic_ops_are_not_folded(op):
     m = _model(f"""

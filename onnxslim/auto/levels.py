@@ -179,6 +179,7 @@ def build_passes(
                 bits=max(lv.bits for lv in shared.values()),
                 layer_bits=[f"{_exact(x)}={lv.bits}" for x, lv in shared.items()],
                 exclude_nodes=[_exact(x) for x in everyone if x not in shared],
+                op_types=list(WEIGHT_INPUT),  # the layers the search knows (not recurrent W/R)
                 keep_first_last=False,
                 min_weights=0,
             )

@@ -1,8 +1,9 @@
 """share_weights: cluster each layer's weights into 2^b shared values and store b-bit indices plus the codebook
 (lossy; Deep Compression's weight sharing, refined from calibration data).
 
-Which weights: the float constant weights of Conv/ConvTranspose/Gemm/MatMul and Gather (embedding) tables, in
-initializers, ``Constant`` nodes and If/Loop bodies; not layers under ``min_weights`` elements, ``exclude_nodes``
+Which weights: the float constant weights of Conv/ConvTranspose/Gemm/MatMul, Gather (embedding) tables and the
+input and recurrence weights (W, R) of LSTM/GRU/RNN (rows: direction x gate units), in initializers, ``Constant``
+nodes and If/Loop bodies; not layers under ``min_weights`` elements, ``exclude_nodes``
 and, with ``keep_first_last``, the layers nearest the inputs and outputs. ``layer_bits`` overrides b per layer.
 
 How (``_codebook``): each weight, as ``[rows, cols]`` (output x input features), gets one codebook (or one per
@@ -46,7 +47,14 @@ from onnxslim.calibration_service import StatisticsRequest
 from onnxslim.graph_edit import ConstantSource, node_matches, peek_values, producer, replace_input
 from onnxslim.pass_base import Pass, PassContext, PassResult, iter_graphs
 from onnxslim.sensitivity import check_criterion, resolve_criterion
-from onnxslim.weight_layout import WEIGHT_INPUT, WeightLayout, edge_layers, float_weights, weight_layout
+from onnxslim.weight_layout import (
+    RNN_WEIGHT_INPUTS,
+    WEIGHT_INPUT,
+    WeightLayout,
+    edge_layers,
+    float_weights,
+    weight_layout,
+)
 
 from ._allocate_bits import allocate_bits
 from ._codebook import (
@@ -65,6 +73,9 @@ from ._encode import insert_decoder, stored_nbytes
 __all__ = ["ShareWeights"]
 
 log = logging.getLogger(__name__)
+
+# The weights shared: each layer op's weight input, and a recurrent layer's W and R (rows: direction x gates).
+SHARED_INPUTS: dict[str, tuple[int, ...]] = {**{op: (i,) for op, i in WEIGHT_INPUT.items()}, **RNN_WEIGHT_INPUTS}
 
 
 _SCALE_ROUNDS = 3  # channel scales: rounds of (codes, codebook, scales) refits at most, while the error falls
@@ -124,7 +135,7 @@ class ShareWeights(Pass):
         zero_fraction: float = field(
             default=0.1, metadata={"help": "keep an exact 0 centroid when this fraction of weights is 0 (pruned)"}
         )
-        op_types: list[str] = field(default_factory=lambda: list(WEIGHT_INPUT), metadata={"help": "ops shared"})
+        op_types: list[str] = field(default_factory=lambda: list(SHARED_INPUTS), metadata={"help": "ops shared"})
         grouped_bits: int = field(
             default=8,
             metadata={
@@ -176,9 +187,9 @@ class ShareWeights(Pass):
                 _parse_bits(self.layer_bits)
             except ValueError as e:
                 return str(e)
-            unknown = sorted(set(self.op_types) - set(WEIGHT_INPUT))
+            unknown = sorted(set(self.op_types) - set(SHARED_INPUTS))
             if unknown:
-                return f"op_types {', '.join(unknown)} cannot be shared; choose from {', '.join(WEIGHT_INPUT)}"
+                return f"op_types {', '.join(unknown)} cannot be shared; choose from {', '.join(SHARED_INPUTS)}"
             if not 0.0 < self.zero_fraction <= 1.0:
                 return f"zero_fraction must be in (0, 1]; got {self.zero_fraction}"
             if self.min_weights < 0 or self.iterations < 1 or not self.damping > 0 or self.max_gram_mb < 0:
@@ -261,7 +272,7 @@ class ShareWeights(Pass):
         embedding = lambda n: (
             n.op != "Gather" or (int(n.attrs.get("axis", 0)) == 0 and not _from_constants(n.inputs[1]))
         )
-        sites = float_weights(ctx.graph, embedding)
+        sites = float_weights(ctx.graph, embedding, SHARED_INPUTS)
         edge = edge_layers(ctx.graph, {id(x.node) for x in sites}) if opts.keep_first_last else set()
         found: dict[int, _Layer] = {}
         for site in sites:
@@ -288,6 +299,8 @@ class ShareWeights(Pass):
                 why = "layer_bits says 0"
             elif node.op == "Gather" and len(shape) < 2:
                 why = "a 1-D Gather table is no embedding"
+            elif node.op in RNN_WEIGHT_INPUTS and weight_layout(node, i, shape) is None:
+                why = "a GRU recurrence weight with linear_before_reset=0 (it reads r * h, which is not exposed)"
             if why:
                 result.skip(node, why, g)
                 continue

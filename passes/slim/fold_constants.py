@@ -344,12 +344,13 @@ class FoldConstants(Pass):
         cands = [(g, n) for g, n in cands if id(n) in values]
         outputs = {id(t) for g in iter_graphs(ctx.graph) for t in g.outputs}
         owner = _owners(ctx.graph)
+        out_bytes = {id(n): sum(int(a.nbytes) for a in values[id(n)]) for _, n in cands}
         # Drop folds that grow the model until the set is stable (a skipped fold keeps its inputs alive).
         while True:
             folding = {id(n) for _, n in cands}
             keep, growths = [], {}
             for g, node in cands:
-                growth = self._growth(node, values[id(node)], folding, outputs, owner)
+                growth = self._growth(node, values[id(node)], folding, outputs, owner, out_bytes)
                 if growth > self.options.size_threshold and not self.options.allow_growth:
                     refused.add(id(node))
                     result.skip(
@@ -378,9 +379,16 @@ class FoldConstants(Pass):
 
     @staticmethod
     def _growth(
-        node: gs.Node, arrays: list[np.ndarray], folding: set[int], outputs: set[int], owner: dict[int, int]
+        node: gs.Node,
+        arrays: list[np.ndarray],
+        folding: set[int],
+        outputs: set[int],
+        owner: dict[int, int],
+        out_bytes: dict[int, int],
     ) -> int:
-        """Approximate serialized bytes added by the fold: new constants minus the node and freed inputs."""
+        """Approximate serialized bytes added by the fold: new constants minus the node and freed inputs. An
+        input freed because all its readers fold is credited to them in proportion to their outputs' bytes
+        (an LSTM weight cut by three Slices of unequal sizes: together they free exactly what they add)."""
         added = 0
         for t, arr in zip(node.outputs, arrays):
             if t.name and (t.outputs or id(t) in outputs):
@@ -397,7 +405,9 @@ class FoldConstants(Pass):
             seen.add(id(t))
             users = {id(c) for c in t.outputs}
             if users and users <= folding:
-                removed += (constant_nbytes(t) + len(t.name) + 8) // len(users)
+                total = sum(out_bytes.get(u, 0) for u in users)
+                share = out_bytes.get(id(node), 0) / total if total > 0 else 1.0 / len(users)
+                removed += int((constant_nbytes(t) + len(t.name) + 8) * share)
         return added - removed
 
     # ------------------------------------------------------------------ memory bound
