@@ -42,6 +42,7 @@ VARIANTS = {
 STACKED = {
     "int8": ["--quantize", "int8"],
     "share4+int8": ["--share", "4", "--quantize", "int8"],
+    "share5+int8": ["--share", "5", "--quantize", "int8"],
     "prune50+share4+int8": ["--prune", "0.5", "--share", "4", "--quantize", "int8"],
     "prune50+share4+int8-all-layers": ["--prune", "0.5", "--prune-option", "keep_first_last=false"]
     + [*_SHARE(4, "keep_first_last=false"), "--quantize", "int8"],
