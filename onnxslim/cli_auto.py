@@ -36,7 +36,7 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
         "--auto-levels",
         dest="auto_levels",
         metavar="LIST",
-        help="levels a layer may take, e.g. int8,share4,share3,share2 (default), prune0.5+share4, prune0.5",
+        help="levels a layer may take, e.g. int8,share6,share5,share4,share3 (default), prune0.5+share4, prune0.5",
     )
     g.add_argument(
         "--auto-executor",

@@ -71,6 +71,7 @@ def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
         search_seconds=round(auto["search_seconds"]),
         peak_rss_mb=round(auto["peak_rss_mb"]),
         layers=len(auto["layers"]),
+        levels=auto["levels"],
     )
     return row
 
@@ -102,14 +103,15 @@ def _section(rows: list[dict]) -> str:
     m = int8_report.machine()
     flags = " ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni") if f in Path("/proc/cpuinfo").read_text())
     nncf = _nncf_rows()
+    menus = sorted({", ".join(r.get("levels") or ["int8", "share4", "share3", "share2"]) for r in rows})
     lines = [
         HEADING,
         "",
         f"`bench/auto/run_auto.py`, {m['cpu']}, {m['nproc']} cores, {m['ram']}, CPU flags: {flags}, {m['date']}. "
         "`optimize --auto --budget 0.01` with each model's own task agreement "
         "(`bench/real_models/decisions.py`) as `--metric`, judged on held-out feeds (`eval_more` from "
-        "`prepare_more_eval.py` where the model has it, else `eval`); default levels int8, share4, share3, share2 "
-        "(plus the int8 revert track). Best single = the smallest every-layer-at-one-level candidate within the "
+        "`prepare_more_eval.py` where the model has it, else `eval`); levels "
+        f"{' / '.join(menus)} (plus the int8 revert track). Best single = the smallest every-layer-at-one-level candidate within the "
         "budget. NNCF = `nncf.quantize_with_accuracy_control` (`bench/auto/run_nncf_qwac.py`, same calibration "
         "and evaluation feeds, same agreement as `validation_fn`, `max_drop=0.01`), its agreement recomputed on "
         "those feeds; onnxsim = onnxsim 0.8.1 `apply_optimization_pipeline` (`bench/auto/run_onnxsim_budget.py`; "

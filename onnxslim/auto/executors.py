@@ -3,7 +3,8 @@
 An executor has one method, ``map(fn, tasks, on_done)``: results in the order of ``tasks`` whatever the order
 they finish in (so a search is deterministic however many workers it has), ``on_done(done, total)`` called as
 they arrive. ``fn`` and the tasks must pickle (module-level functions, plain data). Write your own by giving any
-object with that method to ``auto_compress(executor=...)``.
+object with that method to ``auto_compress(executor=...)``; its ``close()``, if it has one, is called when the
+search is done with it.
 """
 
 from __future__ import annotations
@@ -39,24 +40,39 @@ class SerialExecutor:
 
 
 class ProcessExecutor:
-    """``workers`` local processes (spawned: a forked onnxruntime thread pool is not safe to reuse)."""
+    """``workers`` local processes (spawned: a forked onnxruntime thread pool is not safe to reuse). The pool
+    lives from the first ``map`` to ``close()``: a worker keeps what it built for the search (the task metric's
+    reference run, the calibration statistics) from one round of candidates to the next."""
 
     def __init__(self, workers: int):
         self.workers = max(1, int(workers))
         self.name = f"local ({self.workers} worker processes)"
+        self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn, tasks, on_done: Done = None) -> list:
-        if self.workers == 1 or len(tasks) <= 1:
+        if self.workers == 1 or len(tasks) <= 1 and self._pool is None:
             return SerialExecutor().map(fn, tasks, on_done)
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         results: list = [None] * len(tasks)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=ctx) as pool:
-            futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
-            for done, fut in enumerate(as_completed(futures), 1):
-                results[futures[fut]] = fut.result()
-                if on_done:
-                    on_done(done, len(tasks))
+        futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            results[futures[fut]] = fut.result()
+            if on_done:
+                on_done(done, len(tasks))
         return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class RayExecutor:

@@ -115,9 +115,10 @@ def probe_layers(
     criterion="decisions",
     seed: int = 0,
     progress: Callable[[str, int, int | None], None] | None = None,
+    threads: int = 1,
 ) -> dict[str, dict[str, float]]:
     """``{layer: {level: loss}}``, loss = 1 - the engine's score with that layer alone at that level (``inf``:
-    the level does not apply to the layer)."""
+    the level does not apply to the layer). ``threads``: onnxruntime threads of each probe's session."""
     from ..data import load_feeds
     from ..graph import load_model
 
@@ -129,6 +130,7 @@ def probe_layers(
         samples=samples,
         modes=(True,),
         criterion=criterion,
+        threads=threads,
         progress=progress,
         stage="auto: probes",
     )

@@ -117,6 +117,7 @@ def rank_reverts(
     samples: int = 8,
     criterion: str | Callable[[list[dict], list[dict]], float] = "decisions",
     progress: Callable[[str, int, int | None], None] | None = None,
+    threads: int = 1,
 ) -> tuple[float, list[Revert]]:
     """(all-int8 score, the quantized nodes by gain per byte, best first; those whose revert wins nothing are
     left out), scored by the engine's ``criterion`` (the search's probe criterion). ``weights``: revert
@@ -131,6 +132,7 @@ def rank_reverts(
         samples=samples,
         modes=(True,),
         criterion=criterion,
+        threads=threads,
         progress=progress,
         stage="auto: int8 reverts",
     )

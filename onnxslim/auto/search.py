@@ -34,6 +34,7 @@ from ..errors import UsageError
 from ..report import Report
 from .cache import CandidateCache, data_identity, file_digest
 from .evaluate import TaskMetric, evaluate_candidate, file_bytes
+from ..latency import cpu_count
 from .executors import make_executor
 from .levels import DEFAULT_LEVELS, build_passes, parse_levels, weight_layers
 from .plan_search import Objective, checkpoints, greedy_path, pareto_front, path_losses
@@ -80,7 +81,7 @@ def auto_compress(
 ) -> AutoResult:
     """See the module text. ``budget``: the largest allowed drop of the task metric on ``eval_data`` (accuracy
     points as a fraction with labels, else 1 - agreement with the original's decisions). ``levels``: the menu
-    (``int8,share4,share3,share2``; also ``pruneS`` and ``pruneS+shareB``). ``executor``: ``local`` (worker
+    (``int8,share6,share5,share4,share3``; also ``pruneS`` and ``pruneS+shareB``). ``executor``: ``local`` (worker
     processes), ``serial``, ``ray``, ``ray:ADDRESS`` or an object with ``map``. ``cache_dir``: where evaluated
     candidates are kept (default ``OUTPUT.auto-cache``, removed after a successful search unless given)."""
     t0 = time.perf_counter()
@@ -125,6 +126,11 @@ def auto_compress(
     )
     task_metric = TaskMetric(base, eval_data, metric=metric, label_output=label_output)
 
+    ex = make_executor(executor, workers)
+    # the probes run in this process while no worker does: one onnxruntime session at a time, on every core
+    # the search was given (outputs do not depend on the thread count: its kernels split work by output)
+    probe_threads = getattr(ex, "workers", None) or workers or cpu_count()
+
     # 2. sensitivity
     probe_key = f"sensitivity-{cache.key({'levels': levels, 'samples': str(probe_samples)})}.json"
     table = cache.get_json(probe_key)
@@ -138,6 +144,7 @@ def auto_compress(
             criterion=_probe_criterion(metric, calibration, probe_samples),
             seed=seed,
             progress=progress,
+            threads=probe_threads,
         )
         cache.put_json(
             probe_key, {x: {k: (v if math.isfinite(v) else None) for k, v in d.items()} for x, d in table.items()}
@@ -153,7 +160,6 @@ def auto_compress(
     spent = path_losses(path, table)
     candidates: list[dict] = []
     seen: dict[str, int] = {}
-    ex = make_executor(executor, workers)
 
     def add(config: dict[str, str], label: str, source: str, step: int | None = None, track: str = "path") -> dict:
         key = cache.key(config)
@@ -230,26 +236,30 @@ def auto_compress(
                     add(steps[k], f"{label} {k}/{len(steps) - 1}", "refine", k, track)
             run_pending()
 
-    run_pending()
-    # 5. back-off along the path
-    refine("path", path, "path")
-    # 5b. int8 everywhere misses the budget: give nodes back to float, ranked in the real int8 model
-    reverts = None
-    all_int8 = next((c for c in candidates if c["label"] == "all int8" and c["source"] == "single"), None)
-    if all_int8 is not None and all_int8.get("error") is None and "drop" in all_int8 and not meets(all_int8):
-        reverts = _int8_reverts(cache, base, all_int8, calibration, metric, probe_samples, size_of, progress)
-        order = [r["node"] for r in reverts["ranked"]]
-        # first layers keep int8 weights (w8: float activations, the same bytes), then fully float
-        for track, layer_level in (("revert", "w8"), ("revert-float", None)):
-            steps = revert_steps(all_int8["config"], order, layer_level)
-            top = len(steps) - 1
-            add(steps[top], "all int8", "single", top, track)  # the track's far end is that candidate
-            for k in sorted({min(top, 2**i) for i in range(top.bit_length() + 1)}):
-                add(steps[top - k], f"int8 -{k} {layer_level or 'float'}", "revert", top - k, track)
-            run_pending()
-            refine(track, steps, f"int8 -> {layer_level or 'float'}")
-            if any(meets(c) for c in candidates if track in c.get("tracks", {})):
-                break
+    try:
+        run_pending()
+        # 5. back-off along the path
+        refine("path", path, "path")
+        # 5b. int8 everywhere misses the budget: give nodes back to float, ranked in the real int8 model
+        reverts = None
+        all_int8 = next((c for c in candidates if c["label"] == "all int8" and c["source"] == "single"), None)
+        if all_int8 is not None and all_int8.get("error") is None and "drop" in all_int8 and not meets(all_int8):
+            reverts = _int8_reverts(cache, base, all_int8, calibration, metric, probe_samples, progress, probe_threads)
+            order = [r["node"] for r in reverts["ranked"]]
+            # first layers keep int8 weights (w8: float activations, the same bytes), then fully float
+            for track, layer_level in (("revert", "w8"), ("revert-float", None)):
+                steps = revert_steps(all_int8["config"], order, layer_level)
+                top = len(steps) - 1
+                add(steps[top], "all int8", "single", top, track)  # the track's far end is that candidate
+                for k in sorted({min(top, 2**i) for i in range(top.bit_length() + 1)}):
+                    add(steps[top - k], f"int8 -{k} {layer_level or 'float'}", "revert", top - k, track)
+                run_pending()
+                refine(track, steps, f"int8 -> {layer_level or 'float'}")
+                if any(meets(c) for c in candidates if track in c.get("tracks", {})):
+                    break
+    finally:
+        if ex is not executor and callable(getattr(ex, "close", None)):
+            ex.close()  # the worker processes the local executor kept between rounds
 
     # latency of what was measured, one at a time (parallel runs would time each other)
     base_bytes = file_bytes(base)
@@ -381,7 +391,7 @@ def revert_steps(int8_config: dict[str, str], order: list[str], layer_level: str
     return steps
 
 
-def _int8_reverts(cache, base, all_int8, calibration, metric, samples, size_of, progress) -> dict:
+def _int8_reverts(cache, base, all_int8, calibration, metric, samples, progress, threads: int = 1) -> dict:
     """The revert ranking of the all-int8 candidate (``revert_int8.rank_reverts``), cached beside the candidates."""
     key = f"reverts-{cache.key({'int8': all_int8['key'], 'samples': str(samples)})}.json"
     hit = cache.get_json(key)
@@ -398,6 +408,7 @@ def _int8_reverts(cache, base, all_int8, calibration, metric, samples, size_of, 
         samples=samples,
         criterion=criterion,
         progress=progress,
+        threads=threads,
     )
     out = {"all_int8_score": start, "reverted": "activations", "ranked": [r.to_dict() for r in ranked]}
     cache.put_json(key, out)
