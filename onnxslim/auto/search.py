@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..latency import cpu_count
 from ..report import Report
 from .cache import CandidateCache, data_identity, file_digest
 from .evaluate import TaskMetric, evaluate_candidate, file_bytes
-from ..latency import cpu_count
 from .executors import make_executor
 from .levels import DEFAULT_LEVELS, build_passes, parse_levels, weight_layers
 from .plan_search import Objective, checkpoints, greedy_path, pareto_front, path_losses
