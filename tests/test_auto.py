@@ -75,6 +75,10 @@ def test_auto_report_has_the_front_the_sensitivity_and_their_pictures(cli_run):
             o["objective"] < c["objective"] and max(o["drop"], 0) < max(c["drop"], 0) for o in measured.values()
         )
     assert auto["chosen"] in auto["pareto"]
+    stages = auto["stage_seconds"]  # where the wall time went: every stage of this search, adding up to it
+    assert {"lossless base", "sensitivity probes", "candidates", "latency", "write chosen"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= auto["search_seconds"] + 0.01
+    assert sum(stages.values()) >= 0.9 * auto["search_seconds"]
     for name in ("pareto", "sensitivity"):
         png = out.parent / f"{out.stem}.{name}.png"
         assert auto["plots"][name] == str(png)

@@ -69,6 +69,7 @@ def _one(entry: dict, onnxslim: str, extra: list[str]) -> dict:
         },
         candidates=len(auto["candidates"]),
         search_seconds=round(auto["search_seconds"]),
+        stage_seconds={k: round(v) for k, v in auto.get("stage_seconds", {}).items()},
         peak_rss_mb=round(auto["peak_rss_mb"]),
         layers=len(auto["layers"]),
         levels=auto["levels"],
@@ -156,6 +157,12 @@ def _section(rows: list[dict]) -> str:
         if r.get("singles"):
             cells = ", ".join(f"{k} {v[0]:.3f}x / {v[1]:.4f}" for k, v in r["singles"].items())
             lines.append(f"- {r['model']}: {cells}")
+    timed = [r for r in rows if r.get("stage_seconds")]
+    if timed:
+        lines += ["", "Where each search's wall time went (seconds per stage, from the report's `stage_seconds`):", ""]
+        for r in timed:
+            cells = ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())
+            lines.append(f"- {r['model']}: {cells} ({r.get('candidates', '?')} candidates)")
     notes = Path(__file__).with_name("RESULTS_NOTES.md")
     if notes.exists():  # what the figures mean, written by whoever ran them
         lines += ["", notes.read_text().strip()]

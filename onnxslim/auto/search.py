@@ -85,6 +85,7 @@ def auto_compress(
     processes), ``serial``, ``ray``, ``ray:ADDRESS`` or an object with ``map``. ``cache_dir``: where evaluated
     candidates are kept (default ``OUTPUT.auto-cache``, removed after a successful search unless given)."""
     t0 = time.perf_counter()
+    clock = _Stages()
     from ..pipeline import failed_output_path, optimize
 
     if not budget >= 0:
@@ -104,6 +105,7 @@ def auto_compress(
     base_path = folder / "base.onnx"
     _, base_report = optimize(model, None, output=base_path, seed=seed, external_data=False)
     base = str(base_path)
+    clock.mark("lossless base")
     import onnx
 
     layers = weight_layers(onnx.load(base, load_external_data=False), min_weights)
@@ -152,6 +154,7 @@ def auto_compress(
     else:
         table = {x: {k: (math.inf if v is None else v) for k, v in d.items()} for x, d in table.items()}
 
+    clock.mark("sensitivity probes")
     # 3. candidates: the greedy path's checkpoints and each technique alone
     order = [lv.name for lv in menu]
     size_of = {x.name: x.size for x in layers}
@@ -206,12 +209,14 @@ def auto_compress(
                     },
                 )
             )
+        clock.mark("search")
         if tasks:
             results = ex.map(evaluate_candidate, [t for _, t in tasks], lambda d, n: say("auto: candidates", d, n))
             for (c, _), r in zip(tasks, results):
                 c.update(r)
                 if r.get("error") is None:
                     cache.put(c["key"], r)
+        clock.mark("candidates")
 
     def meets(c: dict) -> bool:
         return c.get("error") is None and "drop" in c and c["drop"] <= budget + 1e-12 and bool(c["config"])
@@ -245,6 +250,7 @@ def auto_compress(
         all_int8 = next((c for c in candidates if c["label"] == "all int8" and c["source"] == "single"), None)
         if all_int8 is not None and all_int8.get("error") is None and "drop" in all_int8 and not meets(all_int8):
             reverts = _int8_reverts(cache, base, all_int8, calibration, metric, probe_samples, progress, probe_threads)
+            clock.mark("int8 revert ranking")
             order = [r["node"] for r in reverts["ranked"]]
             # first layers keep int8 weights (w8: float activations, the same bytes), then fully float
             for track, layer_level in (("revert", "w8"), ("revert-float", None)):
@@ -261,6 +267,7 @@ def auto_compress(
         if ex is not executor and callable(getattr(ex, "close", None)):
             ex.close()  # the worker processes the local executor kept between rounds
 
+    clock.mark("search")
     # latency of what was measured, one at a time (parallel runs would time each other)
     base_bytes = file_bytes(base)
     if latency or goal.needs_latency:
@@ -275,6 +282,7 @@ def auto_compress(
                 if lat.get("measured") and s.get("ratio") is not None:
                     c["latency_ms"] = s.get("candidate", {}).get("median_ms")
                     c["latency_ratio"] = s["ratio"]
+    clock.mark("latency")
     for c in candidates:
         if c.get("error") is None and "size" in c:
             c["size_ratio"] = c["size"] / base_bytes
@@ -304,6 +312,7 @@ def auto_compress(
     )
     same = file_digest(target) == file_digest(chosen["path"])
     final = chosen if same else {**chosen, **task_metric.measure(target)}
+    clock.mark("write chosen")
     report.input = str(model)
     report.before = base_report.before
     auto = {
@@ -331,6 +340,7 @@ def auto_compress(
         "executor": ex.name,
         "cache": {"folder": str(folder), "hits": cache.hits, "kept": keep_cache or not passed},
         "search_seconds": time.perf_counter() - t0,
+        "stage_seconds": clock.seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "plots": {},
     }
@@ -346,6 +356,19 @@ def auto_compress(
     if passed and not keep_cache:
         shutil.rmtree(folder, ignore_errors=True)
     return AutoResult(passed, target, report)
+
+
+class _Stages:
+    """Wall seconds per stage of the search (a stage met twice adds up), for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 def _probe_criterion(metric, calibration, samples: int):
